@@ -121,4 +121,7 @@ def load_images(images: Sequence[ImageLike] | torch.Tensor) -> list[Image.Image]
                 f"images: expected a Tensor[N, 3, H, W], got shape {tuple(images.shape)}."
             )
         return [to_pil(img, name=f"#{i}") for i, img in enumerate(images)]
-    return [load_image(img, name=f"#{i} ({img})" if isinstance(img, (str, os.PathLike)) else f"#{i}") for i, img in enumerate(images)]
+    return [
+        load_image(img, name=f"#{i} ({img})" if isinstance(img, (str, os.PathLike)) else f"#{i}")
+        for i, img in enumerate(images)
+    ]

@@ -1,0 +1,622 @@
+"""LLaVA-Reward (arXiv 2507.21391): a reward read from a multimodal LLM's hidden state.
+
+For a batch of (image, caption) sequences of length ``L`` with hidden size ``d``:
+
+- ``e = last_hidden_state[b, last]``: the final layer's hidden state at the EOS token, the last
+  non-pad position (``[B, d]``);
+- SkipCA: keys/values are the visual token embeddings after the projector and before any LLM layer
+  (the language model's ``inputs_embeds`` at ``input_ids == image_token_id``, ``[B, V, d]``):
+  ``a = softmax(mask(W_q e (W_k v)^T / sqrt(d))) W_v v`` (single head, no bias, softmax over the
+  visual tokens only, padded/absent visual positions masked out), ``h = RMSNorm(e + a)``;
+- head: ``r = W_h h`` with ``W_h`` of shape ``[head_dim, d]`` (no bias): ``head_dim = 1`` for
+  Bradley-Terry / classification rewards, ``2`` for the general-preference model (GPM).
+
+Each perspective (``alignment``, ``fidelity``, ``safety``, ``overall`` or a user name) is a peft LoRA
+adapter on the language model (plus, optionally, its own copy of the vision projector) with its own
+SkipCA and head, on one frozen backbone in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModel, AutoModelForImageTextToText, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration import LlavaRewardConfig
+from .families import family_for
+from .processing import RewardProcessor
+
+HEADS_DIR = "heads"
+ADAPTERS_DIR = "adapters"
+BACKBONE_DIR = "backbone"
+
+#: LoRA settings of the paper (rank 128, alpha 256, dropout 0.05).
+PAPER_LORA = {"r": 128, "lora_alpha": 256, "lora_dropout": 0.05}
+
+
+class UnknownPerspectiveError(KeyError):
+    """A perspective name that the model does not hold."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+def masked_skip_cross_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    key_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Single-head attention of one query over masked keys.
+
+    ``out[b] = sum_v softmax_v(q[b] . k[b, v] / sqrt(d) | key_mask[b, v]) * values[b, v]``
+
+    Shapes: ``query [B, d]``, ``keys/values [B, V, d]``, ``key_mask [B, V]`` (True = a real visual
+    token) -> ``[B, d]``. A row with no visual token attends to nothing and returns zeros.
+    """
+    d = query.shape[-1]
+    scores = torch.einsum("bd,bvd->bv", query, keys) / math.sqrt(d)
+    scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1) * key_mask.to(scores.dtype)
+    return torch.einsum("bv,bvd->bd", weights, values)
+
+
+class RewardHead(nn.Module):
+    """SkipCA (optional) + RMSNorm + linear head for one perspective, kept in float32."""
+
+    def __init__(self, hidden_size: int, head_dim: int = 1, skipca: bool = True):
+        super().__init__()
+        self.skipca = skipca
+        if skipca:
+            self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+            self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+            self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+            self.norm = nn.RMSNorm(hidden_size, eps=1e-6)
+        self.score = nn.Linear(hidden_size, head_dim, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = 1.0 / math.sqrt(self.score.in_features)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(
+        self,
+        eos_hidden: torch.Tensor,
+        visual: torch.Tensor | None = None,
+        visual_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``eos_hidden [B, d]``, ``visual [B, V, d]``, ``visual_mask [B, V]`` -> (``r [B, head_dim]``, ``h [B, d]``)."""
+        e = eos_hidden.float()
+        if self.skipca:
+            if visual is None or visual_mask is None:
+                raise ValueError("SkipCA needs the visual token embeddings and their mask.")
+            v = visual.float()
+            attended = masked_skip_cross_attention(
+                self.q_proj(e), self.k_proj(v), self.v_proj(v), visual_mask
+            )
+            h = self.norm(e + attended)
+        else:
+            h = e
+        return self.score(h), h
+
+
+@dataclass
+class RewardModelOutput(ModelOutput):
+    """``rewards``: ``[B]`` (head_dim 1) or ``[B, 2]`` (GPM); ``hidden``: the head's input ``[B, d]``."""
+
+    rewards: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+
+
+def _drop_lm_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The base (no LM head) of an image-text-to-text model: ``XForConditionalGeneration.model``."""
+    if hasattr(model, "get_decoder") and hasattr(model, "model") and hasattr(model, "lm_head"):
+        return model.model
+    return model
+
+
+def _is_local(path: str) -> bool:
+    return os.path.isdir(path)
+
+
+def load_backbone(
+    backbone: str | os.PathLike,
+    torch_dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load an image-text-to-text backbone (hub id or folder) and return its base model.
+
+    ``trust_remote_code`` stays False unless the user asks for it (Phi-3.5-vision needs it).
+    """
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(str(backbone), **kwargs)
+    except ValueError:
+        model = AutoModel.from_pretrained(str(backbone), **kwargs)
+    return _drop_lm_head(model)
+
+
+class LlavaRewardModel(PreTrainedModel):
+    """The LLaVA-Reward model. Build it with :meth:`from_backbone`, reload with :meth:`from_pretrained`."""
+
+    config_class = LlavaRewardConfig
+    base_model_prefix = "reward"
+    supports_gradient_checkpointing = True
+    _no_split_modules: list[str] = []
+
+    def __init__(
+        self,
+        config: LlavaRewardConfig,
+        backbone: PreTrainedModel,
+        processor: RewardProcessor | None = None,
+    ):
+        super().__init__(config)
+        backbone.requires_grad_(False)
+        self.backbone: PreTrainedModel | PeftModel = backbone
+        self.heads = nn.ModuleDict()
+        self.processor = processor
+        self.family = family_for(self._base.config.model_type)
+        self._captured: dict[str, torch.Tensor] = {}
+        self._hook = self._decoder.register_forward_pre_hook(self._capture_embeds, with_kwargs=True)
+        self._all_linear = self._lora_targets()
+        self._trainable: str | None = None
+        for name, spec in dict(config.perspectives).items():
+            self._build_perspective(name, spec)
+        self.post_init()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone: str | os.PathLike | PreTrainedModel,
+        processor: RewardProcessor | Any | None = None,
+        perspectives: Sequence[str] = ("overall",),
+        skipca: bool = True,
+        lora_config: LoraConfig | dict | None = None,
+        head_dim: int = 1,
+        train_projector: bool = True,
+        tau: float = 0.1,
+        max_length: int | None = None,
+        padding_side: str = "left",
+        torch_dtype: torch.dtype | None = None,
+        trust_remote_code: bool = False,
+    ) -> LlavaRewardModel:
+        """A fresh reward model on ``backbone`` (hub id, folder, or loaded model).
+
+        ``lora_config``: a peft ``LoraConfig`` or dict (default: the paper's rank 128 / alpha 256 /
+        dropout 0.05 on every linear layer of the language model); ``target_modules`` defaults to
+        all linear layers of the language model. The processor is loaded from the same place when
+        not given and travels with the model.
+        """
+        if isinstance(backbone, (str, os.PathLike)):
+            reference = str(backbone)
+            model = load_backbone(reference, torch_dtype, trust_remote_code)
+        else:
+            model = _drop_lm_head(backbone)
+            reference = getattr(backbone, "name_or_path", None) or getattr(
+                model, "name_or_path", None
+            )
+        text_config = model.config.get_text_config()
+        family = family_for(model.config.model_type)
+        if isinstance(processor, RewardProcessor):
+            proc = processor
+        elif processor is not None:  # an official processor object
+            proc = RewardProcessor(
+                processor.tokenizer,
+                processor.image_processor,
+                model.config,
+                chat_template=getattr(processor, "chat_template", None),
+                max_length=max_length,
+                padding_side=padding_side,
+            )
+        elif reference:
+            proc = RewardProcessor.from_pretrained(
+                reference,
+                model.config,
+                trust_remote_code=trust_remote_code,
+                max_length=max_length,
+                padding_side=padding_side,
+            )
+        else:
+            raise ValueError(
+                "the backbone was passed as a model without a `name_or_path`: pass `processor=` too."
+            )
+        lora = _lora_dict(lora_config)
+        spec = {
+            "skipca": skipca,
+            "head_dim": head_dim,
+            "lora": lora,
+            "train_projector": train_projector and bool(family.projector),
+        }
+        config = LlavaRewardConfig(
+            backbone=reference,
+            backbone_model_type=model.config.model_type,
+            hidden_size=text_config.hidden_size,
+            image_token_id=family(None, None, model.config).image_token_id,
+            perspectives={},
+            tau=tau,
+            max_length=proc.max_length,
+            padding_side=proc.padding_side,
+            trust_remote_code=trust_remote_code,
+        )
+        reward = cls(config, model, proc)
+        for name in perspectives:
+            reward.add_perspective(name, **spec)
+        return reward
+
+    @property
+    def _base(self) -> PreTrainedModel:
+        """The raw backbone base model (peft wrapper removed)."""
+        bb = self.backbone
+        return bb.get_base_model() if isinstance(bb, PeftModel) else bb
+
+    @property
+    def _decoder(self) -> nn.Module:
+        return self._base.get_decoder()
+
+    def _lora_targets(self) -> str:
+        """A regex matching every linear layer of the language model (peft ``target_modules``).
+
+        Computed once on the raw backbone, before any adapter wraps its layers."""
+        base = self._base
+        decoder = self._decoder
+        prefix = next(name for name, module in base.named_modules() if module is decoder)
+        leaves = sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name, module in decoder.named_modules()
+                if isinstance(module, nn.Linear)
+            }
+        )
+        return rf"^{re.escape(prefix)}\..*\.({'|'.join(map(re.escape, leaves))})$"
+
+    def _peft_config(self, spec: dict[str, Any]) -> LoraConfig | None:
+        lora = spec.get("lora")
+        if lora is None:
+            return None
+        lora = dict(lora)
+        if not lora.get("target_modules") or lora.get("target_modules") == "all-linear":
+            lora["target_modules"] = self._all_linear
+        if spec.get("train_projector"):
+            lora["modules_to_save"] = [self.family.projector]
+        lora.pop("task_type", None)
+        return LoraConfig(**lora)
+
+    def _build_perspective(self, name: str, spec: dict[str, Any]) -> None:
+        peft_config = self._peft_config(spec)
+        if peft_config is not None:
+            if isinstance(self.backbone, PeftModel):
+                self.backbone.add_adapter(name, peft_config)
+            else:
+                self.backbone = get_peft_model(self.backbone, peft_config, adapter_name=name)
+        head = RewardHead(
+            self.config.hidden_size, spec.get("head_dim", 1), spec.get("skipca", True)
+        )
+        self.heads[name] = head.to(next(iter(self._base.parameters())).device)
+
+    def add_perspective(
+        self,
+        name: str,
+        skipca: bool = True,
+        head_dim: int = 1,
+        lora: dict | LoraConfig | None = None,
+        train_projector: bool = True,
+        **lora_kwargs: Any,
+    ) -> None:
+        """Add a perspective: a LoRA adapter (+ projector copy), its SkipCA and its head."""
+        if not re.fullmatch(r"[A-Za-z0-9_\-]+", name) or name == "default":
+            raise ValueError(
+                f"perspective name {name!r} must be letters, digits, '_' or '-' (and not 'default')."
+            )
+        if name in self.config.perspectives:
+            raise ValueError(f"perspective {name!r} exists already; pick another name.")
+        if lora is None and lora_kwargs:
+            lora = lora_kwargs
+        if head_dim not in (1, 2):
+            raise ValueError(
+                f"head_dim must be 1 (BT / classification) or 2 (GPM), got {head_dim}."
+            )
+        spec = {
+            "skipca": skipca,
+            "head_dim": head_dim,
+            "lora": _lora_dict(lora),
+            "train_projector": bool(train_projector and self.family.projector),
+        }
+        self._build_perspective(name, spec)
+        perspectives = dict(self.config.perspectives)
+        perspectives[name] = spec
+        self.config.perspectives = perspectives
+
+    @property
+    def perspectives(self) -> list[str]:
+        return list(self.config.perspectives)
+
+    def _check_perspective(self, name: str) -> None:
+        if name not in self.config.perspectives:
+            raise UnknownPerspectiveError(
+                f"unknown perspective {name!r}; this model has: {', '.join(self.perspectives) or 'none'}. "
+                "Train it with recipes/train_reward.py or add it with add_perspective()."
+            )
+
+    @contextlib.contextmanager
+    def _adapter(self, name: str) -> Iterator[None]:
+        """Activate perspective ``name``'s adapter (or none, for a perspective without LoRA)."""
+        self._check_perspective(name)
+        bb = self.backbone
+        if not isinstance(bb, PeftModel):
+            yield
+            return
+        if self.config.perspectives[name].get("lora") is None:
+            with bb.disable_adapter():
+                yield
+            return
+        if bb.active_adapter != name:
+            # peft freezes the adapters it deactivates; only the perspective being trained (see
+            # set_trainable) is made trainable again when it becomes active.
+            bb.set_adapter(name, inference_mode=name != self._trainable)
+        yield
+
+    def set_trainable(
+        self, perspective: str, train_projector: bool | None = None
+    ) -> list[nn.Parameter]:
+        """Freeze everything except ``perspective``'s LoRA, projector copy, SkipCA and head; return those."""
+        self._check_perspective(perspective)
+        self.requires_grad_(False)
+        self._trainable = perspective
+        if isinstance(self.backbone, PeftModel) and self.config.perspectives[perspective].get(
+            "lora"
+        ):
+            self.backbone.set_adapter(perspective, inference_mode=False)
+        params: list[nn.Parameter] = []
+        for pname, p in self.backbone.named_parameters():
+            owned = f".{perspective}." in pname and ("lora_" in pname or "modules_to_save" in pname)
+            if owned and (train_projector is not False or "lora_" in pname):
+                p.requires_grad_(True)
+                params.append(p)
+        for p in self.heads[perspective].parameters():
+            p.requires_grad_(True)
+            params.append(p)
+        return params
+
+    # ------------------------------------------------------------------ forward
+    def _capture_embeds(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        embeds = kwargs.get("inputs_embeds")
+        if (
+            embeds is None
+            and len(args) > 0
+            and torch.is_tensor(args[0])
+            and args[0].is_floating_point()
+        ):
+            embeds = args[0]
+        if embeds is not None:
+            self._captured["inputs_embeds"] = embeds
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        perspective: str | None = None,
+        **pixel_inputs: torch.Tensor,
+    ) -> RewardModelOutput:
+        """Rewards of a batch for one perspective (default: the only one, else ``overall``).
+
+        ``input_ids``/``attention_mask`` ``[B, L]`` (left or right padded); pixel inputs as the
+        family's processor produces them. Returns ``rewards [B]`` (or ``[B, 2]`` for GPM heads).
+        """
+        name = perspective or self._default_perspective()
+        with self._adapter(name):
+            self._captured.clear()
+            out = self.backbone(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                use_cache=False,
+                return_dict=True,
+                **pixel_inputs,
+            )
+            embeds = self._captured.pop("inputs_embeds", None)
+        hidden = out.last_hidden_state  # [B, L, d]
+        last = _last_token_index(attention_mask)
+        eos_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        head = self.heads[name]
+        visual, visual_mask = None, None
+        if head.skipca:
+            if embeds is None:
+                raise RuntimeError(
+                    "could not capture the visual embeddings from the language model."
+                )
+            visual, visual_mask = gather_visual_tokens(
+                embeds, input_ids, attention_mask, self.config.image_token_id
+            )
+        rewards, h = head(eos_hidden, visual, visual_mask)
+        if rewards.shape[-1] == 1:
+            rewards = rewards.squeeze(-1)
+        return RewardModelOutput(rewards=rewards, hidden=h)
+
+    def _default_perspective(self) -> str:
+        names = self.perspectives
+        if len(names) == 1:
+            return names[0]
+        if "overall" in names:
+            return "overall"
+        raise ValueError(f"pass perspective= (one of {', '.join(names)}).")
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict | None = None
+    ) -> None:
+        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+        self._base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        save_backbone: bool = False,
+        perspectives: Sequence[str] | None = None,
+        **_: Any,
+    ) -> None:
+        """Write config, processor, ``adapters/<name>/`` (peft), ``heads/<name>.safetensors``.
+
+        The frozen backbone is referenced by ``config.backbone`` and not copied unless
+        ``save_backbone=True`` (then it goes to ``backbone/`` and the reference points there).
+        Nothing is pickled. Existing perspectives in the folder that this model does not hold are
+        kept, so training one perspective at a time fills one folder.
+        """
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        names = list(perspectives or self.perspectives)
+        config = self.config.to_dict()
+        existing = {}
+        if (out / "config.json").is_file():
+            existing = json.loads((out / "config.json").read_text()).get("perspectives", {}) or {}
+        merged = dict(existing)
+        merged.update({n: self.config.perspectives[n] for n in names})
+        config["perspectives"] = merged
+        if save_backbone:
+            self._base.save_pretrained(out / BACKBONE_DIR)
+            config["backbone"] = BACKBONE_DIR
+        LlavaRewardConfig.from_dict(config).save_pretrained(out)
+        if self.processor is not None:
+            self.processor.save_pretrained(out)
+        (out / HEADS_DIR).mkdir(exist_ok=True)
+        for name in names:
+            state = {
+                k: v.detach().cpu().contiguous() for k, v in self.heads[name].state_dict().items()
+            }
+            save_file(state, str(out / HEADS_DIR / f"{name}.safetensors"))
+        with_lora = [n for n in names if self.config.perspectives[n].get("lora") is not None]
+        if with_lora and isinstance(self.backbone, PeftModel):
+            self.backbone.save_pretrained(str(out / ADAPTERS_DIR), selected_adapters=with_lora)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        backbone: str | os.PathLike | PreTrainedModel | None = None,
+        torch_dtype: torch.dtype | None = None,
+        trust_remote_code: bool | None = None,
+        perspectives: Sequence[str] | None = None,
+        is_trainable: bool = False,
+        **_: Any,
+    ) -> LlavaRewardModel:
+        """Load a saved reward folder. ``backbone`` overrides the stored reference (e.g. a local copy)."""
+        path = Path(pretrained_model_name_or_path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path} is not a LLaVA-Reward folder (no config.json); save one with save_pretrained()."
+            )
+        config = LlavaRewardConfig.from_pretrained(path)
+        remote = config.trust_remote_code if trust_remote_code is None else trust_remote_code
+        if backbone is None:
+            backbone = config.backbone
+            if backbone and not _is_local(backbone) and _is_local(str(path / backbone)):
+                backbone = str(path / backbone)
+        if backbone is None:
+            raise ValueError(
+                "the folder names no backbone; pass backbone= (hub id, folder or model)."
+            )
+        base = (
+            load_backbone(backbone, torch_dtype, remote)
+            if isinstance(backbone, (str, os.PathLike))
+            else _drop_lm_head(backbone)
+        )
+        processor = RewardProcessor.from_pretrained(path, base.config)
+        names = list(perspectives or config.perspectives)
+        for name in names:
+            if name not in config.perspectives:
+                raise UnknownPerspectiveError(
+                    f"unknown perspective {name!r}; {path} has: {', '.join(config.perspectives)}."
+                )
+        stored = dict(config.perspectives)
+        config.perspectives = {}
+        model = cls(config, base, processor)
+        for name in names:
+            spec = stored[name]
+            adapter_dir = path / ADAPTERS_DIR / name
+            if spec.get("lora") is not None:
+                if isinstance(model.backbone, PeftModel):
+                    model.backbone.load_adapter(
+                        str(adapter_dir), adapter_name=name, is_trainable=is_trainable
+                    )
+                else:
+                    model.backbone = PeftModel.from_pretrained(
+                        model.backbone,
+                        str(adapter_dir),
+                        adapter_name=name,
+                        is_trainable=is_trainable,
+                    )
+            head = RewardHead(config.hidden_size, spec.get("head_dim", 1), spec.get("skipca", True))
+            head.load_state_dict(load_file(str(path / HEADS_DIR / f"{name}.safetensors")))
+            model.heads[name] = head.to(next(iter(base.parameters())).device)
+            model.config.perspectives = {**model.config.perspectives, name: spec}
+        if not is_trainable:
+            model.requires_grad_(False)
+        return model.eval()
+
+
+def _lora_dict(lora: LoraConfig | dict | None) -> dict | None:
+    """A JSON-able dict of LoRA settings (None = no adapter). Default targets: all LM linears."""
+    if lora is None:
+        return dict(PAPER_LORA)
+    if isinstance(lora, LoraConfig):
+        d = lora.to_dict()
+        keep = (
+            "r",
+            "lora_alpha",
+            "lora_dropout",
+            "target_modules",
+            "use_rslora",
+            "use_dora",
+            "bias",
+        )
+        out = {k: d[k] for k in keep if k in d and d[k] is not None}
+        if isinstance(out.get("target_modules"), set):
+            out["target_modules"] = sorted(out["target_modules"])
+        return out
+    if lora is False or lora == "none":
+        return None
+    return dict(lora)
+
+
+def _last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last non-pad token per row, for left or right padding: ``[B, L] -> [B]``."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.bool()).amax(dim=1)
+
+
+def gather_visual_tokens(
+    embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The visual token embeddings of each row, left-aligned and padded.
+
+    ``embeds [B, L, d]``, ``input_ids/attention_mask [B, L]`` -> ``(visual [B, V, d], mask [B, V])``
+    with ``V`` the largest count of image tokens in a row; ``mask`` is False at padding.
+    """
+    is_visual = (input_ids == image_token_id) & attention_mask.bool()
+    counts = is_visual.sum(dim=1)
+    v_max = max(int(counts.max().item()), 1)
+    # rank of each visual token within its row -> its slot in [0, V)
+    slot = torch.cumsum(is_visual.long(), dim=1) - 1
+    b_idx, l_idx = is_visual.nonzero(as_tuple=True)
+    visual = embeds.new_zeros((embeds.shape[0], v_max, embeds.shape[-1]))
+    visual = visual.index_put((b_idx, slot[b_idx, l_idx]), embeds[b_idx, l_idx])
+    mask = torch.arange(v_max, device=counts.device)[None, :] < counts[:, None]
+    return visual, mask
