@@ -11,13 +11,12 @@ import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-ImageLike = Union[Image.Image, str, os.PathLike, bytes, torch.Tensor, np.ndarray]
+ImageLike = Image.Image | str | os.PathLike | bytes | torch.Tensor | np.ndarray
 
 
 class ImageInputError(ValueError):
