@@ -1,0 +1,384 @@
+"""``DiffusionPolicy``: a thin policy wrapper around diffusers' ``StableDiffusionPipeline``.
+
+It owns the pipeline's modules (``unet``, ``vae``, ``text_encoder``, ``tokenizer``) and a
+``DDIMScheduler`` built from the pipeline's scheduler config, and exposes what every reward
+fine-tuning method needs:
+
+- :meth:`DiffusionPolicy.encode_prompts` -> text embeddings ``[B, L, D]``;
+- :meth:`DiffusionPolicy.predict_noise` ``(latents, t, embeds, guidance_scale)`` with CFG;
+- :meth:`DiffusionPolicy.decode` ``(latents) -> images [B, 3, H, W] in [0, 1]``;
+- :meth:`DiffusionPolicy.sample`: DDIM sampling at a given ``eta`` and CFG scale returning the
+  images, every step's latents, the per-step log-probs and the timesteps; one code path with and
+  without gradients (``grad=True`` for all steps, ``grad=K`` for the last K steps, as DRaFT does);
+- :meth:`DiffusionPolicy.log_prob`: the log-prob of a stored transition under the current UNet
+  (CFG as in sampling), for PPO-style training;
+- :meth:`DiffusionPolicy.reference`: a context in which the UNet is the reference (LoRA adapter
+  switched off, or a frozen copy for full-UNet training), for KL penalties and DPO references.
+
+LoRA is added with peft through diffusers' ``unet.add_adapter``; with ``use_lora=False`` the whole
+UNet is trainable. Trainers that wrap the UNet (``accelerator.prepare``, DeepSpeed) hand the
+wrapped module back with :meth:`DiffusionPolicy.set_forward_unet`; ``policy.unet`` stays the
+plain ``UNet2DConditionModel``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from alignment.ddpo import ddim_step_with_logprob
+
+#: Default LoRA targets: the UNet's attention projections (as in DDPO and diffusers' examples).
+DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass
+class SampleOutput:
+    """What :meth:`DiffusionPolicy.sample` returns (``T`` = number of DDIM steps).
+
+    Attributes:
+        images: ``[B, 3, H, W]`` float32 in [0, 1] (carries a graph when sampled with ``grad``).
+        latents: ``[B, T + 1, C, h, w]``: ``x_T, ..., x_0`` (detached).
+        log_probs: ``[B, T]`` float32 log-prob of each step taken (detached; 0 when ``eta == 0``).
+        timesteps: ``[T]`` long, the DDIM timesteps in sampling order.
+        prompt_embeds: ``[B, L, D]`` conditional text embeddings.
+        negative_prompt_embeds: ``[B, L, D]`` unconditional embeddings, or None without CFG.
+    """
+
+    images: torch.Tensor
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    timesteps: torch.Tensor
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None
+
+
+def load_pipeline(name_or_path: str, revision: str | None = None, **tiny_kwargs: Any):
+    """Load a ``StableDiffusionPipeline`` (float32, CPU, no safety checker).
+
+    ``name_or_path`` is a hub id, a local folder, or ``"tiny"`` (build
+    :func:`alignment.tiny.tiny_sd_pipeline` in code with ``tiny_kwargs``).
+    """
+    if name_or_path == "tiny":
+        from alignment.tiny import tiny_sd_pipeline
+
+        return tiny_sd_pipeline(**tiny_kwargs)
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            name_or_path, revision=revision, safety_checker=None, requires_safety_checker=False
+        )
+    except OSError as err:
+        raise OSError(
+            f"Could not load a Stable Diffusion pipeline from {name_or_path!r}: {err}. Give a local "
+            "diffusers folder (model_index.json), a cached hub id (offline mode is on in tests), "
+            "or 'tiny'."
+        ) from err
+
+
+class DiffusionPolicy:
+    """A Stable Diffusion policy: sampling with log-probs, CFG, LoRA and a reference model.
+
+    Args:
+        pipeline: a ``StableDiffusionPipeline`` (its scheduler config becomes a DDIM scheduler).
+        use_lora: train a LoRA adapter on the UNet (else the whole UNet is trainable).
+        lora_rank, lora_alpha: LoRA rank and alpha (alpha defaults to the rank).
+        lora_target_modules: UNet module names to adapt.
+        lora_dropout: LoRA dropout.
+        keep_reference: in full-UNet mode, keep a frozen copy of the initial UNet so that
+            :meth:`reference` works (LoRA needs no copy: the adapter is switched off).
+        weight_dtype: dtype of the frozen weights (VAE, text encoder, the UNet base under LoRA);
+            trainable weights stay float32 (use autocast for mixed precision).
+        device: where the modules live.
+        gradient_checkpointing: enable the UNet's gradient checkpointing.
+        source: where the pipeline came from (hub id / folder / "tiny"), kept for export.
+    """
+
+    def __init__(
+        self,
+        pipeline: Any,
+        *,
+        use_lora: bool = True,
+        lora_rank: int = 4,
+        lora_alpha: float | None = None,
+        lora_target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
+        lora_dropout: float = 0.0,
+        keep_reference: bool = False,
+        weight_dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+        gradient_checkpointing: bool = False,
+        source: str | None = None,
+    ) -> None:
+        from diffusers import DDIMScheduler
+
+        self.pipeline = pipeline
+        self.source = source
+        self.unet = pipeline.unet
+        self.vae = pipeline.vae
+        self.text_encoder = pipeline.text_encoder
+        self.tokenizer = pipeline.tokenizer
+        self.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+        self.use_lora = use_lora
+        self.lora_config = None
+        self.vae.requires_grad_(False)
+        self.text_encoder.requires_grad_(False)
+        self.vae.eval()
+        self.text_encoder.eval()
+        self._ref_unet = None
+        if use_lora:
+            from peft import LoraConfig
+
+            self.unet.requires_grad_(False)
+            if weight_dtype != torch.float32:
+                self.unet.to(dtype=weight_dtype)
+            self.lora_config = LoraConfig(
+                r=lora_rank,
+                lora_alpha=lora_alpha if lora_alpha is not None else lora_rank,
+                lora_dropout=lora_dropout,
+                init_lora_weights="gaussian",
+                target_modules=list(lora_target_modules),
+            )
+            self.unet.add_adapter(self.lora_config)
+            for p in self.unet.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+        else:
+            self.unet.requires_grad_(True)
+            if keep_reference:
+                self._ref_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        if weight_dtype != torch.float32:
+            self.vae.to(dtype=weight_dtype)
+            self.text_encoder.to(dtype=weight_dtype)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self._forward_unet: Any = self.unet
+        self._in_reference = False
+        self._negative_cache: dict[tuple, torch.Tensor] = {}
+        if device is not None:
+            self.to(device)
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str, *, revision: str | None = None, **kwargs: Any
+    ) -> DiffusionPolicy:
+        """Load from a hub id, a local diffusers folder, or ``"tiny"`` (see :func:`load_pipeline`)."""
+        return cls(load_pipeline(name_or_path, revision=revision), source=name_or_path, **kwargs)
+
+    # ----------------------------------------------------------------------------- plumbing
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    def to(self, device: str | torch.device) -> DiffusionPolicy:
+        for m in (self.unet, self.vae, self.text_encoder, self._ref_unet):
+            if m is not None:
+                m.to(device)
+        self._negative_cache.clear()
+        return self
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters an optimiser should update (LoRA weights, or the whole UNet)."""
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def set_forward_unet(self, module: Any) -> None:
+        """Use ``module`` (e.g. the UNet returned by ``accelerator.prepare``) for forward passes."""
+        self._forward_unet = module
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Within this context the UNet is the reference policy (adapter off / frozen copy)."""
+        if self.use_lora:
+            self.unet.disable_adapters()
+            self._in_reference = True
+            try:
+                yield
+            finally:
+                self.unet.enable_adapters()
+                self._in_reference = False
+        else:
+            if self._ref_unet is None:
+                raise RuntimeError(
+                    "Full-UNet training has no reference model: build the policy with "
+                    "keep_reference=True (costs a UNet copy) or use LoRA."
+                )
+            self._in_reference = True
+            try:
+                yield
+            finally:
+                self._in_reference = False
+
+    # ----------------------------------------------------------------------------- building blocks
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text embeddings ``[B, L, D]`` (prompts padded/truncated to the tokenizer's max length)."""
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    def negative_embeds(self, batch_size: int) -> torch.Tensor:
+        """Unconditional (empty prompt) embeddings ``[B, L, D]``, cached."""
+        key = (str(self.device),)
+        if key not in self._negative_cache:
+            self._negative_cache[key] = self.encode_prompts([""])
+        return self._negative_cache[key].expand(batch_size, -1, -1)
+
+    def predict_noise(
+        self,
+        latents: torch.Tensor,
+        t: int | torch.Tensor,
+        embeds: torch.Tensor,
+        guidance_scale: float = 1.0,
+        negative_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """UNet noise prediction with classifier-free guidance.
+
+        ``eps = eps_u + s * (eps_c - eps_u)`` with the unconditional and conditional halves run
+        in one batched UNet call; without CFG (``s <= 1``) one conditional call.
+
+        Args:
+            latents: ``[B, C, h, w]``; t: timestep (int, ``[]`` or ``[B]``);
+            embeds: ``[B, L, D]``; negative_embeds: ``[B, L, D]`` (default: empty prompt).
+
+        Returns:
+            ``[B, C, h, w]``.
+        """
+        unet = self._forward_unet
+        if self._in_reference and not self.use_lora:
+            unet = self._ref_unet
+        t = torch.as_tensor(t, device=latents.device)
+        if t.ndim == 0:
+            t = t.expand(latents.shape[0])
+        dtype = next(self.unet.parameters()).dtype
+        embeds = embeds.to(dtype)
+        if guidance_scale > 1.0:
+            if negative_embeds is None:
+                negative_embeds = self.negative_embeds(latents.shape[0])
+            x = torch.cat([latents, latents])
+            out = unet(
+                self.scheduler.scale_model_input(x, t),
+                torch.cat([t, t]),
+                encoder_hidden_states=torch.cat([negative_embeds.to(dtype), embeds]),
+            ).sample
+            uncond, cond = out.chunk(2)
+            return uncond + guidance_scale * (cond - uncond)
+        return unet(
+            self.scheduler.scale_model_input(latents, t), t, encoder_hidden_states=embeds
+        ).sample
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE-decode latents ``[B, C, h, w]`` to images ``[B, 3, H, W]`` float32 in [0, 1]."""
+        vae = self.vae
+        x = vae.decode(latents.to(next(vae.parameters()).dtype) / vae.config.scaling_factor).sample
+        return (x.float() / 2 + 0.5).clamp(0, 1)
+
+    def set_timesteps(self, num_steps: int) -> torch.Tensor:
+        """Set the DDIM schedule (if it changed) and return its timesteps ``[T]``."""
+        if self.scheduler.num_inference_steps != num_steps:
+            self.scheduler.set_timesteps(num_steps, device=self.device)
+        return self.scheduler.timesteps.to(self.device)
+
+    def latent_shape(self, batch_size: int, height: int | None = None) -> tuple[int, ...]:
+        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        size = (height or self.unet.config.sample_size * f) // f
+        return (batch_size, self.unet.config.in_channels, size, size)
+
+    # ----------------------------------------------------------------------------- sampling
+    def sample(
+        self,
+        prompts: Sequence[str],
+        num_steps: int = 50,
+        eta: float = 1.0,
+        guidance_scale: float = 5.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        grad: bool | int = False,
+        height: int | None = None,
+    ) -> SampleOutput:
+        """DDIM sampling with the log-prob of every step (see :class:`SampleOutput`).
+
+        Args:
+            prompts: ``B`` prompts (ignored when ``prompt_embeds`` is given, except for ``B``).
+            num_steps: DDIM steps ``T``.
+            eta: DDIM stochasticity (1.0 for DDPO; 0.0 deterministic, log-probs are then 0).
+            guidance_scale: CFG scale (``<= 1`` disables CFG).
+            generator: RNG for the initial noise and each step's noise (draws in the same order as
+                ``StableDiffusionPipeline.__call__``, so both give the same image for one seed).
+            latents: initial noise ``[B, C, h, w]`` (drawn when None).
+            prompt_embeds: precomputed ``[B, L, D]``.
+            grad: False (no graph), True (graph through all steps and the decoder) or an int K
+                (graph through the last K steps only).
+            height: image size (default: the UNet's sample size times the VAE factor).
+        """
+        from diffusers.utils.torch_utils import randn_tensor
+
+        embeds = self.encode_prompts(prompts) if prompt_embeds is None else prompt_embeds
+        batch = embeds.shape[0]
+        negative = self.negative_embeds(batch) if guidance_scale > 1.0 else None
+        timesteps = self.set_timesteps(num_steps)
+        if latents is None:
+            latents = randn_tensor(
+                self.latent_shape(batch, height),
+                generator=generator,
+                device=self.device,
+                dtype=torch.float32,
+            )
+        latents = latents * self.scheduler.init_noise_sigma
+        grad_steps = num_steps if grad is True else int(grad)
+        all_latents, all_log_probs = [latents.detach()], []
+        for i, t in enumerate(timesteps):
+            with torch.set_grad_enabled(i >= num_steps - grad_steps):
+                eps = self.predict_noise(latents, t, embeds, guidance_scale, negative)
+                latents, log_prob = ddim_step_with_logprob(
+                    self.scheduler, eps, t, latents, eta=eta, generator=generator
+                )
+            all_latents.append(latents.detach())
+            all_log_probs.append(log_prob.detach())
+        with torch.set_grad_enabled(grad_steps > 0):
+            images = self.decode(latents)
+        return SampleOutput(
+            images=images,
+            latents=torch.stack(all_latents, dim=1),
+            log_probs=torch.stack(all_log_probs, dim=1),
+            timesteps=timesteps,
+            prompt_embeds=embeds,
+            negative_prompt_embeds=negative,
+        )
+
+    def log_prob(
+        self,
+        latents: torch.Tensor,
+        next_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeds: torch.Tensor,
+        guidance_scale: float,
+        eta: float = 1.0,
+        num_steps: int | None = None,
+        negative_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Log-prob ``[B]`` of the stored transitions ``latents -> next_latents`` under the current
+        UNet (CFG as in sampling). Gradients flow when grad mode is on.
+
+        Args:
+            latents, next_latents: ``[B, C, h, w]``; timesteps: ``[B]`` (one per sample);
+            embeds: ``[B, L, D]``; num_steps: the DDIM step count used when sampling (defaults to
+            the scheduler's current one).
+        """
+        if num_steps is not None:
+            self.set_timesteps(num_steps)
+        eps = self.predict_noise(latents, timesteps, embeds, guidance_scale, negative_embeds)
+        _, log_prob = ddim_step_with_logprob(
+            self.scheduler, eps, timesteps, latents, eta=eta, prev_sample=next_latents
+        )
+        return log_prob

@@ -1,0 +1,158 @@
+"""The reward registry: every reward the trainers use, looked up by name.
+
+A reward is a plain callable::
+
+    fn(images: Tensor[N, 3, H, W] float in [0, 1], prompts: list[str]) -> Tensor[N] (float32)
+
+Built-in names: ``jpeg_compressibility``, ``jpeg_incompressibility``, ``brightness``,
+``llava_reward`` (a trained LLaVA-Reward folder via ``reward.scorer.RewardScorer``). Any
+``"package.module:function"`` string names a user callable; if that callable is a factory it is
+called with the keyword arguments, otherwise it is used as the reward itself. Register new ones
+with :func:`register_reward`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
+
+# name -> factory(**kwargs) -> RewardFn
+_REGISTRY: dict[str, Callable[..., RewardFn]] = {}
+
+
+def register_reward(name: str) -> Callable[[Callable[..., RewardFn]], Callable[..., RewardFn]]:
+    """Decorator registering a reward *factory* (``factory(**kwargs) -> reward_fn``) as ``name``."""
+
+    def deco(factory: Callable[..., RewardFn]) -> Callable[..., RewardFn]:
+        if name in _REGISTRY and _REGISTRY[name] is not factory:
+            raise ValueError(f"A reward named {name!r} is already registered.")
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def available_rewards() -> list[str]:
+    """Names of the registered rewards."""
+    return sorted(_REGISTRY)
+
+
+def get_reward_fn(name: str, **kwargs: Any) -> RewardFn:
+    """Return the reward function called ``name`` (a registered name or ``"module:function"``).
+
+    Args:
+        name: registered name, or ``"package.module:function"``.
+        **kwargs: passed to the reward's factory (e.g. ``path=``, ``perspective=`` for
+            ``llava_reward``; ``quality=`` for the JPEG rewards).
+
+    Raises:
+        KeyError: an unknown name (the message lists the registered ones).
+    """
+    if name in _REGISTRY:
+        return _REGISTRY[name](**kwargs)
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            obj = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise KeyError(
+                f"Cannot import reward {name!r} ({err}); give 'package.module:function' of an "
+                "importable module."
+            ) from err
+        if kwargs or getattr(obj, "is_reward_factory", False):
+            return obj(**kwargs)
+        return obj
+    raise KeyError(
+        f"Unknown reward {name!r}. Registered: {available_rewards()}; or give "
+        "'package.module:function' of your own fn(images, prompts) -> Tensor[N]."
+    )
+
+
+def _check_images(images: torch.Tensor) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = getattr(images, "shape", type(images))
+        raise ValueError(
+            f"Rewards take images as a float tensor [N, 3, H, W] in [0, 1]; got {shape}."
+        )
+    return images
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``[N, 3, H, W]`` in [0, 1] -> ``[N, H, W, 3]`` uint8."""
+    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return arr.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def jpeg_sizes_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
+    """JPEG file size of each image in kilobytes (PIL, given quality), ``[N]`` float32."""
+    from PIL import Image
+
+    sizes = []
+    for arr in _to_uint8(_check_images(images)):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+        sizes.append(buf.tell() / 1000.0)
+    return torch.tensor(sizes, dtype=torch.float32)
+
+
+@register_reward("jpeg_compressibility")
+def jpeg_compressibility(quality: int = 95) -> RewardFn:
+    """Reward = minus the JPEG size in kB (DDPO's compressibility task)."""
+
+    def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return -jpeg_sizes_kb(images, quality)
+
+    return fn
+
+
+@register_reward("jpeg_incompressibility")
+def jpeg_incompressibility(quality: int = 95) -> RewardFn:
+    """Reward = the JPEG size in kB (DDPO's incompressibility task)."""
+
+    def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return jpeg_sizes_kb(images, quality)
+
+    return fn
+
+
+@register_reward("brightness")
+def brightness() -> RewardFn:
+    """Reward = mean pixel value in [0, 1] (a cheap, smooth reward for tests and demos)."""
+
+    def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return _check_images(images).detach().float().mean(dim=(1, 2, 3)).cpu()
+
+    return fn
+
+
+@register_reward("llava_reward")
+def llava_reward(
+    path: str,
+    perspective: str | dict[str, float] | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> RewardFn:
+    """A frozen LLaVA-Reward model (``reward.scorer.RewardScorer``) as a reward.
+
+    Args:
+        path: a trained LLaVA-Reward folder.
+        perspective: a perspective name (``"alignment"``, ``"fidelity"``, ``"safety"``,
+            ``"overall"``) or ``{perspective: weight}``; None uses the model's default.
+        device: where the reward model runs (default: CUDA when available, else CPU).
+        dtype: its dtype (e.g. ``"bfloat16"``); None keeps the scorer's default.
+    """
+    from reward.scorer import RewardScorer
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    scorer = RewardScorer.from_pretrained(path, device=device, dtype=dtype)
+    return scorer.as_reward_fn(perspective, differentiable=False)
