@@ -245,7 +245,10 @@ class _Images:
 
     def _map(self, value: str) -> Path:
         if callable(self.path_map):
-            mapped = self.path_map(value)
+            try:
+                mapped = self.path_map(value)
+            except Exception as e:  # a user callable: report, do not crash the whole read
+                raise _BadRecord(f"path_map failed on {value!r} ({type(e).__name__}: {e})") from e
         elif self.path_map is not None and value in self.path_map:
             mapped = self.path_map[value]
         else:
@@ -279,7 +282,7 @@ class _Images:
                     self._checked[key] = _header_error(path)
                 if self._checked[key] is not None:
                     raise _BadRecord(f"'{what}' {path}: {self._checked[key]}")
-            return {"bytes": None, "path": str(path.resolve())}
+            return {"bytes": None, "path": os.path.abspath(path)}
         raise _BadRecord(
             f"'{what}' must be a path, bytes or {{bytes, path}}, got {type(value).__name__}"
         )
