@@ -67,7 +67,8 @@ A record with a missing field, an unknown / out-of-range label, a missing image 
 whose header cannot be read (``verify_images=True``; pixels are decoded only later) is reported
 with its 0-based index and the reason. ``on_error="skip"`` (default) skips it, logs a warning
 (python ``logging``, logger ``reward.data``) and lists it in ``report.skipped``;
-``on_error="raise"`` raises :class:`DataRecordError` at the first one. An ImageReward or
+``on_error="raise"`` raises :class:`DataRecordError` at the first one. A file whose records are
+*all* bad raises :class:`DataRecordError` either way (usually a wrong ``image_root``). An ImageReward or
 GenAI-Bench record is skipped as a whole when any of its images is bad.
 """
 
@@ -162,7 +163,8 @@ class ReadReport:
     def n_skipped(self) -> int:
         return len(self.skipped)
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, max_skipped: int = 100) -> dict[str, Any]:
+        """JSON-ready summary; lists at most ``max_skipped`` skipped records."""
         return {
             "source": self.source,
             "kind": self.kind,
@@ -171,7 +173,10 @@ class ReadReport:
             "n_ties": self.n_ties,
             "n_ties_dropped": self.n_ties_dropped,
             "n_skipped": self.n_skipped,
-            "skipped": [{"index": s.index, "reason": s.reason} for s in self.skipped],
+            "skipped": [
+                {"index": s.index, "reason": s.reason, "source": s.source}
+                for s in self.skipped[:max_skipped]
+            ],
         }
 
 
@@ -384,8 +389,14 @@ class _Builder:
     def finish(self, decode: bool) -> ReadResult:
         from datasets import Dataset
 
-        ds = Dataset.from_dict(self.cols, features=_features(self.kind))
         r = self.report
+        if r.n_records and r.n_records == r.n_skipped:
+            raise DataRecordError(
+                f"{r.source}: all {r.n_records} records are bad (first: record "
+                f"{r.skipped[0].index}: {r.skipped[0].reason}). If images are not found, check "
+                "image_root / path_map."
+            )
+        ds = Dataset.from_dict(self.cols, features=_features(self.kind))
         r.n_examples = len(ds)
         logger.info(
             "%s: %d records -> %d %s examples (%d ties kept, %d tie pairs dropped), "

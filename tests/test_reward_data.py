@@ -194,6 +194,12 @@ def test_bad_records_are_skipped_with_index_and_reason(tmp_path, caplog):
         read_pairs(manifest, on_error="ignore")
 
 
+def test_all_records_bad_is_an_error_even_when_skipping(tmp_path):
+    manifest = write_json(tmp_path / "m.json", [{"prompt": "p", "image": "x.png", "label": 1}] * 3)
+    with pytest.raises(DataRecordError, match=r"all 3 records are bad.*image_root"):
+        read_unpaired(manifest)
+
+
 def test_invalid_jsonl_line_and_bad_unpaired_labels(tmp_path):
     write_png(tmp_path / "ok.png")
     manifest = write_jsonl(
