@@ -82,12 +82,15 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 
 from reward.images import ImageInputError, load_image
+
+if TYPE_CHECKING:
+    import datasets
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +102,7 @@ _MAX_LOGGED = 20
 FORMATS = ("auto", "pairs", "unpaired", "imagereward", "pickapic", "mjbench", "genai_bench")
 
 
-def _features(kind: str):
+def _features(kind: str) -> datasets.Features:
     from datasets import Features, Image, Value
 
     if kind == "paired":
@@ -124,12 +127,12 @@ def _features(kind: str):
     )
 
 
-def paired_features():
+def paired_features() -> datasets.Features:
     """``datasets.Features`` of the paired schema (``datasets`` is imported on first use)."""
     return _features("paired")
 
 
-def unpaired_features():
+def unpaired_features() -> datasets.Features:
     """``datasets.Features`` of the unpaired schema."""
     return _features("unpaired")
 
@@ -183,7 +186,7 @@ class ReadReport:
 class ReadResult(NamedTuple):
     """``(dataset, report)``; unpack as ``ds, report = read_pairs(...)``."""
 
-    dataset: Any  # datasets.Dataset
+    dataset: datasets.Dataset
     report: ReadReport
 
 
@@ -216,7 +219,7 @@ def _decode_batch(batch: dict[str, list]) -> dict[str, list]:
     return out
 
 
-def decode_images(dataset):
+def decode_images(dataset: datasets.Dataset) -> datasets.Dataset:
     """Return ``dataset`` with a lazy transform that decodes its image columns to RGB PIL."""
     return dataset.with_transform(_decode_batch)
 
