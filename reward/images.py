@@ -33,7 +33,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         if img.mode.startswith("I;16"):
             lo, hi = 0.0, 65535.0
         scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
-        return Image.fromarray(scaled.clip(0, 255).astype(np.uint8), mode="L").convert("RGB")
+        return Image.fromarray(scaled.clip(0, 255).astype(np.uint8)).convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

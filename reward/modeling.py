@@ -32,7 +32,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModel, AutoModelForImageTextToText, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration import LlavaRewardConfig
@@ -42,6 +42,7 @@ from .processing import RewardProcessor
 HEADS_DIR = "heads"
 ADAPTERS_DIR = "adapters"
 BACKBONE_DIR = "backbone"
+PROCESSOR_DIR = "processor"
 
 #: LoRA settings of the paper (rank 128, alpha 256, dropout 0.05).
 PAPER_LORA = {"r": 128, "lora_alpha": 256, "lora_dropout": 0.05}
@@ -148,7 +149,11 @@ def load_backbone(
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
+    config = AutoConfig.from_pretrained(str(backbone), trust_remote_code=trust_remote_code)
+    base_only = any(not a.endswith("ForConditionalGeneration") for a in config.architectures or [])
     try:
+        if base_only:  # a backbone saved by `save_pretrained(..., save_backbone=True)`
+            raise ValueError
         model = AutoModelForImageTextToText.from_pretrained(str(backbone), **kwargs)
     except ValueError:
         model = AutoModel.from_pretrained(str(backbone), **kwargs)
@@ -215,8 +220,18 @@ class LlavaRewardModel(PreTrainedModel):
             reference = getattr(backbone, "name_or_path", None) or getattr(
                 model, "name_or_path", None
             )
-        text_config = model.config.get_text_config()
-        family = family_for(model.config.model_type)
+        cfg = model.config
+        if (
+            getattr(cfg, "image_token_id", None) is None
+            and getattr(cfg, "image_token_index", None) is None
+        ):
+            raise ValueError(
+                f"the backbone {reference or type(model).__name__} ({cfg.model_type}) has no image "
+                "token (`image_token_id` in its config): LLaVA-Reward needs an image-text-to-text "
+                "model (LLaVA, Qwen2-VL / Qwen2.5-VL, Idefics3 / SmolVLM, ...), not a text-only LM."
+            )
+        text_config = cfg.get_text_config()
+        family = family_for(cfg.model_type)
         if isinstance(processor, RewardProcessor):
             proc = processor
         elif processor is not None:  # an official processor object
@@ -373,6 +388,8 @@ class LlavaRewardModel(PreTrainedModel):
             # peft freezes the adapters it deactivates; only the perspective being trained (see
             # set_trainable) is made trainable again when it becomes active.
             bb.set_adapter(name, inference_mode=name != self._trainable)
+            if self._trainable is not None and self._trainable != name:
+                bb.set_requires_grad(self._trainable, requires_grad=True)
         yield
 
     def set_trainable(
@@ -473,7 +490,7 @@ class LlavaRewardModel(PreTrainedModel):
         perspectives: Sequence[str] | None = None,
         **_: Any,
     ) -> None:
-        """Write config, processor, ``adapters/<name>/`` (peft), ``heads/<name>.safetensors``.
+        """Write ``config.json``, ``processor/``, ``adapters/<name>/`` (peft), ``heads/<name>.safetensors``.
 
         The frozen backbone is referenced by ``config.backbone`` and not copied unless
         ``save_backbone=True`` (then it goes to ``backbone/`` and the reference points there).
@@ -491,11 +508,11 @@ class LlavaRewardModel(PreTrainedModel):
         merged.update({n: self.config.perspectives[n] for n in names})
         config["perspectives"] = merged
         if save_backbone:
-            self._base.save_pretrained(out / BACKBONE_DIR)
+            self._base.save_pretrained(out / BACKBONE_DIR, state_dict=self._backbone_state_dict())
             config["backbone"] = BACKBONE_DIR
         LlavaRewardConfig.from_dict(config).save_pretrained(out)
         if self.processor is not None:
-            self.processor.save_pretrained(out)
+            self.processor.save_pretrained(out / PROCESSOR_DIR)
         (out / HEADS_DIR).mkdir(exist_ok=True)
         for name in names:
             state = {
@@ -505,6 +522,16 @@ class LlavaRewardModel(PreTrainedModel):
         with_lora = [n for n in names if self.config.perspectives[n].get("lora") is not None]
         if with_lora and isinstance(self.backbone, PeftModel):
             self.backbone.save_pretrained(str(out / ADAPTERS_DIR), selected_adapters=with_lora)
+
+    def _backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """The frozen backbone's own weights, without any adapter or projector copy."""
+        state = {}
+        for key, value in self._base.state_dict().items():
+            if "lora_" in key or ".modules_to_save." in key:
+                continue
+            key = key.replace(".base_layer.", ".").replace(".original_module.", ".")
+            state[key] = value
+        return state
 
     @classmethod
     def from_pretrained(
@@ -538,7 +565,7 @@ class LlavaRewardModel(PreTrainedModel):
             if isinstance(backbone, (str, os.PathLike))
             else _drop_lm_head(backbone)
         )
-        processor = RewardProcessor.from_pretrained(path, base.config)
+        processor = RewardProcessor.from_pretrained(path / PROCESSOR_DIR, base.config)
         names = list(perspectives or config.perspectives)
         for name in names:
             if name not in config.perspectives:

@@ -78,14 +78,14 @@ class RewardProcessor:
             extra = json.loads(meta.read_text())
         chat_template = extra.get("chat_template")
         tokenizer = image_processor = None
-        try:
-            proc = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-            tokenizer = getattr(proc, "tokenizer", None)
-            image_processor = getattr(proc, "image_processor", None)
-            if chat_template is None and not meta.is_file():
+        if not meta.is_file():  # a backbone's folder / hub id: try its official processor first
+            try:
+                proc = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+                tokenizer = getattr(proc, "tokenizer", None)
+                image_processor = getattr(proc, "image_processor", None)
                 chat_template = getattr(proc, "chat_template", None)
-        except Exception:  # e.g. Qwen2VLProcessor needs torchvision for its video processor
-            pass
+            except Exception:  # e.g. Qwen2VLProcessor needs torchvision for its video processor
+                pass
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         if image_processor is None:

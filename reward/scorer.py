@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from .images import ImageInputError, ImageLike, load_images
+from .losses import pairwise_probability
 from .modeling import LlavaRewardModel
 
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
@@ -146,9 +147,9 @@ class RewardScorer:
     def compare(
         self, prompt: str, image_a: ImageLike, image_b: ImageLike, perspective: str = "overall"
     ) -> float:
-        """P(a preferred over b) = ``sigmoid((r_a - r_b) / tau)``."""
+        """P(a preferred over b) = ``sigmoid((r_a - r_b) / tau)`` (the GPM form for 2-d heads)."""
         r = self.score([prompt, prompt], [image_a, image_b], perspective)
-        return float(torch.sigmoid((r[0] - r[1]) / self.tau))
+        return float(pairwise_probability(r[:1], r[1:], self.tau)[0])
 
     def rank(
         self, prompt: str, images: Sequence[ImageLike], perspective: str = "overall"
