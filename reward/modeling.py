@@ -450,7 +450,19 @@ class LlavaRewardModel(PreTrainedModel):
                 **pixel_inputs,
             )
             embeds = self._captured.pop("inputs_embeds", None)
-        hidden = out.last_hidden_state  # [B, L, d]
+        rewards, h = self._head(out.last_hidden_state, embeds, input_ids, attention_mask, name)
+        return RewardModelOutput(rewards=rewards, hidden=h)
+
+    def _head(
+        self,
+        hidden: torch.Tensor,
+        embeds: torch.Tensor | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        name: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Readout at the last token + SkipCA + head of perspective ``name``: ``hidden [B, L, d]``
+        -> (``rewards [B]`` or ``[B, 2]``, ``h [B, d]``)."""
         last = _last_token_index(attention_mask)
         eos_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         head = self.heads[name]
@@ -466,7 +478,59 @@ class LlavaRewardModel(PreTrainedModel):
         rewards, h = head(eos_hidden, visual, visual_mask)
         if rewards.shape[-1] == 1:
             rewards = rewards.squeeze(-1)
-        return RewardModelOutput(rewards=rewards, hidden=h)
+        return rewards, h
+
+    def forward_perspectives(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        perspectives: Sequence[str],
+        mixed: bool = True,
+        **pixel_inputs: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Rewards of one batch under several perspectives: ``{name: rewards [B]}``.
+
+        ``mixed=True`` runs one forward of ``P * B`` rows with peft's mixed-adapter batch (each
+        row routed through its perspective's adapter); ``mixed=False`` switches adapters and runs
+        ``P`` forwards of ``B`` rows. Both give the same rewards; ``bench/score.py`` measures which
+        is faster. peft routes mixed batches through LoRA layers but not through a per-perspective
+        projector copy (``modules_to_save`` of a non-linear module), so perspectives that train
+        their projector, or have no LoRA, take the switching path.
+        """
+        names = list(perspectives)
+        for name in names:
+            self._check_perspective(name)
+        lora = [
+            n
+            for n in names
+            if self.config.perspectives[n].get("lora") is not None
+            and not self.config.perspectives[n].get("train_projector")
+        ]
+        out: dict[str, torch.Tensor] = {}
+        if mixed and len(lora) > 1 and isinstance(self.backbone, PeftModel):
+            p, b = len(lora), input_ids.shape[0]
+            self._captured.clear()
+            hidden = self.backbone(
+                input_ids=input_ids.repeat(p, 1),
+                attention_mask=attention_mask.repeat(p, 1),
+                use_cache=False,
+                return_dict=True,
+                adapter_names=[name for name in lora for _ in range(b)],
+                **{k: torch.cat([v] * p, dim=0) for k, v in pixel_inputs.items()},
+            ).last_hidden_state
+            embeds = self._captured.pop("inputs_embeds", None)
+            for i, name in enumerate(lora):
+                rows = slice(i * b, (i + 1) * b)
+                rows_embeds = None if embeds is None else embeds[rows]
+                out[name], _ = self._head(
+                    hidden[rows], rows_embeds, input_ids, attention_mask, name
+                )
+        for name in names:
+            if name not in out:
+                out[name] = self(
+                    input_ids, attention_mask, perspective=name, **pixel_inputs
+                ).rewards
+        return {name: out[name] for name in names}
 
     def _default_perspective(self) -> str:
         names = self.perspectives
@@ -522,6 +586,46 @@ class LlavaRewardModel(PreTrainedModel):
         with_lora = [n for n in names if self.config.perspectives[n].get("lora") is not None]
         if with_lora and isinstance(self.backbone, PeftModel):
             self.backbone.save_pretrained(str(out / ADAPTERS_DIR), selected_adapters=with_lora)
+
+    def load_perspective_weights(self, directory: str | os.PathLike, name: str) -> None:
+        """Load ``name``'s trained weights from a folder written by :meth:`save_pretrained`.
+
+        Copies ``heads/<name>.safetensors`` into the head and ``adapters/<name>/`` (LoRA + projector
+        copy) into the adapter of this model's existing perspective ``name``, in place (devices,
+        dtypes and ``requires_grad`` are kept). Used to resume training from a checkpoint. Raises
+        when a file is missing or the stored tensors do not cover the perspective's weights.
+        """
+        from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+        self._check_perspective(name)
+        path = Path(directory)
+        head_file = path / HEADS_DIR / f"{name}.safetensors"
+        if not head_file.is_file():
+            raise FileNotFoundError(
+                f"{head_file} is missing: {path} holds no weights for perspective {name!r} "
+                "(write them with save_pretrained(perspectives=[...]))."
+            )
+        self.heads[name].load_state_dict(load_file(str(head_file)))
+        if self.config.perspectives[name].get("lora") is None:
+            return
+        adapter_dir = path / ADAPTERS_DIR / name
+        if not adapter_dir.is_dir() or not isinstance(self.backbone, PeftModel):
+            raise FileNotFoundError(
+                f"{adapter_dir} is missing: {path} holds no LoRA adapter for perspective {name!r}."
+            )
+        weights = load_peft_weights(str(adapter_dir), device="cpu")
+        result = set_peft_model_state_dict(self.backbone, weights, adapter_name=name)
+        owned = [
+            k
+            for k in result.missing_keys
+            if f".{name}." in k and ("lora_" in k or "modules_to_save" in k)
+        ]
+        if owned or result.unexpected_keys:
+            raise ValueError(
+                f"{adapter_dir} does not match perspective {name!r} of this model (missing "
+                f"{owned[:3]}, unexpected {list(result.unexpected_keys)[:3]}): was it trained with "
+                "other LoRA settings?"
+            )
 
     def _backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """The frozen backbone's own weights, without any adapter or projector copy."""

@@ -48,6 +48,7 @@ class RewardScorer:
         model: LlavaRewardModel,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
+        mixed_adapters: bool = False,
     ):
         self.device, self.dtype = default_device_dtype(device, dtype)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
@@ -60,6 +61,9 @@ class RewardScorer:
             )
         self.processor = model.processor
         self.tau = float(model.config.tau)
+        #: score several perspectives of a batch in one peft mixed-adapter forward (where the
+        #: perspectives allow it) instead of switching adapters; see bench/score.py.
+        self.mixed_adapters = mixed_adapters
 
     @classmethod
     def from_pretrained(
@@ -138,8 +142,11 @@ class RewardScorer:
             inputs = self._inputs_to_device(
                 self.processor([prompts[i] for i in idx], [pil[i] for i in idx])
             )
+            batch = self.model.forward_perspectives(
+                **inputs, perspectives=perspectives, mixed=self.mixed_adapters
+            )
             for p in perspectives:
-                rewards = self.model(**inputs, perspective=p).rewards.float().cpu()
+                rewards = batch[p].float().cpu()
                 for j, i in enumerate(idx):
                     results[p][i] = rewards[j]
         return {p: torch.stack(v) for p, v in results.items()}

@@ -320,3 +320,24 @@ def test_only_the_trained_perspective_is_trainable(backbone_dir):
     model(**inputs, perspective="overall")
     names_after = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names_after == names
+
+
+def test_mixed_adapter_batch_equals_adapter_switching(backbone_dir, images):
+    model = LlavaRewardModel.from_backbone(
+        backbone_dir,
+        perspectives=("overall", "safety", "alignment"),
+        lora_config=LORA,
+        train_projector=False,
+    )
+    with torch.no_grad():
+        for name, p in model.backbone.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    scorer = RewardScorer(model)
+    names = ["overall", "safety", "alignment"]
+    switched = scorer.score_perspectives(PROMPTS, images, names)
+    scorer.mixed_adapters = True
+    mixed = scorer.score_perspectives(PROMPTS, images, names)
+    for n in names:
+        torch.testing.assert_close(mixed[n], switched[n], atol=1e-5, rtol=0)
+    assert not torch.allclose(mixed["overall"], mixed["safety"])
