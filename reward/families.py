@@ -75,6 +75,20 @@ class BackboneFamily:
         """The token ids that stand for image ``index`` of ``pixel_inputs`` in the text."""
         raise NotImplementedError
 
+    def model_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_inputs: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """The inputs the base model's ``forward`` takes besides ``input_ids``/``attention_mask``.
+
+        By default the pixel inputs under :attr:`pixel_keys` (other keys, such as the row/column
+        layout a family keeps for :meth:`image_token_ids`, are dropped). A family whose model needs
+        more text-side inputs (Qwen2-VL's ``mm_token_type_ids``) adds them here.
+        """
+        return {k: v for k, v in pixel_inputs.items() if k in self.pixel_keys}
+
 
 # --------------------------------------------------------------------------------------------
 # torch image operations shared by the families (all differentiable)
@@ -117,6 +131,128 @@ def _size_get(size: Any, key: str) -> int | None:
     if isinstance(size, dict):
         return size.get(key)
     return getattr(size, key, None)
+
+
+# --------------------------------------------------------------------------------------------
+# PIL-exact separable resampling (bicubic and Lanczos), differentiable
+
+
+def _pil_bicubic(x: torch.Tensor) -> torch.Tensor:
+    """PIL's bicubic kernel (``a = -0.5``, support 2)."""
+    a = -0.5
+    x = x.abs()
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
+
+
+def _pil_lanczos(x: torch.Tensor) -> torch.Tensor:
+    """PIL's Lanczos kernel: ``sinc(x) sinc(x / 3)`` on ``[-3, 3)``."""
+    inside = (x >= -3.0) & (x < 3.0)
+    return torch.where(inside, torch.sinc(x) * torch.sinc(x / 3.0), torch.zeros_like(x))
+
+
+def _pil_bilinear(x: torch.Tensor) -> torch.Tensor:
+    """PIL's bilinear (triangle) kernel, support 1."""
+    return (1.0 - x.abs()).clamp(min=0.0)
+
+
+_PIL_FILTERS = {
+    "bilinear": (_pil_bilinear, 1.0),
+    "bicubic": (_pil_bicubic, 2.0),
+    "lanczos": (_pil_lanczos, 3.0),
+}
+#: PIL resampling codes (``PILImageResampling``) -> the filters above.
+_PIL_RESAMPLE = {1: "lanczos", 2: "bilinear", 3: "bicubic"}
+
+
+def resample_kind(image_processor: Any, default: str) -> str:
+    """The filter name of an image processor's ``resample`` (PIL code), ``default`` if unset.
+
+    Raises for a filter :func:`resize_pil` does not implement (nearest, box, hamming)."""
+    code = getattr(image_processor, "resample", None)
+    if code is None:
+        return default
+    code = int(getattr(code, "value", code))
+    if code not in _PIL_RESAMPLE:
+        raise ValueError(
+            f"the image processor resamples with PIL filter {code}; the differentiable "
+            f"preprocessing implements {sorted(_PIL_FILTERS)} only. Set its `resample` to one."
+        )
+    return _PIL_RESAMPLE[code]
+
+
+def pil_resample_matrix(in_size: int, out_size: int, kind: str = "bicubic") -> torch.Tensor:
+    """The ``[out_size, in_size]`` matrix of PIL's 1-d resampling (``ImagingResample``).
+
+    For output pixel ``i``: ``center = (i + 0.5) * scale`` with ``scale = in / out``; the filter is
+    stretched by ``fs = max(scale, 1)`` (antialiasing when shrinking), taps
+    ``j in [int(center - support * fs + 0.5), int(center + support * fs + 0.5))`` clipped to the
+    image, weights ``k((j - center + 0.5) / fs)`` normalised to sum 1.
+    """
+    kernel, support = _PIL_FILTERS[kind]
+    scale = in_size / out_size
+    fs = max(scale, 1.0)
+    reach = support * fs
+    matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
+    for i in range(out_size):
+        center = (i + 0.5) * scale
+        lo = max(int(center - reach + 0.5), 0)
+        hi = min(int(center + reach + 0.5), in_size)
+        taps = torch.arange(lo, hi, dtype=torch.float64)
+        w = kernel((taps - center + 0.5) / fs)
+        total = w.sum()
+        matrix[i, lo:hi] = w / total if total != 0 else w
+    return matrix
+
+
+def _pil_vertical_first(h: int, w: int, height: int, width: int) -> bool:
+    """Whether PIL runs the vertical pass first: Pillow >= 13 does when the height shrinks by more
+    than twice as many pixels as the width (``Resample.c``); older Pillow never does."""
+    import PIL
+
+    if int(PIL.__version__.split(".")[0]) < 13:
+        return False
+    return (h - height) > 0 and (h - height) > 2 * (w - width)
+
+
+def resize_pil(
+    images: torch.Tensor, height: int, width: int, kind: str = "bicubic"
+) -> torch.Tensor:
+    """Resize ``[N, C, H, W]`` in ``[0, 1]`` to ``[N, C, height, width]`` as PIL does on RGB images.
+
+    Separable, in PIL's pass order (:func:`_pil_vertical_first`), each pass clipped to ``[0, 1]``
+    as PIL clips its 8-bit passes; the only remaining difference is PIL's rounding to 1/255 after
+    each pass. ``kind``: ``"bicubic"`` or ``"lanczos"``. Differentiable (a clipped pixel passes no
+    gradient).
+    """
+    h, w = images.shape[-2:]
+
+    def horizontal(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == width:
+            return x
+        mw = pil_resample_matrix(x.shape[-1], width, kind).to(x.device, x.dtype)
+        return torch.einsum("nchw,ow->ncho", x, mw).clamp(0.0, 1.0)
+
+    def vertical(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2] == height:
+            return x
+        mh = pil_resample_matrix(x.shape[-2], height, kind).to(x.device, x.dtype)
+        return torch.einsum("nchw,oh->ncow", x, mh).clamp(0.0, 1.0)
+
+    if _pil_vertical_first(h, w, height, width):
+        return horizontal(vertical(images))
+    return vertical(horizontal(images))
+
+
+def _rescale_normalize(images: torch.Tensor, ip: Any) -> torch.Tensor:
+    """The processors' ``rescale`` (images are already in ``[0, 1]``) and ``normalize``."""
+    x = images
+    if not getattr(ip, "do_rescale", True):  # the model expects 0..255 values
+        x = x * 255.0
+    if getattr(ip, "do_normalize", True):
+        x = normalize(x, ip.image_mean, ip.image_std)
+    return x
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,6 +300,199 @@ class LlavaFamily(BackboneFamily):
         return {"pixel_values": x}
 
 
+# --------------------------------------------------------------------------------------------
+
+
+def qwen2_vl_smart_resize(
+    height: int, width: int, factor: int, min_pixels: int, max_pixels: int
+) -> tuple[int, int]:
+    """Qwen2-VL's target size: both sides multiples of ``factor`` (= patch x merge), the area
+    within ``[min_pixels, max_pixels]``, the aspect ratio kept as closely as possible."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+class Qwen2VLFamily(BackboneFamily):
+    """Qwen2-VL and Qwen2.5-VL: dynamic resolution, ``14 x 14`` patches merged ``2 x 2``.
+
+    One image of grid ``(t, h, w)`` (in patches) is ``<|vision_start|>`` + ``t h w / merge^2`` x
+    ``<|image_pad|>`` + ``<|vision_end|>``, as ``Qwen2VLProcessor`` expands the chat template's
+    ``<|vision_start|><|image_pad|><|vision_end|>``. Pixel inputs: ``pixel_values
+    [sum_i t_i h_i w_i, C * T * P * P]`` and ``image_grid_thw [N, 3]``. The model also needs
+    ``mm_token_type_ids`` (1 at image tokens) for its multimodal RoPE.
+    """
+
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    projector = "visual.merger"
+    template_image_text = "<|vision_start|><|image_pad|><|vision_end|>"
+    pixel_keys = ("pixel_values", "image_grid_thw")
+
+    def _token_id(self, attr: str, token: str) -> int:
+        token_id = getattr(self.model_config, attr, None)
+        if token_id is None:
+            token_id = self.tokenizer.convert_tokens_to_ids(token)
+        return int(token_id)
+
+    @property
+    def merge_size(self) -> int:
+        return int(getattr(self.image_processor, "merge_size", None) or 2)
+
+    def image_token_ids(self, pixel_inputs: dict[str, torch.Tensor], index: int) -> list[int]:
+        n = int(pixel_inputs["image_grid_thw"][index].prod()) // self.merge_size**2
+        start = self._token_id("vision_start_token_id", "<|vision_start|>")
+        end = self._token_id("vision_end_token_id", "<|vision_end|>")
+        return [start, *([self.image_token_id] * n), end]
+
+    def model_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_inputs: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        out = super().model_inputs(input_ids, attention_mask, pixel_inputs)
+        # text 0, image 1 (video 2): the processor's `mm_token_type_ids`, needed by M-RoPE
+        out["mm_token_type_ids"] = (input_ids == self.image_token_id).to(torch.int32)
+        return out
+
+    def pixel_inputs_torch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``Qwen2VLImageProcessor`` in torch: smart resize (bicubic), rescale/normalise, repeat
+        in time to ``temporal_patch_size``, patchify in the processor's patch order.
+
+        ``images [N, 3, H, W]`` -> ``pixel_values [N * gh * gw, 3 * T * P * P]`` (rows of image 0
+        first, within an image merge-window-major: ``(gh/m, gw/m, m, m)``), ``image_grid_thw
+        [N, 3] = (1, gh, gw)``.
+        """
+        ip = self.image_processor
+        p, m = int(ip.patch_size), self.merge_size
+        t = int(getattr(ip, "temporal_patch_size", 2))
+        n, c, h, w = images.shape
+        x = images
+        if getattr(ip, "do_resize", True):
+            size = ip.size
+            min_px = _size_get(size, "shortest_edge") or _size_get(size, "min_pixels")
+            max_px = _size_get(size, "longest_edge") or _size_get(size, "max_pixels")
+            h, w = qwen2_vl_smart_resize(h, w, p * m, min_px, max_px)
+            x = resize_pil(x, h, w, resample_kind(ip, "bicubic"))
+        x = _rescale_normalize(x, ip)
+        gh, gw = h // p, w // p
+        x = x.reshape(n, c, gh // m, m, p, gw // m, m, p)
+        x = x.permute(0, 2, 5, 3, 6, 1, 4, 7)  # n, gh/m, gw/m, mh, mw, C, ph, pw
+        x = x.unsqueeze(6).expand(*x.shape[:6], t, p, p)  # ..., C, T, ph, pw
+        pixel_values = x.reshape(n * gh * gw, c * t * p * p)
+        grid = torch.tensor([[1, gh, gw]] * n, dtype=torch.long, device=images.device)
+        return {"pixel_values": pixel_values, "image_grid_thw": grid}
+
+
+class Idefics3Family(BackboneFamily):
+    """Idefics3 and SmolVLM: SigLIP tiles of ``max_image_size`` + pixel-shuffle connector.
+
+    With ``do_image_splitting`` an image becomes ``rows x cols`` tiles plus a global view, else one
+    global view; each tile is ``image_seq_len = (image_size / patch)^2 / scale_factor^2``
+    ``<image>`` tokens framed as ``Idefics3Processor`` / ``SmolVLMProcessor`` frame them
+    (``<fake_token_around_image>``, ``<row_r_col_c>``, ``<global-img>``, newlines). Pixel inputs:
+    ``pixel_values [N, tiles, C, S, S]`` and ``pixel_attention_mask [N, tiles, S, S]``.
+    """
+
+    model_types = ("idefics3", "smolvlm")
+    projector = "connector"
+    template_image_text = "<image>"
+    pixel_keys = ("pixel_values", "pixel_attention_mask")
+
+    @property
+    def image_seq_len(self) -> int:
+        cfg = self.model_config
+        vision = cfg.vision_config
+        return int((vision.image_size // vision.patch_size) ** 2 / (cfg.scale_factor**2))
+
+    def pixel_inputs(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+        out = self.image_processor(
+            images=[[im] for im in images], return_tensors="pt", return_row_col_info=True
+        )
+        inputs = {k: out[k] for k in self.pixel_keys if k in out}
+        inputs["rows"] = torch.tensor([r[0] for r in out["rows"]], dtype=torch.long)
+        inputs["cols"] = torch.tensor([c[0] for c in out["cols"]], dtype=torch.long)
+        return inputs
+
+    def image_token_ids(self, pixel_inputs: dict[str, torch.Tensor], index: int) -> list[int]:
+        from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+
+        tok = self.tokenizer
+        text = get_image_prompt_string(
+            int(pixel_inputs["rows"][index]),
+            int(pixel_inputs["cols"][index]),
+            self.image_seq_len,
+            fake_token_around_image=getattr(tok, "fake_image_token", None)
+            or "<fake_token_around_image>",
+            image_token=tok.convert_ids_to_tokens(self.image_token_id),
+            global_image_token=getattr(tok, "global_image_token", None) or "<global-img>",
+        )
+        # the string starts and ends with special tokens, so it tokenizes alone as in context
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    def pixel_inputs_torch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``Idefics3ImageProcessor`` in torch (Lanczos resizes, with or without splitting).
+
+        Resize the longest side to ``size["longest_edge"]`` (the other side ``int``-truncated, then
+        made even); with splitting, resize both sides up to multiples of the tile size ``S``, cut
+        ``rows x cols`` tiles of ``S x S`` row-major and append the whole image resized to
+        ``S x S``; without splitting, resize to ``S x S``. Then rescale/normalise. All images of a
+        tensor batch share a size, so no tile padding is needed: ``pixel_attention_mask`` is ones.
+        """
+        from transformers.models.idefics3.image_processing_pil_idefics3 import (
+            MAX_IMAGE_SIZE,
+            _resize_output_size_rescale_to_max_len,
+            _resize_output_size_scale_below_upper_bound,
+        )
+
+        ip = self.image_processor
+        kind = resample_kind(ip, "lanczos")
+        tile = int(_size_get(ip.max_image_size, "longest_edge"))
+        n, c, h, w = images.shape
+        x = images
+        if getattr(ip, "do_resize", True):
+            longest = _size_get(ip.size, "longest_edge")
+            if longest is not None:
+                h, w = _resize_output_size_rescale_to_max_len(h, w, max_len=longest)
+                h, w = _resize_output_size_scale_below_upper_bound(h, w, max_len=MAX_IMAGE_SIZE)
+            else:
+                h, w = _size_get(ip.size, "height"), _size_get(ip.size, "width")
+            x = resize_pil(x, h, w, kind)
+        rows = cols = 0
+        if getattr(ip, "do_image_splitting", True):
+            # resize_for_vision_encoder
+            aspect = w / h
+            if w >= h:
+                w = math.ceil(w / tile) * tile
+                h = math.ceil(int(w / aspect) / tile) * tile
+            else:
+                h = math.ceil(h / tile) * tile
+                w = math.ceil(int(h * aspect) / tile) * tile
+            x = resize_pil(x, h, w, kind)
+            if h > tile or w > tile:
+                rows, cols = (h - tile) // tile + 1, (w - tile) // tile + 1
+                tiles = [
+                    x[..., r * tile : (r + 1) * tile, q * tile : (q + 1) * tile]
+                    for r in range(rows)
+                    for q in range(cols)
+                ]
+                tiles.append(resize_pil(x, tile, tile, kind))
+            else:
+                tiles = [x]
+        else:
+            tiles = [resize_pil(x, tile, tile, kind)]
+        pixel_values = _rescale_normalize(torch.stack(tiles, dim=1), ip)  # [N, tiles, C, S, S]
+        mask = torch.ones(
+            (n, len(tiles), *pixel_values.shape[-2:]), dtype=torch.long, device=images.device
+        )
+        return {
+            "pixel_values": pixel_values,
+            "pixel_attention_mask": mask,
+            "rows": torch.full((n,), rows, dtype=torch.long),
+            "cols": torch.full((n,), cols, dtype=torch.long),
+        }
+
+
 FAMILIES: dict[str, type[BackboneFamily]] = {}
 
 
@@ -175,6 +504,8 @@ def register_family(family: type[BackboneFamily]) -> type[BackboneFamily]:
 
 
 register_family(LlavaFamily)
+register_family(Qwen2VLFamily)
+register_family(Idefics3Family)
 
 
 def family_for(model_type: str) -> type[BackboneFamily]:

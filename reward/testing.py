@@ -185,7 +185,223 @@ def tiny_llava(
     return model, tokenizer, image_processor
 
 
-TINY_BUILDERS = {"llava": tiny_llava}
+QWEN2_VL_SPECIAL = [
+    "<unk>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+#: A minimal chat template of the Qwen2-VL style (ChatML turns; the image as
+#: ``<|vision_start|><|image_pad|><|vision_end|>``), without the default system turn.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_qwen2_vl(
+    hidden: int = 32,
+    layers: int = 2,
+    patch: int = 7,
+    merge: int = 2,
+    min_pixels: int = 14 * 14 * 4,
+    max_pixels: int = 56 * 56,
+    model_type: str = "qwen2_vl",
+    seed: int = 0,
+):
+    """A tiny Qwen2-VL (``model_type="qwen2_5_vl"``: Qwen2.5-VL) with its tokenizer and PIL image
+    processor. Patches of ``patch`` px merged ``merge x merge``: a side is a multiple of
+    ``patch * merge`` (14 px) and an image covers ``min_pixels..max_pixels`` pixels."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    tokenizer = tiny_word_tokenizer(
+        QWEN2_VL_SPECIAL,
+        words=(*WORDS, "user", "assistant", "system"),
+        unk_token="<unk>",
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        image_token="<|image_pad|>",
+        video_token="<|video_pad|>",
+        vision_bos_token="<|vision_start|>",
+        vision_eos_token="<|vision_end|>",
+    )
+    tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
+    ids = tokenizer.convert_tokens_to_ids
+    heads = 2
+    half_head = hidden // heads // 2  # rotary frequencies per head, split over (t, h, w)
+    mrope = [half_head - 2 * (half_head // 3), half_head // 3, half_head // 3]
+    text = {
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": 512,
+        "rope_parameters": {"rope_type": "default", "mrope_section": mrope},
+        "bos_token_id": None,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    vision = {
+        "depth": 2,
+        "embed_dim": hidden,
+        "hidden_size": hidden,
+        "num_heads": heads,
+        "mlp_ratio": 2,
+        "patch_size": patch,
+        "spatial_merge_size": merge,
+        "temporal_patch_size": 2,
+    }
+    token_ids = {
+        "image_token_id": ids("<|image_pad|>"),
+        "video_token_id": ids("<|video_pad|>"),
+        "vision_start_token_id": ids("<|vision_start|>"),
+        "vision_end_token_id": ids("<|vision_end|>"),
+    }
+    if model_type == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig as Config
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
+
+        vision.pop("embed_dim")
+        vision.pop("mlp_ratio")
+        vision.update(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            out_hidden_size=hidden,
+            window_size=2 * patch * merge,
+            fullatt_block_indexes=[1],
+        )
+    elif model_type == "qwen2_vl":
+        from transformers import Qwen2VLConfig as Config
+        from transformers import Qwen2VLForConditionalGeneration as Model
+    else:
+        raise ValueError(f"model_type must be 'qwen2_vl' or 'qwen2_5_vl', got {model_type!r}.")
+    config = Config(text_config=text, vision_config=vision, **token_ids)
+    torch.manual_seed(seed)
+    model = Model(config).eval()
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        patch_size=patch,
+        merge_size=merge,
+        temporal_patch_size=2,
+    )
+    return model, tokenizer, image_processor
+
+
+IDEFICS3_SPECIAL = [
+    "<unk>",
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<end_of_utterance>",
+    "<fake_token_around_image>",
+    "<global-img>",
+    "<image>",
+    *[f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)],
+]
+
+#: The Idefics3 / SmolVLM chat template (``User:<image>caption<end_of_utterance>\n``).
+IDEFICS3_CHAT_TEMPLATE = (
+    "<|begin_of_text|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'] is string %}{{ ': ' + message['content'] }}{% else %}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}{% endif %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def tiny_idefics3(
+    hidden: int = 32,
+    layers: int = 2,
+    tile: int = 28,
+    patch: int = 7,
+    longest_edge: int = 56,
+    do_image_splitting: bool = True,
+    model_type: str = "idefics3",
+    seed: int = 0,
+):
+    """A tiny Idefics3 (``model_type="smolvlm"``: SmolVLM) with its tokenizer and PIL image
+    processor: tiles of ``tile`` px (SigLIP ``patch`` px patches, pixel shuffle 2, so
+    ``(tile / patch)^2 / 4`` tokens per tile), images resized to ``longest_edge`` first."""
+    from tokenizers import AddedToken
+    from transformers import LlamaConfig
+    from transformers.models.idefics3.image_processing_pil_idefics3 import (
+        Idefics3ImageProcessorPil,
+    )
+
+    tokenizer = tiny_word_tokenizer(
+        IDEFICS3_SPECIAL,
+        words=(*WORDS, "User:", "Assistant:"),
+        unk_token="<unk>",
+        pad_token="<|end_of_text|>",
+        bos_token="<|begin_of_text|>",
+        eos_token="<end_of_utterance>",
+        image_token="<image>",
+        fake_image_token="<fake_token_around_image>",
+        global_image_token="<global-img>",
+        end_of_utterance_token="<end_of_utterance>",
+    )
+    # keep newlines as tokens (the split-image prompt uses them), as byte-level BPEs do
+    tokenizer.add_tokens([AddedToken("\n", normalized=False, special=False)])
+    tokenizer.chat_template = IDEFICS3_CHAT_TEMPLATE
+    text = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = {
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": tile,
+        "patch_size": patch,
+    }
+    if model_type == "idefics3":
+        from transformers import Idefics3Config as Config
+        from transformers import Idefics3ForConditionalGeneration as Model
+    elif model_type == "smolvlm":
+        from transformers import SmolVLMConfig as Config
+        from transformers import SmolVLMForConditionalGeneration as Model
+    else:
+        raise ValueError(f"model_type must be 'idefics3' or 'smolvlm', got {model_type!r}.")
+    config = Config(
+        vision_config=vision,
+        text_config=text.to_dict(),
+        scale_factor=2,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(seed)
+    model = Model(config).eval()
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": longest_edge},
+        max_image_size={"longest_edge": tile},
+        do_image_splitting=do_image_splitting,
+    )
+    return model, tokenizer, image_processor
+
+
+TINY_BUILDERS = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl, "idefics3": tiny_idefics3}
 
 
 def save_tiny_backbone(family: str, path: str | os.PathLike, **kwargs) -> Path:
