@@ -185,7 +185,8 @@ class RewardProcessor:
             for i, p in enumerate(prompts)
         ]
         input_ids, attention_mask = self._pad(sequences)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, **pixel}
+        extra = self.family.model_inputs(input_ids, attention_mask, pixel)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
 
     def __call__(self, prompts: Sequence[str], images: Sequence[Image.Image]) -> dict:
         """Model inputs for RGB PIL ``images`` (one prompt each), through the official processor."""
