@@ -1,6 +1,8 @@
 """DDPO maths (Black et al. 2023), as pure functions: no models, no I/O.
 
-- :func:`ddim_step_with_logprob`: one DDIM step and the log-density of the step taken;
+- :func:`ddim_step_with_logprob`: one DDIM step and the log-density of the step taken
+  (built on :func:`ddim_posterior` and :func:`gaussian_log_prob`);
+- :func:`gaussian_kl`: the exact per-step KL between two DDIM transitions (KL penalty);
 - :func:`ppo_clip_loss`, :func:`ppo_stats`: the clipped surrogate and its diagnostics;
 - :class:`PerPromptStatTracker`: per-prompt reward normalisation (with ``state_dict`` for resume);
 - :func:`clip_advantages`.
@@ -27,44 +29,32 @@ def _per_sample(values: torch.Tensor, index: torch.Tensor, ndim: int) -> torch.T
     return out.reshape(out.shape + (1,) * (ndim - out.ndim))
 
 
-def ddim_step_with_logprob(
+def ddim_posterior(
     scheduler: Any,
     model_output: torch.Tensor,
     timestep: int | torch.Tensor,
     sample: torch.Tensor,
     eta: float = 1.0,
-    prev_sample: torch.Tensor | None = None,
-    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM step ``x_t -> x_{t-1}`` and the log-density of ``x_{t-1}`` under that step.
+    """Mean and std of the DDIM step's Gaussian ``p(x_{t-1} | x_t)``.
 
     With ``a_t = alphas_cumprod[t]``, ``a_p = alphas_cumprod[t - T/n]`` (``final_alpha_cumprod``
-    when that index is negative), ``eps`` the predicted noise (converted from the scheduler's
+    when that index is negative) and ``eps`` the predicted noise (converted from the scheduler's
     ``prediction_type``)::
 
         x0_hat = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)          (clipped if the scheduler clips)
         sigma  = eta * sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))
         mu     = sqrt(a_p) * x0_hat + sqrt(1 - a_p - sigma^2) * eps
-        x_{t-1} = mu + sigma * z,   z ~ N(0, I)                    (when ``prev_sample`` is None)
-        log p  = mean_{C,H,W} [ -(x_{t-1} - mu)^2 / (2 sigma^2) - log sigma - log sqrt(2 pi) ]
-
-    The log-density is the *mean* over latent dimensions (as in the reference implementations,
-    for which DDPO's ``clip_range = 1e-4`` is tuned), not the sum. ``x_{t-1}`` enters detached, so
-    gradients flow only through ``mu`` (the policy). Arithmetic is done in float32; the returned
-    ``prev_sample`` has ``sample``'s dtype. With ``eta == 0`` the step is deterministic and the
-    returned log-prob is 0.
 
     Args:
         scheduler: a ``diffusers.DDIMScheduler`` after ``set_timesteps(n)``.
         model_output: UNet output (after CFG), ``[B, C, H, W]``.
-        timestep: the current timestep ``t``: an int or a tensor ``[]`` / ``[B]`` (one per sample).
+        timestep: ``t``: an int or a tensor ``[]`` / ``[B]`` (one per sample).
         sample: ``x_t``, ``[B, C, H, W]``.
-        eta: DDIM stochasticity (1.0 for DDPO).
-        prev_sample: ``x_{t-1}`` to score, ``[B, C, H, W]``; sampled when None.
-        generator: RNG (or one per sample) for the noise ``z``.
+        eta: DDIM stochasticity.
 
     Returns:
-        ``(prev_sample [B, C, H, W], log_prob [B] float32)``.
+        ``(mu [B, C, H, W] float32, sigma [B, 1, 1, 1] float32)``.
     """
     if scheduler.num_inference_steps is None:
         raise ValueError("Call scheduler.set_timesteps(num_inference_steps) before stepping.")
@@ -100,6 +90,65 @@ def ddim_step_with_logprob(
     variance = (1 - a_p) / b_t * (1 - a_t / a_p)
     std = eta * variance.clamp(min=0).sqrt()
     mean = a_p.sqrt() * x0 + (1 - a_p - std**2).clamp(min=0).sqrt() * eps
+    return mean, std
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Isotropic Gaussian log-density, averaged over all but the batch dimension.
+
+    ``log p = mean_{C,H,W}[ -(x - mu)^2 / (2 sigma^2) - log sigma - log sqrt(2 pi) ]``.
+    ``x`` enters detached. Shapes: ``x, mean [B, ...]``, ``std`` broadcastable; returns ``[B]``.
+    """
+    lp = -((x.detach().float() - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+    return lp.mean(dim=tuple(range(1, x.ndim)))
+
+
+def gaussian_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL between two Gaussians with the same isotropic std, averaged over dimensions.
+
+    ``KL(N(mu_p, s^2) || N(mu_q, s^2)) = mean_{C,H,W}[ (mu_p - mu_q)^2 / (2 s^2) ]`` per sample:
+    the exact per-step KL between the policy's and the reference's DDIM transitions (they share
+    ``sigma_t``). Shapes: ``[B, ...]`` -> ``[B]``.
+    """
+    kl = (mean_p.float() - mean_q.float()) ** 2 / (2 * std**2)
+    return kl.mean(dim=tuple(range(1, mean_p.ndim)))
+
+
+def ddim_step_with_logprob(
+    scheduler: Any,
+    model_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step ``x_t -> x_{t-1}`` and the log-density of ``x_{t-1}`` under that step.
+
+    With ``mu, sigma`` from :func:`ddim_posterior`::
+
+        x_{t-1} = mu + sigma * z,   z ~ N(0, I)                    (when ``prev_sample`` is None)
+        log p  = mean_{C,H,W} [ -(x_{t-1} - mu)^2 / (2 sigma^2) - log sigma - log sqrt(2 pi) ]
+
+    The log-density is the *mean* over latent dimensions (as in the reference implementations,
+    for which DDPO's ``clip_range = 1e-4`` is tuned), not the sum. ``x_{t-1}`` enters detached, so
+    gradients flow only through ``mu`` (the policy). Arithmetic is done in float32; the returned
+    ``prev_sample`` has ``sample``'s dtype. With ``eta == 0`` the step is deterministic and the
+    returned log-prob is 0. The noise is drawn exactly as ``DDIMScheduler.step`` draws it.
+
+    Args:
+        scheduler: a ``diffusers.DDIMScheduler`` after ``set_timesteps(n)``.
+        model_output: UNet output (after CFG), ``[B, C, H, W]``.
+        timestep: the current timestep ``t``: an int or a tensor ``[]`` / ``[B]`` (one per sample).
+        sample: ``x_t``, ``[B, C, H, W]``.
+        eta: DDIM stochasticity (1.0 for DDPO).
+        prev_sample: ``x_{t-1}`` to score, ``[B, C, H, W]``; sampled when None.
+        generator: RNG (or one per sample) for the noise ``z``.
+
+    Returns:
+        ``(prev_sample [B, C, H, W], log_prob [B] float32)``.
+    """
+    mean, std = ddim_posterior(scheduler, model_output, timestep, sample, eta)
     if prev_sample is None:
         if eta > 0:
             from diffusers.utils.torch_utils import randn_tensor
@@ -115,9 +164,7 @@ def ddim_step_with_logprob(
             prev_sample = mean.to(sample.dtype)
     if eta == 0:
         return prev_sample, torch.zeros(sample.shape[0], device=sample.device)
-    x_prev = prev_sample.detach().float()
-    log_prob = -((x_prev - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
-    return prev_sample, log_prob.mean(dim=tuple(range(1, ndim)))
+    return prev_sample, gaussian_log_prob(prev_sample, mean, std)
 
 
 def ppo_clip_loss(

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from alignment.ddpo import ddim_step_with_logprob
+from alignment.ddpo import ddim_posterior, ddim_step_with_logprob, gaussian_log_prob
 
 #: Default LoRA targets: the UNet's attention projections (as in DDPO and diffusers' examples).
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
@@ -260,6 +260,7 @@ class DiffusionPolicy:
         if t.ndim == 0:
             t = t.expand(latents.shape[0])
         dtype = next(self.unet.parameters()).dtype
+        latents = latents.to(dtype)
         embeds = embeds.to(dtype)
         if guidance_scale > 1.0:
             if negative_embeds is None:
@@ -272,9 +273,8 @@ class DiffusionPolicy:
             ).sample
             uncond, cond = out.chunk(2)
             return uncond + guidance_scale * (cond - uncond)
-        return unet(
-            self.scheduler.scale_model_input(latents, t), t, encoder_hidden_states=embeds
-        ).sample
+        x = self.scheduler.scale_model_input(latents, t)
+        return unet(x, t, encoder_hidden_states=embeds).sample
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE-decode latents ``[B, C, h, w]`` to images ``[B, 3, H, W]`` float32 in [0, 1]."""
@@ -356,6 +356,23 @@ class DiffusionPolicy:
             negative_prompt_embeds=negative,
         )
 
+    def step_distribution(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeds: torch.Tensor,
+        guidance_scale: float,
+        eta: float = 1.0,
+        num_steps: int | None = None,
+        negative_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean ``[B, C, h, w]`` and std ``[B, 1, 1, 1]`` of the DDIM step from ``latents`` under
+        the current UNet (CFG as in sampling); see :func:`alignment.ddpo.ddim_posterior`."""
+        if num_steps is not None:
+            self.set_timesteps(num_steps)
+        eps = self.predict_noise(latents, timesteps, embeds, guidance_scale, negative_embeds)
+        return ddim_posterior(self.scheduler, eps, timesteps, latents, eta=eta)
+
     def log_prob(
         self,
         latents: torch.Tensor,
@@ -375,10 +392,7 @@ class DiffusionPolicy:
             embeds: ``[B, L, D]``; num_steps: the DDIM step count used when sampling (defaults to
             the scheduler's current one).
         """
-        if num_steps is not None:
-            self.set_timesteps(num_steps)
-        eps = self.predict_noise(latents, timesteps, embeds, guidance_scale, negative_embeds)
-        _, log_prob = ddim_step_with_logprob(
-            self.scheduler, eps, timesteps, latents, eta=eta, prev_sample=next_latents
+        mean, std = self.step_distribution(
+            latents, timesteps, embeds, guidance_scale, eta, num_steps, negative_embeds
         )
-        return log_prob
+        return gaussian_log_prob(next_latents, mean, std)

@@ -1,0 +1,100 @@
+"""Export a tuned policy as a diffusers pipeline folder (shared by every trainer).
+
+``export_policy(policy, export_dir, unet_state_dict=None)`` writes
+
+- ``export_dir/``: a complete ``StableDiffusionPipeline`` folder whose UNet is the tuned one (LoRA
+  merged into the weights), so ``StableDiffusionPipeline.from_pretrained(export_dir)`` works;
+- ``export_dir/unet``: that UNet on its own (``UNet2DConditionModel.from_pretrained``);
+- ``export_dir/pytorch_lora_weights.safetensors`` (LoRA runs only): the adapter in diffusers'
+  LoRA format with its config as metadata, so ``pipe.load_lora_weights(export_dir)`` on the base
+  model works too.
+
+The folder is written to ``export_dir.tmp`` first and renamed into place.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def build_tuned_unet(policy: Any, unet_state_dict: dict[str, torch.Tensor] | None = None):
+    """A fresh float32 CPU copy of the policy's UNet (with its LoRA adapter, if any) carrying
+    ``unet_state_dict`` (default: the policy's current weights).
+
+    Pass the full state dict gathered by the trainer (``accelerator.get_state_dict(unet)``) when
+    the live UNet is sharded (DeepSpeed ZeRO-3); keys may carry a ``module.`` prefix.
+    """
+    from diffusers import UNet2DConditionModel
+
+    if unet_state_dict is None:
+        unet_state_dict = policy.unet.state_dict()
+    state = {
+        k.removeprefix("module."): v.detach().float().cpu() for k, v in unet_state_dict.items()
+    }
+    unet = UNet2DConditionModel.from_config(policy.unet.config)
+    if policy.lora_config is not None:
+        unet.add_adapter(copy.deepcopy(policy.lora_config))
+    missing, unexpected = unet.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"The UNet state does not match the policy's UNet: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}. Pass the full state dict (e.g. "
+            "accelerator.get_state_dict(unet), with stage3_gather_16bit_weights_on_model_save "
+            "under ZeRO-3)."
+        )
+    return unet.eval()
+
+
+def export_policy(
+    policy: Any,
+    export_dir: str | os.PathLike,
+    unet_state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write the tuned policy to ``export_dir`` (see the module docstring); returns the folder.
+
+    Call on the main process only (gather ``unet_state_dict`` on every process first).
+    """
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    export_dir = Path(export_dir)
+    tmp = export_dir.with_name(export_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    unet = build_tuned_unet(policy, unet_state_dict)
+    lora_layers = metadata = None
+    if policy.lora_config is not None:
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        metadata = unet.peft_config["default"].to_dict()
+        unet.fuse_lora()
+        unet.unload_lora()
+    pipe = StableDiffusionPipeline(
+        vae=copy.deepcopy(policy.vae).float().cpu(),
+        text_encoder=copy.deepcopy(policy.text_encoder).float().cpu(),
+        tokenizer=policy.tokenizer,
+        unet=unet,
+        scheduler=policy.pipeline.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if lora_layers is not None:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp,
+            unet_lora_layers=lora_layers,
+            safe_serialization=True,
+            unet_lora_adapter_metadata=metadata,
+        )
+    if export_dir.exists():
+        shutil.rmtree(export_dir)
+    os.replace(tmp, export_dir)
+    return export_dir
