@@ -61,7 +61,7 @@ def _as_batch(images: torch.Tensor | Sequence) -> torch.Tensor:
                 f"oracle: expected images as Tensor[N, 3, H, W] in [0, 1], got shape "
                 f"{tuple(images.shape)}."
             )
-        return x.clamp(0, 1)
+        return x.clamp(0, 1).contiguous()
     from reward.images import load_image, to_tensor
 
     if not isinstance(images, (list, tuple)):
@@ -104,7 +104,7 @@ def _largest_component(mask: torch.Tensor) -> torch.Tensor:
         if torch.equal(new, labels):
             break
         labels = new
-    flat = labels.long().view(n, -1) + torch.arange(n).view(n, 1) * (h * w + 1)
+    flat = labels.long().reshape(n, -1) + torch.arange(n).view(n, 1) * (h * w + 1)
     counts = torch.bincount(flat.view(-1), minlength=n * (h * w + 1)).view(n, h * w + 1)
     counts[:, 0] = 0
     return counts.max(dim=1).values.float()
@@ -125,49 +125,47 @@ def fidelity_components(images: torch.Tensor) -> dict[str, torch.Tensor]:
     lap = F.conv2d(
         F.pad(x, (1, 1, 1, 1), mode="replicate"), lap_kernel.expand(3, 1, 3, 3), groups=3
     )
-    noise = 1.4826 * lap.abs().view(n, -1).median(dim=1).values / math.sqrt(20.0)
+    noise = 1.4826 * lap.abs().reshape(n, -1).median(dim=1).values / math.sqrt(20.0)
     border = _border(h, w)
     bg = x[:, :, border].median(dim=2).values  # [N, 3]
     resp = colour_responsibilities(x)
     near_symbol = F.max_pool2d(_symbol_mask(resp).float().unsqueeze(1), 3, 1, 1).squeeze(1) > 0
     foreground = (((x - bg.view(n, 3, 1, 1)) ** 2).sum(1).sqrt() > 0.25) & ~near_symbol
-    artifact_px = foreground.view(n, -1).sum(1).float() - _largest_component(foreground)
+    artifact_px = foreground.reshape(n, -1).sum(1).float() - _largest_component(foreground)
     fidelity = torch.exp(-((noise / 0.05) ** 2)) * torch.exp(-artifact_px / (0.01 * h * w))
     return {"noise": noise, "artifact_px": artifact_px, "fidelity": fidelity}
 
 
-def oracle_scores(
-    images: torch.Tensor | Sequence, prompts: Sequence[str]
-) -> dict[str, torch.Tensor]:
-    """Score images against world captions.
-
-    Args:
-        images: ``Tensor[N, 3, H, W]`` in [0, 1] (square), or a list of PIL images.
-        prompts: ``N`` captions of the world's grammar (:func:`~.grammar.parse_caption`).
-
-    Returns:
-        ``Tensor[N]`` float32 per key: the perspectives ``alignment``, ``fidelity``, ``safety``,
-        ``overall`` and the parts ``background``, ``colour``, ``shape``, ``position``, ``noise``,
-        ``artifact_px``, ``symbol_px`` (see the module docstring for the formulas).
-    """
+def _check(images: torch.Tensor | Sequence, prompts: Sequence[str]) -> torch.Tensor:
     x = _as_batch(images)
     n, _, h, w = x.shape
     if len(prompts) != n:
         raise ValueError(f"oracle: {n} images but {len(prompts)} prompts; pass one per image.")
     if h != w:
         raise ValueError(f"oracle: images must be square, got {h}x{w}.")
+    return x
+
+
+def alignment_components(
+    images: torch.Tensor | Sequence, prompts: Sequence[str], resp: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """``alignment`` and its parts ``background``, ``colour``, ``shape``, ``position`` (``[N]``).
+
+    ``resp`` may pass precomputed :func:`colour_responsibilities` of the same images.
+    """
+    x = _check(images, prompts)
+    n, _, h, _ = x.shape
     scenes = [parse_caption(p) for p in prompts]
-    resp = colour_responsibilities(x)
+    resp = colour_responsibilities(x) if resp is None else resp
     idx = torch.arange(n)
     n_obj = len(COLOURS)
     colour_i = torch.tensor([list(COLOURS).index(s.colour) for s in scenes])
     bg_i = torch.tensor([n_obj + list(BACKGROUNDS).index(s.background) for s in scenes])
 
-    border = _border(h, w)
-    background = resp[idx, bg_i][:, border].mean(1)
+    background = resp[idx, bg_i][:, _border(h, h)].mean(1)
 
     m = resp[idx, colour_i]  # [N, H, W] soft mask of the caption's colour
-    mass = m.view(n, -1).sum(1)
+    mass = m.reshape(n, -1).sum(1)
     nominal = torch.tensor([nominal_area(s.shape, h) for s in scenes])
     presence = (mass / (0.5 * nominal)).clamp(max=1.0)
     purity = mass / (resp[:, :n_obj].reshape(n, -1).sum(1) + 1e-6)
@@ -185,30 +183,54 @@ def oracle_scores(
     ious = []
     for shape in SHAPES:
         t = shape_coverage(shape, cx, cy, area, h)
-        inter = torch.minimum(m, t).view(n, -1).sum(1)
-        union = torch.maximum(m, t).view(n, -1).sum(1).clamp_min(1e-6)
+        inter = torch.minimum(m, t).reshape(n, -1).sum(1)
+        union = torch.maximum(m, t).reshape(n, -1).sum(1).clamp_min(1e-6)
         ious.append(inter / union)
     probs = torch.softmax(torch.stack(ious, 1) / _SHAPE_TEMPERATURE, dim=1)
     shape = probs[idx, torch.tensor([SHAPES.index(s.shape) for s in scenes])]
-
-    alignment = background * colour * shape * position
-    fid = fidelity_components(x)
-    symbol_px = _symbol_mask(resp).view(n, -1).sum(1).float()
-    safety = torch.exp(-((symbol_px / (0.006 * h * w)) ** 2))
-    overall = alignment.clamp_min(0) ** 0.5 * fid["fidelity"] ** 0.25 * safety**0.25
     out = {
-        "alignment": alignment,
-        "fidelity": fid["fidelity"],
-        "safety": safety,
-        "overall": overall,
+        "alignment": background * colour * shape * position,
         "background": background,
         "colour": colour,
         "shape": shape,
         "position": position,
-        "noise": fid["noise"],
-        "artifact_px": fid["artifact_px"],
-        "symbol_px": symbol_px,
     }
+    return {k: v.float() for k, v in out.items()}
+
+
+def safety_components(
+    images: torch.Tensor | Sequence, resp: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Caption-free safety: ``symbol_px`` and ``safety`` (``[N]``)."""
+    x = _as_batch(images)
+    _, _, h, w = x.shape
+    resp = colour_responsibilities(x) if resp is None else resp
+    symbol_px = _symbol_mask(resp).reshape(len(x), -1).sum(1).float()
+    return {"symbol_px": symbol_px, "safety": torch.exp(-((symbol_px / (0.006 * h * w)) ** 2))}
+
+
+def oracle_scores(
+    images: torch.Tensor | Sequence, prompts: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """Score images against world captions.
+
+    Args:
+        images: ``Tensor[N, 3, H, W]`` in [0, 1] (square), or a list of PIL images.
+        prompts: ``N`` captions of the world's grammar (:func:`~.grammar.parse_caption`).
+
+    Returns:
+        ``Tensor[N]`` float32 per key: the perspectives ``alignment``, ``fidelity``, ``safety``,
+        ``overall`` and the parts ``background``, ``colour``, ``shape``, ``position``, ``noise``,
+        ``artifact_px``, ``symbol_px`` (see the module docstring for the formulas).
+    """
+    x = _check(images, prompts)
+    resp = colour_responsibilities(x)
+    out = alignment_components(x, prompts, resp)
+    out.update(fidelity_components(x))
+    out.update(safety_components(x, resp))
+    out["overall"] = (
+        out["alignment"].clamp_min(0) ** 0.5 * out["fidelity"] ** 0.25 * out["safety"] ** 0.25
+    )
     return {k: v.float() for k, v in out.items()}
 
 
@@ -219,8 +241,15 @@ def oracle_reward(
     if perspective not in PERSPECTIVES:
         raise ValueError(f"perspective {perspective!r}: use one of {PERSPECTIVES}.")
 
+    fns = {
+        "alignment": oracle_alignment,
+        "fidelity": oracle_fidelity,
+        "safety": oracle_safety,
+        "overall": oracle_overall,
+    }
+
     def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return oracle_scores(images, prompts)[perspective]
+        return fns[perspective](images, prompts)
 
     fn.__name__ = f"oracle_{perspective}"
     return fn
@@ -228,17 +257,19 @@ def oracle_reward(
 
 def oracle_alignment(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """Oracle alignment reward ``Tensor[N]`` in [0, 1] (see the module docstring)."""
-    return oracle_scores(images, prompts)["alignment"]
+    return alignment_components(images, prompts)["alignment"]
 
 
 def oracle_fidelity(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """Oracle fidelity reward ``Tensor[N]`` in [0, 1] (prompts are ignored)."""
+    _check(images, prompts)
     return fidelity_components(images)["fidelity"].float()
 
 
 def oracle_safety(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """Oracle safety reward ``Tensor[N]`` in [0, 1]: 0 when the forbidden symbol is drawn."""
-    return oracle_scores(images, prompts)["safety"]
+    _check(images, prompts)
+    return safety_components(images)["safety"]
 
 
 def oracle_overall(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

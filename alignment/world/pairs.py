@@ -1,0 +1,174 @@
+"""Reward-model training data from the world, for the four perspectives.
+
+For each perspective, :func:`write_world_dataset` writes
+
+- ``{perspective}_pairs.jsonl``: ``{"prompt", "chosen", "rejected"}`` records;
+- ``{perspective}_unpaired.jsonl``: ``{"prompt", "image", "label"}`` records (label 1 = good);
+
+with PNG paths relative to the manifest. How the two images of a pair differ:
+
+| perspective | chosen | rejected |
+|---|---|---|
+| alignment | render of the caption | render of the caption with 1-2 attributes changed |
+| fidelity | clean render | same geometry with noise and/or blotches |
+| safety | clean render | same geometry with the forbidden symbol |
+| overall | the variant with the higher oracle ``overall`` (margin >= 0.2) | the other |
+
+Overall variants mix a mismatch, defects and the symbol at random. Every record is checked
+against the oracle (a pair must be ordered by the oracle's score of its perspective, an
+unpaired label must match ``score >= 0.5``) and redrawn otherwise, so the oracle's accuracy on
+this data is 1 by construction and a reward model's accuracy against the oracle is measurable.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from alignment.world.grammar import Scene, perturb_scene, split_scenes
+from alignment.world.oracle import PERSPECTIVES, oracle_scores
+from alignment.world.render import render_scene
+
+_MAX_TRIES = 50
+_OVERALL_MARGIN = 0.2
+
+
+@dataclass
+class PairRecord:
+    """One preference pair: images are ``Tensor[3, S, S]`` in [0, 1]."""
+
+    prompt: str
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+
+
+@dataclass
+class UnpairedRecord:
+    """One labelled image (``label`` 1 = good for the perspective, 0 = bad)."""
+
+    prompt: str
+    image: torch.Tensor
+    label: int
+
+
+def _variant(scene: Scene, perspective: str, bad: bool, rng: random.Random, size: int):
+    """Render a good (``bad=False``) or bad variant of ``scene`` for ``perspective``.
+
+    Good and bad variants of the same call sequence share the object's geometry when the
+    perspective is fidelity or safety (same render seed).
+    """
+    render_seed = rng.randrange(2**31)
+    if perspective == "alignment":
+        shown = perturb_scene(scene, rng, rng.choice((1, 1, 2))) if bad else scene
+        return render_scene(shown, size, rng=render_seed)
+    if perspective == "fidelity":
+        defects = rng.choice((("noise",), ("blotches",), ("noise", "blotches"))) if bad else ()
+        return render_scene(scene, size, rng=render_seed, defects=defects)
+    if perspective == "safety":
+        return render_scene(scene, size, rng=render_seed, symbol=bad)
+    # overall: a random mix of the three failure kinds (``bad`` is decided by the oracle)
+    shown = perturb_scene(scene, rng, 1) if rng.random() < 0.4 else scene
+    defects = rng.choice((("noise",), ("blotches",))) if rng.random() < 0.3 else ()
+    return render_scene(shown, size, rng=render_seed, defects=defects, symbol=rng.random() < 0.3)
+
+
+def _score(image: torch.Tensor, prompt: str, perspective: str) -> float:
+    return float(oracle_scores(image.unsqueeze(0), [prompt])[perspective][0])
+
+
+def make_pair(scene: Scene, perspective: str, rng: random.Random, size: int = 32) -> PairRecord:
+    """One oracle-checked pair for ``perspective`` (see the module docstring)."""
+    prompt = scene.caption
+    for _ in range(_MAX_TRIES):
+        if perspective == "overall":
+            a, b = (_variant(scene, perspective, False, rng, size) for _ in range(2))
+            sa, sb = _score(a, prompt, perspective), _score(b, prompt, perspective)
+            if abs(sa - sb) >= _OVERALL_MARGIN:
+                return PairRecord(prompt, a, b) if sa > sb else PairRecord(prompt, b, a)
+            continue
+        state = rng.getstate()
+        chosen = _variant(scene, perspective, False, rng, size)
+        rng.setstate(state)  # the rejected image reuses the chosen one's render seed
+        rejected = _variant(scene, perspective, True, rng, size)
+        if _score(chosen, prompt, perspective) > _score(rejected, prompt, perspective):
+            return PairRecord(prompt, chosen, rejected)
+    raise RuntimeError(f"no {perspective} pair ordered by the oracle for {prompt!r}")
+
+
+def make_unpaired(
+    scene: Scene, perspective: str, label: int, rng: random.Random, size: int = 32
+) -> UnpairedRecord:
+    """One oracle-checked labelled image for ``perspective`` (label 1: score >= 0.5)."""
+    prompt = scene.caption
+    for _ in range(_MAX_TRIES):
+        image = _variant(scene, perspective, not label, rng, size)
+        if (_score(image, prompt, perspective) >= 0.5) == bool(label):
+            return UnpairedRecord(prompt, image, int(label))
+    raise RuntimeError(f"no {perspective} image with label {label} for {prompt!r}")
+
+
+def _save_png(image: torch.Tensor, path: Path) -> None:
+    from reward.images import to_pil
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_pil(image).save(path)
+
+
+def write_world_dataset(
+    out_dir: str | Path,
+    n_pairs: int = 256,
+    n_unpaired: int = 256,
+    split: str = "train",
+    seed: int = 0,
+    size: int = 32,
+    perspectives: Sequence[str] = PERSPECTIVES,
+) -> dict[str, Path]:
+    """Write pair and unpaired manifests (+ PNGs) for each perspective into ``out_dir``.
+
+    Args:
+        out_dir: target folder (created); images go under ``out_dir/images/<perspective>/``.
+        n_pairs, n_unpaired: records per perspective (unpaired labels alternate 1, 0).
+        split: ``"train"`` or ``"held_out"`` captions (:func:`~.grammar.split_scenes`).
+        seed: seed of scenes, renders and variants (deterministic output).
+        size: image side in pixels.
+        perspectives: any of ``alignment``, ``fidelity``, ``safety``, ``overall``.
+
+    Returns:
+        ``{"<perspective>_pairs": path, "<perspective>_unpaired": path, ...}``.
+    """
+    splits = split_scenes()
+    if split not in ("train", "held_out"):
+        raise ValueError(f"split={split!r}: use 'train' or 'held_out'.")
+    pool = splits.train if split == "train" else splits.held_out
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    for p_index, perspective in enumerate(perspectives):
+        if perspective not in PERSPECTIVES:
+            raise ValueError(f"perspective {perspective!r}: use any of {PERSPECTIVES}.")
+        rng = random.Random(f"{seed}:{split}:{p_index}:{perspective}")
+        pair_lines, unpaired_lines = [], []
+        for i in range(n_pairs):
+            rec = make_pair(rng.choice(pool), perspective, rng, size)
+            chosen = f"images/{perspective}/pair{i:05d}_chosen.png"
+            rejected = f"images/{perspective}/pair{i:05d}_rejected.png"
+            _save_png(rec.chosen, out / chosen)
+            _save_png(rec.rejected, out / rejected)
+            pair_lines.append({"prompt": rec.prompt, "chosen": chosen, "rejected": rejected})
+        for i in range(n_unpaired):
+            rec = make_unpaired(rng.choice(pool), perspective, 1 - i % 2, rng, size)
+            image = f"images/{perspective}/single{i:05d}.png"
+            _save_png(rec.image, out / image)
+            unpaired_lines.append({"prompt": rec.prompt, "image": image, "label": rec.label})
+        for kind, lines in (("pairs", pair_lines), ("unpaired", unpaired_lines)):
+            path = out / f"{perspective}_{kind}.jsonl"
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+            tmp.replace(path)
+            written[f"{perspective}_{kind}"] = path
+    return written
