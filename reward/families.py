@@ -6,15 +6,21 @@ A family knows three things about its backbone:
    (:meth:`BackboneFamily.pixel_inputs`);
 2. the same inputs computed in torch from ``Tensor[N, 3, H, W]`` in ``[0, 1]`` so that gradients
    reach the pixels (:meth:`BackboneFamily.pixel_inputs_torch`); it must agree with (1) on the same
-   image within the tolerance its tests state;
+   image within the tolerance its tests state. Resizing reproduces PIL's separable resampling
+   (:func:`resize_pil`); with :attr:`BackboneFamily.emulate_8bit` (the default) PIL's 8-bit
+   rounding is reproduced too, with straight-through gradients, so the values are the official
+   processor's bit for bit (tests/test_families.py); without it they are about one grey level
+   away (max 0.016 in normalised units on noise images);
 3. the token ids that stand for image ``i`` in the text (:meth:`BackboneFamily.image_token_ids`),
    i.e. the image placeholder expanded the way that family's processor expands it.
 
-Families are looked up by the backbone's ``config.model_type`` in :data:`FAMILIES`.
+Families are looked up by the backbone's ``config.model_type`` in :data:`FAMILIES`: ``llava``,
+``qwen2_vl`` / ``qwen2_5_vl`` and ``idefics3`` / ``smolvlm`` (with and without image splitting).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -35,6 +41,11 @@ class BackboneFamily:
     template_image_text: ClassVar[str] = "<image>"
     #: keys of the image inputs the base model's ``forward`` takes.
     pixel_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    #: whether :meth:`pixel_inputs_torch` reproduces the PIL processors' 8-bit rounding (of the
+    #: input and after every resampling pass) with straight-through gradients, so that its values
+    #: equal the official processor's; ``False``: plain float arithmetic (about one grey level
+    #: away from the official values). Set it on an instance to change it.
+    emulate_8bit: bool = True
 
     def __init__(self, image_processor: Any, tokenizer: Any, model_config: Any):
         self.image_processor = image_processor
@@ -184,8 +195,10 @@ def resample_kind(image_processor: Any, default: str) -> str:
     return _PIL_RESAMPLE[code]
 
 
+@functools.lru_cache(maxsize=128)
 def pil_resample_matrix(in_size: int, out_size: int, kind: str = "bicubic") -> torch.Tensor:
-    """The ``[out_size, in_size]`` matrix of PIL's 1-d resampling (``ImagingResample``).
+    """The ``[out_size, in_size]`` matrix (float64) of PIL's 1-d resampling (``ImagingResample``);
+    cached, do not modify it in place.
 
     For output pixel ``i``: ``center = (i + 0.5) * scale`` with ``scale = in / out``; the filter is
     stretched by ``fs = max(scale, 1)`` (antialiasing when shrinking), taps
@@ -218,29 +231,61 @@ def _pil_vertical_first(h: int, w: int, height: int, width: int) -> bool:
     return (h - height) > 0 and (h - height) > 2 * (w - width)
 
 
+#: PIL's fixed-point precision for 8-bit resampling (``32 - 8 - 2`` bits).
+_PIL_PRECISION_BITS = 22
+
+
+def quantize_8bit(images: torch.Tensor) -> torch.Tensor:
+    """Round ``[0, 1]`` values to the 8-bit grid (``floor(255 x + 0.5) / 255``, clipped) with a
+    straight-through gradient: the forward value is the rounded one, the gradient is identity."""
+    rounded = torch.floor(images.detach().clamp(0.0, 1.0) * 255.0 + 0.5) / 255.0
+    return images + (rounded - images).detach()
+
+
+def _resample_pass(x: torch.Tensor, matrix: torch.Tensor, axis: str, exact: bool) -> torch.Tensor:
+    """One 1-d PIL pass along ``axis`` (``"w"`` or ``"h"``) with ``matrix [out, in]``.
+
+    The differentiable value is ``clip(matrix @ x, 0, 1)``. With ``exact``, the forward value is
+    replaced (straight-through) by PIL's 8-bit arithmetic on the 8-bit input: coefficients rounded
+    to ``22``-bit fixed point (half away from zero), ``out = clip(floor((sum + 2^21) / 2^22))``.
+    """
+    spec = "nchw,ow->ncho" if axis == "w" else "nchw,oh->ncow"
+    y = torch.einsum(spec, x, matrix.to(x.device, x.dtype)).clamp(0.0, 1.0)
+    if not exact:
+        return y
+    one = float(1 << _PIL_PRECISION_BITS)
+    fixed = torch.where(
+        matrix < 0, torch.trunc(matrix * one - 0.5), torch.trunc(matrix * one + 0.5)
+    )
+    pixels = torch.floor(x.detach().double().clamp(0.0, 1.0) * 255.0 + 0.5)
+    total = torch.einsum(spec, pixels, fixed.to(x.device)) + one / 2
+    out = (torch.floor(total / one).clamp(0.0, 255.0) / 255.0).to(y.dtype)
+    return y + (out - y).detach()
+
+
 def resize_pil(
-    images: torch.Tensor, height: int, width: int, kind: str = "bicubic"
+    images: torch.Tensor, height: int, width: int, kind: str = "bicubic", exact: bool = False
 ) -> torch.Tensor:
     """Resize ``[N, C, H, W]`` in ``[0, 1]`` to ``[N, C, height, width]`` as PIL does on RGB images.
 
     Separable, in PIL's pass order (:func:`_pil_vertical_first`), each pass clipped to ``[0, 1]``
-    as PIL clips its 8-bit passes; the only remaining difference is PIL's rounding to 1/255 after
-    each pass. ``kind``: ``"bicubic"`` or ``"lanczos"``. Differentiable (a clipped pixel passes no
-    gradient).
+    as PIL clips its 8-bit passes. ``kind``: ``"bilinear"``, ``"bicubic"`` or ``"lanczos"``.
+    ``exact=False``: float arithmetic (differs from PIL by its 8-bit rounding, about one grey
+    level). ``exact=True``: the forward values are PIL's 8-bit results bit for bit (for an 8-bit
+    input), the gradient is the float one (straight-through). Differentiable either way (a
+    clipped pixel passes no gradient).
     """
     h, w = images.shape[-2:]
 
     def horizontal(x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] == width:
             return x
-        mw = pil_resample_matrix(x.shape[-1], width, kind).to(x.device, x.dtype)
-        return torch.einsum("nchw,ow->ncho", x, mw).clamp(0.0, 1.0)
+        return _resample_pass(x, pil_resample_matrix(x.shape[-1], width, kind), "w", exact)
 
     def vertical(x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] == height:
             return x
-        mh = pil_resample_matrix(x.shape[-2], height, kind).to(x.device, x.dtype)
-        return torch.einsum("nchw,oh->ncow", x, mh).clamp(0.0, 1.0)
+        return _resample_pass(x, pil_resample_matrix(x.shape[-2], height, kind), "h", exact)
 
     if _pil_vertical_first(h, w, height, width):
         return horizontal(vertical(images))
@@ -281,7 +326,7 @@ class LlavaFamily(BackboneFamily):
 
     def pixel_inputs_torch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         ip = self.image_processor
-        x = images
+        x = quantize_8bit(images) if self.emulate_8bit else images
         h, w = x.shape[-2:]
         if getattr(ip, "do_resize", True):
             short = _size_get(ip.size, "shortest_edge")
@@ -294,7 +339,7 @@ class LlavaFamily(BackboneFamily):
                     new_h, new_w = short, int(short * w / h)
             else:
                 new_h, new_w = _size_get(ip.size, "height"), _size_get(ip.size, "width")
-            x = resize_pil(x, new_h, new_w, resample_kind(ip, "bicubic"))
+            x = resize_pil(x, new_h, new_w, resample_kind(ip, "bicubic"), self.emulate_8bit)
         if getattr(ip, "do_center_crop", False):
             x = center_crop(x, _size_get(ip.crop_size, "height"), _size_get(ip.crop_size, "width"))
         if getattr(ip, "do_normalize", True):
@@ -369,13 +414,13 @@ class Qwen2VLFamily(BackboneFamily):
         p, m = int(ip.patch_size), self.merge_size
         t = int(getattr(ip, "temporal_patch_size", 2))
         n, c, h, w = images.shape
-        x = images
+        x = quantize_8bit(images) if self.emulate_8bit else images
         if getattr(ip, "do_resize", True):
             size = ip.size
             min_px = _size_get(size, "shortest_edge") or _size_get(size, "min_pixels")
             max_px = _size_get(size, "longest_edge") or _size_get(size, "max_pixels")
             h, w = qwen2_vl_smart_resize(h, w, p * m, min_px, max_px)
-            x = resize_pil(x, h, w, resample_kind(ip, "bicubic"))
+            x = resize_pil(x, h, w, resample_kind(ip, "bicubic"), self.emulate_8bit)
         x = _rescale_normalize(x, ip)
         gh, gw = h // p, w // p
         x = x.reshape(n, c, gh // m, m, p, gw // m, m, p)
@@ -451,7 +496,7 @@ class Idefics3Family(BackboneFamily):
         kind = resample_kind(ip, "lanczos")
         tile = int(_size_get(ip.max_image_size, "longest_edge"))
         n, c, h, w = images.shape
-        x = images
+        x = quantize_8bit(images) if self.emulate_8bit else images
         if getattr(ip, "do_resize", True):
             longest = _size_get(ip.size, "longest_edge")
             if longest is not None:
@@ -459,7 +504,7 @@ class Idefics3Family(BackboneFamily):
                 h, w = _resize_output_size_scale_below_upper_bound(h, w, max_len=MAX_IMAGE_SIZE)
             else:
                 h, w = _size_get(ip.size, "height"), _size_get(ip.size, "width")
-            x = resize_pil(x, h, w, kind)
+            x = resize_pil(x, h, w, kind, self.emulate_8bit)
         rows = cols = 0
         if getattr(ip, "do_image_splitting", True):
             # resize_for_vision_encoder
@@ -470,7 +515,7 @@ class Idefics3Family(BackboneFamily):
             else:
                 h = math.ceil(h / tile) * tile
                 w = math.ceil(int(h * aspect) / tile) * tile
-            x = resize_pil(x, h, w, kind)
+            x = resize_pil(x, h, w, kind, self.emulate_8bit)
             if h > tile or w > tile:
                 rows, cols = (h - tile) // tile + 1, (w - tile) // tile + 1
                 tiles = [
@@ -478,11 +523,11 @@ class Idefics3Family(BackboneFamily):
                     for r in range(rows)
                     for q in range(cols)
                 ]
-                tiles.append(resize_pil(x, tile, tile, kind))
+                tiles.append(resize_pil(x, tile, tile, kind, self.emulate_8bit))
             else:
                 tiles = [x]
         else:
-            tiles = [resize_pil(x, tile, tile, kind)]
+            tiles = [resize_pil(x, tile, tile, kind, self.emulate_8bit)]
         pixel_values = _rescale_normalize(torch.stack(tiles, dim=1), ip)  # [N, tiles, C, S, S]
         mask = torch.ones(
             (n, len(tiles), *pixel_values.shape[-2:]), dtype=torch.long, device=images.device
