@@ -172,19 +172,16 @@ def test_loads_through_from_pretrained(setup):
     assert model.perspectives == ["overall", "safety"]
     assert model._base.config.model_type == setup.family
     names = [n for n, _ in model.backbone.named_parameters()]
-    # LoRA only inside the language model; each perspective has its projector copy
-    decoder = model._base.get_decoder()
-    lora_modules = [n for n, m in model._base.named_modules() if hasattr(m, "lora_A")]
-    assert lora_modules
-    assert all(any(m is d for d in decoder.modules()) for m in _modules(model, lora_modules))
+    # LoRA on every linear of the language model and nowhere else; a projector copy each
+    in_decoder = {id(m) for m in model._base.get_decoder().modules()}
+    lora = [m for m in model._base.modules() if hasattr(m, "lora_A")]
+    assert lora and all(id(m) in in_decoder for m in lora)
+    wrapped = {id(sub) for m in lora for sub in m.modules()}  # base layers, lora_A/B
+    linears = [m for m in model._base.get_decoder().modules() if isinstance(m, torch.nn.Linear)]
+    assert all(id(m) in wrapped for m in linears)
     projector = model.family.projector
     for p in ("overall", "safety"):
         assert any(f"{projector}.modules_to_save.{p}." in n for n in names)
-
-
-def _modules(model, names):
-    table = dict(model._base.named_modules())
-    return [table[n] for n in names]
 
 
 # ----------------------------------------------------------------------------- image tokens
