@@ -8,7 +8,8 @@ Per family:
   :data:`PIXEL_TOL` (normalised units; measured values next to it);
 - the differentiable reward has finite, non-zero pixel gradients and agrees with the frozen
   ``score()`` path within :data:`REWARD_TOL`;
-- batch == one by one (1e-5, fp32), left == right padding, save -> load identical;
+- batch == one by one (1e-5, fp32), left == right padding, save -> load identical, peft
+  mixed-adapter batch == adapter switching;
 - SkipCA ignores padded visual positions (rows with different visual token counts in one batch).
 
 Qwen2.5-VL and SmolVLM (same families, other model classes) get a shorter smoke test.
@@ -278,6 +279,27 @@ def test_save_then_load_gives_identical_scores(setup):
             atol=0,
             rtol=0,
         )
+
+
+def test_mixed_adapter_batch_equals_adapter_switching(setup):
+    # Qwen2-VL's pixel_values are patch-major ([sum of patches, D]), not batch-major: repeating
+    # a batch per perspective must still route each row to its own image
+    torch.manual_seed(0)
+    model = LlavaRewardModel.from_backbone(
+        setup.backbone, perspectives=("overall", "safety"), lora_config=LORA, train_projector=False
+    ).eval()
+    with torch.no_grad():
+        for name, p in model.backbone.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+        inputs = model.processor(PROMPTS, _mixed_batch())
+        mixed = model.forward_perspectives(**inputs, perspectives=["overall", "safety"])
+        switched = model.forward_perspectives(
+            **inputs, perspectives=["overall", "safety"], mixed=False
+        )
+    assert not torch.allclose(switched["overall"], switched["safety"])
+    for name in ("overall", "safety"):
+        torch.testing.assert_close(mixed[name], switched[name], atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------- SkipCA
