@@ -293,10 +293,14 @@ def resize_pil(
 
 
 def _rescale_normalize(images: torch.Tensor, ip: Any) -> torch.Tensor:
-    """The processors' ``rescale`` (images are already in ``[0, 1]``) and ``normalize``."""
+    """The processors' ``rescale`` and ``normalize`` on images in ``[0, 1]`` (``x / 255`` of the
+    8-bit values): values ``255 x * rescale_factor`` (``255 x`` without rescaling)."""
     x = images
-    if not getattr(ip, "do_rescale", True):  # the model expects 0..255 values
-        x = x * 255.0
+    factor = (
+        float(getattr(ip, "rescale_factor", 1 / 255)) if getattr(ip, "do_rescale", True) else 1.0
+    )
+    if abs(factor * 255.0 - 1.0) > 1e-12:
+        x = x * (255.0 * factor)
     if getattr(ip, "do_normalize", True):
         x = normalize(x, ip.image_mean, ip.image_std)
     return x
