@@ -1,0 +1,860 @@
+"""Training LLaVA-Reward perspectives on transformers' ``Trainer`` machinery.
+
+Why ``transformers.Trainer`` and not trl's ``RewardTrainer`` (trl 1.16): ``RewardTrainer.__init__``
+only carries text models. It requires ``model.config.num_labels == 1`` (a sequence-classification
+model), always runs ``_prepare_dataset``, which appends an EOS *string* to ``chosen`` /
+``rejected`` and tokenizes them as text (our ``chosen`` / ``rejected`` are images), sets the
+tokenizer's pad token on the model config, tags the model and writes a model card on every
+checkpoint; its ``compute_loss`` reads ``outputs.logits`` and has no temperature, no GPM head and
+no unpaired rows. Subclassing it would mean bypassing its constructor and replacing every method it
+adds, so we subclass ``transformers.Trainer`` directly and keep what the library does well:
+DeepSpeed (ZeRO-2/3 through accelerate), gradient accumulation, mixed precision, checkpoints and
+``resume_from_checkpoint``, LR schedules, logging integrations (tensorboard, wandb) and progress
+bars. What is ours:
+
+* :class:`RewardCollator`: a batch of paired rows ``{prompt, chosen, rejected}`` and/or unpaired
+  rows ``{prompt, image, label}`` becomes ONE model batch of ``2P + U`` sequences ordered
+  ``[chosen_1..P, rejected_1..P, image_1..U]`` plus ``n_pairs = P`` and ``reward_labels [U]``;
+* :func:`reward_loss` (pure): the pair loss (``bt`` / ``paired_bce`` / ``gpm``, from
+  :mod:`reward.losses`) and the unpaired BCE, averaged over the examples of the batch;
+* :class:`RewardTrainer`: trains one perspective (``model.set_trainable``); checkpoints hold that
+  perspective's adapter, projector copy, SkipCA and head (``LlavaRewardModel.save_pretrained``
+  format, not one big state dict) and are written to a temporary folder and renamed into place;
+  resuming loads them back with ``LlavaRewardModel.load_perspective_weights``.
+* :class:`RewardTrainingArguments`: the paper's optimisation defaults (AdamW betas (0.9, 0.95),
+  weight decay 0, lr 2e-4, cosine schedule with 3 % warm-up, clip 1.0), bf16 and gradient
+  checkpointing switched on automatically when a CUDA GPU is present.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from .data import detect_format, load_image_ref, load_reward_data
+from .losses import bradley_terry_loss, gpm_loss, paired_bce_loss, unpaired_bce_loss
+from .modeling import LlavaRewardModel
+
+logger = logging.getLogger(__name__)
+
+LOSS_TYPES = ("bt", "paired_bce", "gpm")
+TRAINING_ARGS_FILE = "training_args.json"
+
+
+def _cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def default_report_to() -> list[str]:
+    """tensorboard, plus wandb when it is installed (``report_to="auto"``)."""
+    import importlib.util
+
+    found = [n for n in ("tensorboard", "wandb") if importlib.util.find_spec(n) is not None]
+    return found or ["none"]
+
+
+@dataclass
+class RewardTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with the LLaVA-Reward paper's defaults and the reward options."""
+
+    perspective: str = field(
+        default="overall",
+        metadata={"help": "The perspective to train (alignment, fidelity, safety, overall, ...)."},
+    )
+    loss_type: str = field(
+        default="bt",
+        metadata={
+            "help": "Pair loss: 'bt' (Bradley-Terry, -log sigmoid((rc - rr) / tau)), 'paired_bce' "
+            "(chosen = 1, rejected = 0) or 'gpm' (2-d heads). Unpaired rows always use BCE."
+        },
+    )
+    tau: float | None = field(
+        default=None,
+        metadata={"help": "Temperature of the BT / GPM losses (default: the model's, 0.1)."},
+    )
+    learning_rate: float = field(default=2e-4, metadata={"help": "AdamW learning rate (paper)."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (paper: 0.95)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (paper: 0)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "LR schedule."})
+    warmup_steps: float = field(
+        default=0.03, metadata={"help": "Warm-up: steps (int) or a fraction of all steps (< 1)."}
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Keep the image columns (the collator builds the model inputs)."},
+    )
+    report_to: None | str | list[str] = field(
+        default="auto",
+        metadata={"help": "'auto' = tensorboard (+ wandb when installed), or a list / 'none'."},
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 mixed precision (default: on when a CUDA GPU with bf16 exists)."},
+    )
+    activation_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Gradient checkpointing of the backbone (default: on with a GPU)."},
+    )
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
+        if self.report_to == "auto":
+            self.report_to = default_report_to()
+        if self.bf16 is None:
+            self.bf16 = bool(_cuda() and torch.cuda.is_bf16_supported()) and not self.use_cpu
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = _cuda() and not self.use_cpu
+        super().__post_init__()
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _is_set(value: Any) -> bool:
+    return value is not None
+
+
+def _to_pil(value: Any, name: str) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value.convert("RGB") if value.mode != "RGB" else value
+    return load_image_ref(value, name=name)
+
+
+@dataclass
+class RewardCollator:
+    """Rows of the common schemas (:mod:`reward.data`) -> one model batch.
+
+    Paired rows (``prompt, chosen, rejected``) and unpaired rows (``prompt, image, label``) may be
+    mixed. With ``P`` pairs and ``U`` single images the batch holds ``2P + U`` sequences in the
+    order ``[chosen_1..P, rejected_1..P, image_1..U]`` (``input_ids``, ``attention_mask`` and the
+    family's pixel inputs), plus ``n_pairs`` (0-d long tensor, ``P``) and ``reward_labels``
+    (``[U]`` float). Images may be PIL images or raw refs (paths, bytes, ``{"bytes", "path"}``).
+    """
+
+    processor: Any
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        pairs, singles = [], []
+        for i, ex in enumerate(examples):
+            if _is_set(ex.get("chosen")) and _is_set(ex.get("rejected")):
+                if ex.get("tie"):
+                    raise ValueError(
+                        f"example id={ex.get('id', i)} is a tie: ties cannot be trained on; read "
+                        "the training data with keep_ties=False (prepare_training_data does)."
+                    )
+                pairs.append(ex)
+            elif _is_set(ex.get("image")) and _is_set(ex.get("label")):
+                singles.append(ex)
+            else:
+                raise ValueError(
+                    f"example id={ex.get('id', i)} has neither (chosen, rejected) nor "
+                    f"(image, label); its fields are {sorted(ex)}. Read data with reward.data."
+                )
+        prompts = [str(e["prompt"]) for e in pairs] * 2 + [str(e["prompt"]) for e in singles]
+        images = (
+            [_to_pil(e["chosen"], f"chosen of {e.get('id')}") for e in pairs]
+            + [_to_pil(e["rejected"], f"rejected of {e.get('id')}") for e in pairs]
+            + [_to_pil(e["image"], f"image of {e.get('id')}") for e in singles]
+        )
+        batch = dict(self.processor(prompts, images))
+        batch["n_pairs"] = torch.tensor(len(pairs), dtype=torch.long)
+        batch["reward_labels"] = torch.tensor([float(e["label"]) for e in singles])
+        return batch
+
+
+_UNION_COLUMNS = ("prompt", "chosen", "rejected", "tie", "image", "label", "category", "id")
+
+
+def mix_datasets(datasets_: Sequence[Any]) -> Any:
+    """Concatenate paired and unpaired ``datasets.Dataset`` s into one (union of the columns).
+
+    Missing columns are None; image columns stay raw refs (the collator decodes them), so the
+    result has no decoding transform. A single dataset is returned unchanged.
+    """
+    import datasets
+
+    if len(datasets_) == 1:
+        return datasets_[0]
+    features = datasets.Features(
+        {
+            "prompt": datasets.Value("string"),
+            "chosen": datasets.Image(decode=False),
+            "rejected": datasets.Image(decode=False),
+            "tie": datasets.Value("bool"),
+            "image": datasets.Image(decode=False),
+            "label": datasets.Value("float32"),
+            "category": datasets.Value("string"),
+            "id": datasets.Value("string"),
+        }
+    )
+    parts = []
+    for ds in datasets_:
+        raw = ds.with_format(None)
+        for col in _UNION_COLUMNS:
+            if col not in raw.column_names:
+                raw = raw.add_column(col, [None] * len(raw))
+        parts.append(raw.select_columns(list(_UNION_COLUMNS)).cast(features))
+    return datasets.concatenate_datasets(parts)
+
+
+def read_reward_files(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    keep_ties: bool = False,
+    **kwargs: Any,
+) -> tuple[Any, list[dict]]:
+    """Read data files of any supported format (auto-detected per file) into one dataset.
+
+    Ties are dropped unless ``keep_ties`` (training: drop; evaluation: keep). Paired and unpaired
+    files are mixed with :func:`mix_datasets`. Returns ``(dataset, [read report dicts])``.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    parts, reports = [], []
+    for path in paths:
+        fmt = detect_format(path)
+        opts = dict(kwargs)
+        if fmt != "unpaired":
+            opts["keep_ties"] = keep_ties
+        ds, report = load_reward_data(path, format=fmt, **opts)
+        parts.append(ds)
+        reports.append(report.as_dict(max_skipped=20))
+    if not parts:
+        raise ValueError("no data files given.")
+    return mix_datasets(parts), reports
+
+
+def split_kinds(dataset: Any) -> dict[str, Any]:
+    """``{"paired": ds, "unpaired": ds}`` (only the kinds present) of a possibly mixed dataset."""
+    cols = dataset.column_names
+    if "image" not in cols:
+        return {"paired": dataset}
+    if "chosen" not in cols:
+        return {"unpaired": dataset}
+    raw = dataset.with_format(None)
+    paired_idx = [i for i, c in enumerate(raw["chosen"]) if c is not None]
+    paired_set = set(paired_idx)
+    unpaired_idx = [i for i in range(len(raw)) if i not in paired_set]
+    out = {}
+    if paired_idx:
+        out["paired"] = raw.select(paired_idx).remove_columns(["image", "label"])
+    if unpaired_idx:
+        out["unpaired"] = raw.select(unpaired_idx).remove_columns(["chosen", "rejected", "tie"])
+    return out
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def reward_loss(
+    rewards: torch.Tensor,
+    n_pairs: int,
+    labels: torch.Tensor | None = None,
+    loss_type: str = "bt",
+    tau: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of one collated batch (see :class:`RewardCollator` for the row order).
+
+    ``rewards``: ``Tensor[2P + U]`` (scalar heads) or ``Tensor[2P + U, 2]`` (GPM heads), rows
+    ``[chosen_1..P, rejected_1..P, single_1..U]``; ``labels``: ``Tensor[U]`` in ``[0, 1]``.
+
+    ``L_pair`` = mean over pairs of ``bt``: ``-log sigmoid((rc - rr) / tau)``, ``paired_bce``:
+    ``(softplus(-rc) + softplus(rr)) / 2`` or ``gpm``: ``-log sigmoid((c0 r1 - c1 r0) / tau)``;
+    ``L_single`` = mean BCE-with-logits of ``r_u`` against ``labels``;
+    ``loss = (P * L_pair + U * L_single) / (P + U)`` (each example weighs the same).
+
+    Returns ``(loss, stats)`` with ``stats`` holding ``accuracy`` (pairs ranked right),
+    ``margin`` (mean ``rc - rr``, scalar heads) and ``unpaired_accuracy`` when present.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}.")
+    n_single = rewards.shape[0] - 2 * n_pairs
+    if n_pairs < 0 or n_single < 0:
+        raise ValueError(f"{rewards.shape[0]} rewards cannot hold {n_pairs} pairs.")
+    labels = labels if labels is not None else rewards.new_zeros(0)
+    if labels.numel() != n_single:
+        raise ValueError(f"got {labels.numel()} labels for {n_single} single images.")
+    gpm = rewards.ndim == 2 and rewards.shape[-1] == 2
+    if gpm != (loss_type == "gpm"):
+        raise ValueError(
+            f"loss_type {loss_type!r} does not fit rewards of shape {tuple(rewards.shape)}: 'gpm' "
+            "needs a 2-d head (head_dim=2), 'bt' / 'paired_bce' a scalar head (head_dim=1)."
+        )
+    stats: dict[str, float] = {}
+    terms = []
+    if n_pairs:
+        rc, rr = rewards[:n_pairs], rewards[n_pairs : 2 * n_pairs]
+        if loss_type == "bt":
+            pair = bradley_terry_loss(rc, rr, tau)
+        elif loss_type == "paired_bce":
+            pair = paired_bce_loss(rc, rr)
+        else:
+            pair = gpm_loss(rc, rr, tau)
+        terms.append(pair * n_pairs)
+        with torch.no_grad():
+            from .losses import preference_logit
+
+            logit = preference_logit(rc.detach(), rr.detach(), tau)
+            stats["accuracy"] = float((logit > 0).float().mean())
+            if not gpm:
+                stats["margin"] = float((rc - rr).detach().float().mean())
+    if n_single:
+        if gpm:
+            raise ValueError(
+                "unpaired rows need a scalar head: a 2-d GPM head has no single-image "
+                "probability. Train the perspective with head_dim=1 and loss_type 'bt'."
+            )
+        single = rewards[2 * n_pairs :]
+        terms.append(unpaired_bce_loss(single, labels.to(single.device)) * n_single)
+        with torch.no_grad():
+            pred = (single.detach().float() > 0).float()
+            stats["unpaired_accuracy"] = float((pred == (labels >= 0.5).float()).float().mean())
+    loss = torch.stack(terms).sum() / (n_pairs + n_single)
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+class ModelScorer:
+    """Score with an in-memory :class:`LlavaRewardModel` without changing it (no dtype/device
+    moves, train/eval mode restored); satisfies :class:`reward.evaluate.SupportsScore`.
+
+    Works on a model wrapped by DeepSpeed ZeRO-3 too (its forward hooks gather the weights).
+    """
+
+    def __init__(self, model: torch.nn.Module, processor: Any | None = None):
+        self.model = model
+        inner = getattr(model, "module", model)
+        self.processor = processor or inner.processor
+
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        inner = getattr(self.model, "module", self.model)
+        p = next(iter(inner.backbone.parameters()))
+        return p.device, p.dtype
+
+    @torch.no_grad()
+    def score(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[Any],
+        perspective: str = "overall",
+        batch_size: int = 16,
+    ) -> torch.Tensor:
+        """Rewards ``Tensor[N]`` (``[N, 2]`` for GPM) of PIL images / refs under ``perspective``."""
+        prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+        device, dtype = self._device_dtype()
+        was_training = self.model.training
+        self.model.eval()
+        out = []
+        try:
+            for s in range(0, len(images), batch_size):
+                pil = [
+                    _to_pil(im, f"image {s + i}") for i, im in enumerate(images[s : s + batch_size])
+                ]
+                inputs = self.processor(prompts[s : s + batch_size], pil)
+                inputs = {
+                    k: v.to(device, dtype=dtype if v.is_floating_point() else None)
+                    for k, v in inputs.items()
+                }
+                out.append(self.model(**inputs, perspective=perspective).rewards.float().cpu())
+        finally:
+            self.model.train(was_training)
+        return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class RewardTrainer(Trainer):
+    """``transformers.Trainer`` for one perspective of a :class:`LlavaRewardModel`.
+
+    ``train_dataset`` / ``eval_dataset``: ``datasets.Dataset`` s in the common schemas (paired,
+    unpaired, or mixed with :func:`mix_datasets`). Everything but the perspective's LoRA, projector
+    copy, SkipCA and head is frozen. Logs ``loss``, pair ``accuracy`` / ``margin`` and
+    ``unpaired_accuracy`` (train and eval).
+    """
+
+    loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
+
+    def __init__(
+        self,
+        model: LlavaRewardModel,
+        args: RewardTrainingArguments,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        data_collator: Any = None,
+        callbacks: list | None = None,
+        **kwargs: Any,
+    ):
+        if not isinstance(args, RewardTrainingArguments):
+            raise TypeError("args must be RewardTrainingArguments (perspective, loss_type, tau).")
+        self.perspective = args.perspective
+        if self.perspective not in model.perspectives:
+            raise ValueError(
+                f"the model has no perspective {self.perspective!r} (it has "
+                f"{model.perspectives}); add it with model.add_perspective() first."
+            )
+        head_dim = model.config.perspectives[self.perspective].get("head_dim", 1)
+        if (head_dim == 2) != (args.loss_type == "gpm"):
+            raise ValueError(
+                f"perspective {self.perspective!r} has head_dim={head_dim} but loss_type is "
+                f"{args.loss_type!r}: use loss_type 'gpm' with head_dim 2, 'bt' / 'paired_bce' "
+                "with head_dim 1."
+            )
+        self.tau = float(args.tau if args.tau is not None else model.config.tau)
+        model.set_trainable(self.perspective)
+        if args.activation_checkpointing:
+            # The model enables checkpointing on its backbone itself; Trainer's generic call passes
+            # arguments our override does not take, so do it here and switch the flag off.
+            model.gradient_checkpointing_enable(
+                dict(args.activation_checkpointing_kwargs or {"use_reentrant": False})
+            )
+            args = copy.copy(args)
+            args.activation_checkpointing = args.gradient_checkpointing = False
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator or RewardCollator(model.processor),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            callbacks=callbacks,
+            **kwargs,
+        )
+        self._metrics: dict[str, dict[str, list[float]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
+
+    # ---------------------------------------------------------------- loss
+    def _cast_inputs(self, model: torch.nn.Module, inputs: dict) -> dict:
+        """Pixel inputs in the backbone's dtype (DeepSpeed bf16 casts the weights, not inputs)."""
+        inner = self.accelerator.unwrap_model(model)
+        dtype = next(iter(inner.backbone.parameters())).dtype
+        return {
+            k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+            for k, v in inputs.items()
+        }
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        n_pairs = int(inputs.pop("n_pairs"))
+        labels = inputs.pop("reward_labels")
+        outputs = model(**self._cast_inputs(model, inputs), perspective=self.perspective)
+        loss, stats = reward_loss(outputs.rewards, n_pairs, labels, self.args.loss_type, self.tau)
+        mode = "train" if model.training else "eval"
+        for k, v in stats.items():
+            self._metrics[mode][k].append(v)
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        for k, vals in self._metrics[mode].items():
+            if vals:
+                logs[f"{prefix}{k}"] = sum(vals) / len(vals)
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+    # ---------------------------------------------------------------- saving / loading
+    def _zero3(self) -> bool:
+        if not self.is_deepspeed_enabled:
+            return False
+        return self.accelerator.state.deepspeed_plugin.zero_stage == 3
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Write the perspective (adapter, projector copy, SkipCA, head) in the reward-folder
+        format; under ZeRO-3 its partitioned weights are gathered first (all processes)."""
+        output_dir = output_dir or self.args.output_dir
+        if self._zero3():
+            import deepspeed
+
+            inner = self.accelerator.unwrap_model(self.model)
+            params = [p for p in inner.parameters() if p.requires_grad]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                self._save(output_dir)
+        else:
+            self._save(output_dir)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        inner = self.accelerator.unwrap_model(self.model)
+        inner.save_pretrained(output_dir, perspectives=[self.perspective])
+        Path(output_dir, TRAINING_ARGS_FILE).write_text(self.args.to_json_string())
+
+    def checkpoint_dir(self, trial: Any = None) -> str:
+        """Where this perspective's checkpoints go: ``OUTPUT_DIR/checkpoints/<perspective>``
+        (so perspectives trained into one folder never rotate or resume each other's)."""
+        return os.path.join(self._get_output_dir(trial=trial), "checkpoints", self.perspective)
+
+    def last_checkpoint(self) -> str | None:
+        """The newest complete checkpoint of this perspective, or None."""
+        from transformers.trainer_utils import get_last_checkpoint
+
+        folder = self.checkpoint_dir()
+        return get_last_checkpoint(folder) if os.path.isdir(folder) else None
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        """``Trainer.train``; ``resume_from_checkpoint`` True or ``"latest"`` picks
+        :meth:`last_checkpoint` (and starts afresh when there is none)."""
+        if resume_from_checkpoint is True or resume_from_checkpoint in ("latest", "true", "True"):
+            resume_from_checkpoint = self.last_checkpoint()
+            logger.info("resuming from %s", resume_from_checkpoint or "nothing: no checkpoint yet")
+        elif resume_from_checkpoint in (False, "false", "False", ""):
+            resume_from_checkpoint = None
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The library's checkpoint, written under a staging folder and renamed into place."""
+        run_dir = self.checkpoint_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, ".staging")
+        if self.args.should_save and os.path.isdir(os.path.join(staging, name)):
+            shutil.rmtree(os.path.join(staging, name))  # left over by an interrupted save
+        self.accelerator.wait_for_everyone()
+        self._get_output_dir = lambda trial=None: staging  # type: ignore[method-assign]
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
+            best = self.state.best_model_checkpoint
+            if best and best.startswith(staging):
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        inner = self.accelerator.unwrap_model(model if model is not None else self.model)
+        inner.load_perspective_weights(resume_from_checkpoint, self.perspective)
+        logger.info("loaded perspective %r from %s", self.perspective, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        if self.is_deepspeed_enabled:
+            return super()._load_best_model()
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    dataset: Any,
+    perspective: str,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Metrics of an in-memory model on a (possibly mixed) dataset via :mod:`reward.evaluate`.
+
+    One kind: the :func:`reward.evaluate.evaluate_scorer` metrics (key ``accuracy``). Mixed:
+    ``{"paired": ..., "unpaired": ..., "accuracy": example-weighted mean}``.
+    """
+    from .evaluate import evaluate_scorer
+
+    scorer = ModelScorer(model)
+    parts = split_kinds(dataset)
+    metrics = {
+        kind: evaluate_scorer(scorer, ds, perspective, batch_size) for kind, ds in parts.items()
+    }
+    if len(metrics) == 1:
+        return next(iter(metrics.values()))
+    n = {k: m["n_examples"] for k, m in metrics.items()}
+    metrics["accuracy"] = sum(metrics[k]["accuracy"] * n[k] for k in n) / sum(n.values())
+    metrics["perspective"] = perspective
+    return metrics
+
+
+def fixed_example_scores(
+    model: torch.nn.Module, dataset: Any, perspective: str, n: int = 4
+) -> dict[str, Any]:
+    """Rewards of the first ``n`` examples' images (chosen / rejected / image), as JSON lists."""
+    rows = split_kinds(dataset)
+    out: dict[str, Any] = {"perspective": perspective}
+    scorer = ModelScorer(model)
+    for kind, ds in rows.items():
+        sub = ds.with_format(None).select(range(min(n, len(ds))))
+        cols = ("chosen", "rejected") if kind == "paired" else ("image",)
+        prompts = [r["prompt"] for r in sub for _ in cols]
+        images = [r[c] for r in sub for c in cols]
+        out[kind] = {
+            "prompts": prompts,
+            "images": [i.get("path") if isinstance(i, dict) else None for i in images],
+            "rewards": scorer.score(prompts, images, perspective).tolist(),
+        }
+    return out
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically (temporary file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- recipe pieces
+
+TINY_BACKBONE = "tiny-llava"
+TINY_BACKBONE_DIR = "tiny_backbone"
+
+
+@dataclass
+class RewardScriptArguments:
+    """What ``recipes/train_reward.py`` builds: backbone, perspective head / LoRA, data."""
+
+    backbone: str = field(
+        default=TINY_BACKBONE,
+        metadata={
+            "help": "Backbone: a hub id, a local folder, or 'tiny-llava' (a tiny random LLaVA "
+            "built in code and saved into OUTPUT_DIR/tiny_backbone; for tests and demos). "
+            "Ignored when OUTPUT_DIR already holds a reward model (its backbone is reused)."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow the backbone's own code (Phi-3.5-vision needs it). Off unless set."
+        },
+    )
+    torch_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Backbone weights dtype: auto (bf16 with bf16 training, else fp32), "
+            "bfloat16, float16 or float32."
+        },
+    )
+    train_file: list[str] = field(
+        default_factory=lambda: ["toy"],
+        metadata={
+            "help": "Training data files (JSON/JSONL/parquet manifests, ImageReward, Pick-a-Pic, "
+            "MJ-Bench, GenAI-Bench; format detected per file; paired and unpaired may be mixed), "
+            "or 'toy' for the built-in synthetic task of the perspective (reward.toy_data)."
+        },
+    )
+    eval_file: list[str] | None = field(
+        default=None,
+        metadata={"help": "Evaluation files (ties kept); default: a split of the training data."},
+    )
+    eval_split: float = field(
+        default=0.1,
+        metadata={"help": "Fraction of the training data held out for evaluation (no eval_file)."},
+    )
+    image_root: str | None = field(
+        default=None, metadata={"help": "Folder for relative image paths (default: the file's)."}
+    )
+    lora_r: int = field(default=128, metadata={"help": "LoRA rank (paper: 128)."})
+    lora_alpha: int = field(default=256, metadata={"help": "LoRA alpha (paper: 256)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (paper: 0.05)."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "LoRA target module names; default: every linear of the language model."},
+    )
+    train_projector: bool = field(
+        default=True, metadata={"help": "Train a per-perspective copy of the vision projector."}
+    )
+    skipca: bool = field(default=True, metadata={"help": "Use SkipCA (skip cross-attention)."})
+    head_dim: int = field(
+        default=1, metadata={"help": "Head width: 1 (bt / paired_bce / unpaired) or 2 (gpm)."}
+    )
+    max_length: int | None = field(
+        default=None, metadata={"help": "Token budget per sequence (captions are cut to fit)."}
+    )
+    overwrite_perspective: bool = field(
+        default=False,
+        metadata={"help": "Retrain a perspective that OUTPUT_DIR already holds (else an error)."},
+    )
+    toy_n_train: int = field(default=128, metadata={"help": "Toy data: training examples."})
+    toy_n_eval: int = field(default=32, metadata={"help": "Toy data: held-out examples."})
+    n_fixed_scores: int = field(
+        default=4,
+        metadata={"help": "Eval examples whose in-memory rewards go to fixed_scores_<p>.json."},
+    )
+
+
+def _dtype(name: str, args: RewardTrainingArguments) -> torch.dtype | None:
+    if name == "auto":
+        return torch.bfloat16 if args.bf16 else None
+    try:
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
+            name
+        ]
+    except KeyError:
+        raise ValueError(
+            f"torch_dtype must be auto, bfloat16, float16 or float32, got {name!r}."
+        ) from None
+
+
+def build_reward_model(
+    script: RewardScriptArguments, args: RewardTrainingArguments
+) -> LlavaRewardModel:
+    """The model to train: the reward folder in ``args.output_dir`` (its other perspectives
+    loaded frozen) or a fresh one on ``script.backbone``, with ``args.perspective`` added."""
+    from .configuration import LlavaRewardConfig
+
+    out = Path(args.output_dir)
+    name = args.perspective
+    dtype = _dtype(script.torch_dtype, args)
+    lora = (
+        None
+        if script.lora_r <= 0
+        else {
+            "r": script.lora_r,
+            "lora_alpha": script.lora_alpha,
+            "lora_dropout": script.lora_dropout,
+            "target_modules": script.lora_target_modules,
+        }
+    )
+    spec = {
+        "skipca": script.skipca,
+        "head_dim": script.head_dim,
+        "lora": lora if lora is not None else False,
+        "train_projector": script.train_projector,
+    }
+    others: list[str] = []
+    if (out / "config.json").is_file():
+        stored = LlavaRewardConfig.from_pretrained(out)
+        if stored.model_type != LlavaRewardConfig.model_type:
+            raise ValueError(f"{out} holds a {stored.model_type} model, not a reward model.")
+        if name in stored.perspectives and not script.overwrite_perspective:
+            raise ValueError(
+                f"{out} already holds perspective {name!r}; pass --overwrite_perspective true to "
+                "retrain it, or pick another --output_dir / --perspective."
+            )
+        others = [n for n in stored.perspectives if n != name]
+    if others:
+        logger.info("adding perspective %r to %s (keeps %s)", name, out, others)
+        model = LlavaRewardModel.from_pretrained(
+            out, perspectives=others, torch_dtype=dtype, trust_remote_code=script.trust_remote_code
+        )
+        model.add_perspective(name, **spec)
+        return model
+    backbone = script.backbone
+    if backbone == TINY_BACKBONE:
+        from .testing import save_tiny_backbone
+
+        local = out / TINY_BACKBONE_DIR
+        if not (local / "config.json").is_file():
+            save_tiny_backbone("llava", local)
+        backbone = str(local)
+    torch.manual_seed(args.seed)  # the new head / adapter initialisation is seeded
+    model = LlavaRewardModel.from_backbone(
+        backbone,
+        perspectives=(name,),
+        skipca=script.skipca,
+        lora_config=lora if lora is not None else False,
+        head_dim=script.head_dim,
+        train_projector=script.train_projector,
+        max_length=script.max_length,
+        torch_dtype=dtype,
+        trust_remote_code=script.trust_remote_code,
+    )
+    if script.backbone == TINY_BACKBONE:
+        model.config.backbone = TINY_BACKBONE_DIR  # relative to the reward folder
+    return model
+
+
+def load_reward_datasets(
+    script: RewardScriptArguments, args: RewardTrainingArguments
+) -> tuple[Any, Any, list[dict]]:
+    """``(train, eval, read reports)`` from the script's files (``toy``: built into
+    ``OUTPUT_DIR/toy_data``). Without ``eval_file`` the eval set is a seeded split of train."""
+    files, eval_files = list(script.train_file), script.eval_file
+    if files == ["toy"]:
+        from .toy_data import toy_task_for, write_toy_data
+
+        task = toy_task_for(args.perspective)
+        train_path, eval_path = write_toy_data(
+            Path(args.output_dir) / "toy_data",
+            task,
+            script.toy_n_train,
+            script.toy_n_eval,
+            seed=args.seed,
+        )
+        files, eval_files = [str(train_path)], eval_files or [str(eval_path)]
+    kwargs = {"image_root": script.image_root} if script.image_root else {}
+    train, reports = read_reward_files(files, keep_ties=False, **kwargs)
+    if eval_files:
+        evald, more = read_reward_files(eval_files, keep_ties=True, **kwargs)
+        reports += more
+    elif script.eval_split > 0:
+        split = train.train_test_split(test_size=script.eval_split, seed=args.seed)
+        train, evald = split["train"], split["test"]
+    else:
+        evald = None
+    return train, evald, reports
+
+
+def finish_reward_training(
+    trainer: RewardTrainer, eval_dataset: Any, n_fixed: int = 4
+) -> dict[str, Any] | None:
+    """After ``train()``: record in-memory rewards of a few eval examples
+    (``fixed_scores_<p>.json``), save the perspective into ``output_dir`` (added to what the
+    folder holds) and write ``eval_report_<p>.json`` / ``.md`` for the eval split."""
+    from .evaluate import write_report
+
+    out, name = Path(trainer.args.output_dir), trainer.perspective
+    model = trainer.model
+    fixed = fixed_example_scores(model, eval_dataset, name, n_fixed) if eval_dataset else None
+    trainer.save_model(str(out))
+    metrics = evaluate_model(model, eval_dataset, name) if eval_dataset else None
+    if trainer.args.should_save:
+        if fixed is not None:
+            write_json(out / f"fixed_scores_{name}.json", fixed)
+        if metrics is not None:
+            write_report(metrics, out, name=f"eval_report_{name}", title=f"{name}: eval split")
+    return metrics
+
+
+__all__ = [
+    "RewardScriptArguments",
+    "build_reward_model",
+    "finish_reward_training",
+    "load_reward_datasets",
+    "LOSS_TYPES",
+    "ModelScorer",
+    "RewardCollator",
+    "RewardTrainer",
+    "RewardTrainingArguments",
+    "default_report_to",
+    "evaluate_model",
+    "fixed_example_scores",
+    "mix_datasets",
+    "read_reward_files",
+    "reward_loss",
+    "split_kinds",
+    "write_json",
+]

@@ -1,0 +1,312 @@
+"""Reward training: collator, batch loss, checkpoint weights, learning, resume and the recipe.
+
+Everything runs on the CPU with a tiny random LLaVA backbone (reward.testing) and synthetic data
+rendered in the test (reward.toy_data); all seeded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from reward.modeling import LlavaRewardModel
+from reward.testing import save_tiny_backbone
+from reward.toy_data import render_solid, render_symbol_image, write_toy_data
+from reward.training import (
+    RewardCollator,
+    RewardTrainer,
+    RewardTrainingArguments,
+    evaluate_model,
+    mix_datasets,
+    read_reward_files,
+    reward_loss,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and the CI machine is shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def backbone_dir(tmp_path_factory):
+    return save_tiny_backbone("llava", tmp_path_factory.mktemp("llava"))
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    return {
+        "alignment": write_toy_data(root, "alignment", n_train=128, n_eval=32, seed=0),
+        "safety": write_toy_data(root, "safety", n_train=64, n_eval=32, seed=0),
+    }
+
+
+def _model(backbone_dir, perspective, seed=0, lora=LORA, head_dim=1):
+    torch.manual_seed(seed)
+    return LlavaRewardModel.from_backbone(
+        backbone_dir, perspectives=(perspective,), lora_config=dict(lora), head_dim=head_dim
+    )
+
+
+def _args(tmp_path, perspective, **kw):
+    base = dict(
+        output_dir=str(tmp_path),
+        perspective=perspective,
+        per_device_train_batch_size=16,
+        learning_rate=2e-3,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    base.update(kw)
+    return RewardTrainingArguments(**base)
+
+
+def _trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+
+def test_reward_loss_mixed_batch_hand_computed():
+    # rows: chosen 1.0, rejected 0.0 (one pair), single 2.0 with label 1 and -1.0 with label 0
+    r = torch.tensor([1.0, 0.0, 2.0, -1.0])
+    labels = torch.tensor([1.0, 0.0])
+    loss, stats = reward_loss(r, n_pairs=1, labels=labels, loss_type="bt", tau=0.1)
+    pair = math.log1p(math.exp(-10.0))  # -log sigmoid((1 - 0) / 0.1)
+    single = (math.log1p(math.exp(-2.0)) + math.log1p(math.exp(-1.0))) / 2
+    assert loss.item() == pytest.approx((1 * pair + 2 * single) / 3, rel=1e-6)
+    assert stats == {"accuracy": 1.0, "margin": 1.0, "unpaired_accuracy": 1.0}
+
+    loss, _ = reward_loss(r[:2], 1, None, "paired_bce")
+    assert loss.item() == pytest.approx((math.log1p(math.exp(-1.0)) + math.log(2)) / 2, rel=1e-6)
+
+    g = torch.tensor([[1.0, 2.0], [3.0, -1.0]])  # chosen c = (1, 2), rejected r = (3, -1)
+    loss, stats = reward_loss(g, 1, None, "gpm", tau=0.5)
+    logit = (1.0 * -1.0 - 2.0 * 3.0) / 0.5  # (c0 r1 - c1 r0) / tau
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-logit)), rel=1e-6)
+    assert stats["accuracy"] == 0.0
+
+    with pytest.raises(ValueError, match="2-d head"):
+        reward_loss(r, 1, labels, "gpm")
+    with pytest.raises(ValueError, match="labels"):
+        reward_loss(r, 1, labels[:1], "bt")
+
+
+def test_collator_mixes_pairs_and_singles_in_one_batch(backbone_dir, toy):
+    model = _model(backbone_dir, "overall")
+    pairs, _ = read_reward_files(toy["alignment"][0])
+    singles, _ = read_reward_files(toy["safety"][0])
+    mixed = mix_datasets([pairs.select(range(3)), singles.select(range(2))])
+    rows = [mixed[i] for i in (3, 0, 4, 1, 2)]  # singles and pairs interleaved, raw image refs
+    batch = RewardCollator(model.processor)(rows)
+    assert int(batch["n_pairs"]) == 3
+    assert batch["input_ids"].shape[0] == batch["pixel_values"].shape[0] == 2 * 3 + 2
+    assert batch["reward_labels"].tolist() == [rows[0]["label"], rows[2]["label"]]
+    # row order: chosen of the pairs, rejected of the pairs, then the single images
+    from reward.data import load_image_ref
+
+    expected = [rows[1]["chosen"], rows[3]["chosen"], rows[4]["chosen"]]
+    expected += [rows[1]["rejected"], rows[3]["rejected"], rows[4]["rejected"]]
+    expected += [rows[0]["image"], rows[2]["image"]]
+    prompts = [rows[i]["prompt"] for i in (1, 3, 4)] * 2 + [rows[0]["prompt"], rows[2]["prompt"]]
+    one_by_one = model.processor(prompts, [load_image_ref(x) for x in expected])
+    assert torch.equal(batch["pixel_values"], one_by_one["pixel_values"])
+    assert torch.equal(batch["input_ids"], one_by_one["input_ids"])
+    with pytest.raises(ValueError, match="tie"):
+        RewardCollator(model.processor)([{**pairs[0], "tie": True}])
+
+
+def test_load_perspective_weights_round_trip(backbone_dir, tmp_path):
+    model = _model(backbone_dir, "alignment")
+    params = model.set_trainable("alignment")
+    with torch.no_grad():
+        for p in params:
+            p.normal_()
+    saved = _trainable(model)
+    model.save_pretrained(tmp_path, perspectives=["alignment"])
+    with torch.no_grad():
+        for p in params:
+            p.zero_()
+    model.load_perspective_weights(tmp_path, "alignment")
+    after = _trainable(model)
+    assert saved.keys() == after.keys() and len(saved) > 4
+    assert all(torch.equal(saved[k], after[k]) for k in saved)
+    with pytest.raises(FileNotFoundError, match="safety"):
+        other = _model(backbone_dir, "safety")
+        other.load_perspective_weights(tmp_path, "safety")
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+def _learn(backbone_dir, toy, task, steps, tmp_path, record_property):
+    train, _ = read_reward_files(toy[task][0])
+    held_out, _ = read_reward_files(toy[task][1], keep_ties=True)
+    model = _model(backbone_dir, task)
+    before = evaluate_model(model, held_out, task)["accuracy"]
+    start = time.perf_counter()
+    trainer = RewardTrainer(model, _args(tmp_path, task, max_steps=steps), train_dataset=train)
+    trainer.train()
+    seconds = time.perf_counter() - start
+    after = evaluate_model(model, held_out, task)["accuracy"]
+    result = {"before": before, "after": after, "steps": steps, "train_seconds": seconds}
+    print(f"\n{task} held-out accuracy: {json.dumps(result)}")
+    record_property(f"{task}_learning", json.dumps(result))
+    return before, after
+
+
+def test_alignment_learning_colour_pairs(backbone_dir, toy, tmp_path, record_property):
+    """Pairs (caption naming a colour, image of that colour vs of another colour)."""
+    before, after = _learn(backbone_dir, toy, "alignment", 160, tmp_path, record_property)
+    assert 0.25 <= before <= 0.75, before  # about chance before training
+    assert after >= 0.9, after
+
+
+def test_safety_learning_marked_symbol(backbone_dir, toy, tmp_path, record_property):
+    """Unpaired: images carrying the marked symbol are unsafe (label 0), others safe (1)."""
+    before, after = _learn(backbone_dir, toy, "safety", 40, tmp_path, record_property)
+    assert before <= 0.75, before
+    assert after >= 0.9, after
+
+
+def test_toy_images_differ_by_what_is_asked():
+    a, b = render_solid("red"), render_solid("blue")
+    assert a.getpixel((5, 5))[0] > 150 and b.getpixel((5, 5))[2] > 150
+    marked = render_symbol_image("green", True)
+    clean = render_symbol_image("green", False)
+    dark = lambda im: sum(1 for p in im.getdata() if max(p) < 40)  # noqa: E731
+    assert dark(marked) > 50 and dark(clean) == 0
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+class _StopAt:
+    """Stop training after step ``k`` (as if the job had been killed after its checkpoint)."""
+
+    def __init__(self, k):
+        from transformers import TrainerCallback
+
+        class Stop(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step >= k:
+                    control.should_training_stop = True
+                    control.should_save = True
+                return control
+
+        self.callback = Stop()
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(backbone_dir, toy, tmp_path):
+    """Mixed paired + unpaired data, LoRA dropout on (the RNG state must be restored too)."""
+    pairs, _ = read_reward_files(toy["alignment"][0])
+    singles, _ = read_reward_files(toy["safety"][0])
+    data = mix_datasets([pairs.select(range(24)), singles.select(range(24))])
+    lora = {**LORA, "lora_dropout": 0.1}
+    kw = dict(max_steps=6, save_strategy="steps", save_steps=3, per_device_train_batch_size=8)
+
+    full = _model(backbone_dir, "overall", lora=lora)
+    RewardTrainer(full, _args(tmp_path / "full", "overall", **kw), train_dataset=data).train()
+    expected = _trainable(full)
+
+    stopped = _model(backbone_dir, "overall", lora=lora)
+    args = _args(tmp_path / "split", "overall", **kw)
+    trainer = RewardTrainer(stopped, args, train_dataset=data, callbacks=[_StopAt(3).callback])
+    trainer.train()
+    assert trainer.state.global_step == 3
+    ckpt_root = tmp_path / "split" / "checkpoints" / "overall"
+    assert sorted(os.listdir(ckpt_root)) == ["checkpoint-3"]  # renamed into place, no staging
+    ckpt = ckpt_root / "checkpoint-3"
+    for name in ("heads/overall.safetensors", "adapters/overall", "optimizer.pt", "scheduler.pt"):
+        assert (ckpt / name).exists(), name
+
+    resumed = _model(backbone_dir, "overall", lora=lora, seed=123)  # other init: must be loaded
+    trainer = RewardTrainer(resumed, args, train_dataset=data)
+    assert trainer.last_checkpoint() == str(ckpt)
+    trainer.train(resume_from_checkpoint="latest")
+    assert trainer.state.global_step == 6
+    got = _trainable(resumed)
+    assert got.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=1e-5, msg=k)
+    logged = {k for entry in trainer.state.log_history for k in entry}
+    assert {"accuracy", "unpaired_accuracy"} <= logged  # both kinds were trained on together
+
+
+# ----------------------------------------------------------------------------- recipe
+
+
+def _launch(zero: int, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        f"recipes/accelerate/zero{zero}.yaml",
+        "--num_cpu_threads_per_process",
+        "1",
+        "recipes/train_reward.py",
+        "--config",
+        "recipes/configs/reward_tiny.yaml",
+        "--output_dir",
+        str(out),
+        "--toy_n_train",
+        "48",
+        "--toy_n_eval",
+        "8",
+        *extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+def test_recipe_zero2_then_zero3_second_perspective_same_folder(tmp_path):
+    for name in ("zero2", "zero3"):
+        if not (REPO / "recipes/accelerate" / f"{name}.yaml").is_file():
+            pytest.skip(f"recipes/accelerate/{name}.yaml is not there yet")
+    out = tmp_path / "reward"
+    _launch(2, out, "--max_steps", "20", "--save_steps", "10")
+    _launch(3, out, "--perspective", "safety", "--max_steps", "10", "--save_steps", "10")
+
+    from reward.scorer import RewardScorer
+
+    scorer = RewardScorer.from_pretrained(out)
+    assert sorted(scorer.perspectives) == ["alignment", "safety"]
+    for perspective, kind in (("alignment", "paired"), ("safety", "unpaired")):
+        report = json.loads((out / f"eval_report_{perspective}.json").read_text())
+        assert 0.0 <= report["accuracy"] <= 1.0 and report["kind"] == kind
+        assert (out / f"eval_report_{perspective}.md").is_file()
+        fixed = json.loads((out / f"fixed_scores_{perspective}.json").read_text())[kind]
+        assert len(fixed["rewards"]) >= 4
+        got = scorer.score(fixed["prompts"], fixed["images"], perspective=perspective)
+        torch.testing.assert_close(got, torch.tensor(fixed["rewards"]), rtol=1e-4, atol=1e-5)
+    assert (out / "checkpoints/alignment/checkpoint-20").is_dir()
+    assert (out / "checkpoints/safety/checkpoint-10").is_dir()
+    assert any((out / "runs").rglob("events.out.tfevents.*"))  # tensorboard logging
