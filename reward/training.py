@@ -28,6 +28,7 @@ bars. What is ours:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -331,6 +332,17 @@ def reward_loss(
 # ----------------------------------------------------------------------------- scoring
 
 
+def _autocast_for(model: torch.nn.Module) -> Any:
+    """Autocast to the backbone's dtype when its weights are bf16 / fp16 (DeepSpeed casts every
+    weight, the float32 reward heads included; autocast lets their float32 inputs meet them);
+    a no-op for float32 weights (there ``Trainer`` adds its own autocast for ``--bf16``)."""
+    inner = getattr(model, "module", model)
+    p = next(iter(inner.backbone.parameters()))
+    if p.dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(p.device.type, dtype=p.dtype)
+    return contextlib.nullcontext()
+
+
 class ModelScorer:
     """Score with an in-memory :class:`LlavaRewardModel` without changing it (no dtype/device
     moves, train/eval mode restored); satisfies :class:`reward.evaluate.SupportsScore`.
@@ -372,7 +384,9 @@ class ModelScorer:
                     k: v.to(device, dtype=dtype if v.is_floating_point() else None)
                     for k, v in inputs.items()
                 }
-                out.append(self.model(**inputs, perspective=perspective).rewards.float().cpu())
+                with _autocast_for(self.model):
+                    rewards = self.model(**inputs, perspective=perspective).rewards
+                out.append(rewards.float().cpu())
         finally:
             self.model.train(was_training)
         return torch.cat(out)
@@ -455,7 +469,8 @@ class RewardTrainer(Trainer):
         inputs = dict(inputs)
         n_pairs = int(inputs.pop("n_pairs"))
         labels = inputs.pop("reward_labels")
-        outputs = model(**self._cast_inputs(model, inputs), perspective=self.perspective)
+        with _autocast_for(self.accelerator.unwrap_model(model)):
+            outputs = model(**self._cast_inputs(model, inputs), perspective=self.perspective)
         loss, stats = reward_loss(outputs.rewards, n_pairs, labels, self.args.loss_type, self.tau)
         mode = "train" if model.training else "eval"
         for k, v in stats.items():
