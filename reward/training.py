@@ -598,9 +598,16 @@ def evaluate_model(
     One kind: the :func:`reward.evaluate.evaluate_scorer` metrics (key ``accuracy``). Mixed:
     ``{"paired": ..., "unpaired": ..., "accuracy": example-weighted mean}``.
     """
+    return evaluate_dataset(ModelScorer(model), dataset, perspective, batch_size)
+
+
+def evaluate_dataset(
+    scorer: Any, dataset: Any, perspective: str, batch_size: int = 16
+) -> dict[str, Any]:
+    """:func:`evaluate_model` for any scorer (``reward.evaluate.SupportsScore``, e.g. a
+    ``RewardScorer``) on a paired, unpaired or mixed dataset."""
     from .evaluate import evaluate_scorer
 
-    scorer = ModelScorer(model)
     parts = split_kinds(dataset)
     metrics = {
         kind: evaluate_scorer(scorer, ds, perspective, batch_size) for kind, ds in parts.items()
@@ -609,8 +616,24 @@ def evaluate_model(
         return next(iter(metrics.values()))
     n = {k: m["n_examples"] for k, m in metrics.items()}
     metrics["accuracy"] = sum(metrics[k]["accuracy"] * n[k] for k in n) / sum(n.values())
+    metrics["n_examples"] = sum(n.values())
     metrics["perspective"] = perspective
     return metrics
+
+
+def write_reward_report(
+    metrics: dict[str, Any], output_dir: str | os.PathLike, name: str, title: str
+) -> None:
+    """``reward.evaluate.write_report``; for mixed data the markdown gets one table per kind
+    under a line with the example-weighted ``accuracy``."""
+    from .evaluate import _atomic_write, format_markdown, write_report
+
+    _, md_path = write_report(metrics, output_dir, name=name, title=title)
+    kinds = {k: metrics[k] for k in ("paired", "unpaired") if isinstance(metrics.get(k), dict)}
+    if len(kinds) > 1:
+        text = format_markdown(kinds, title)
+        head = f"accuracy over all {metrics['n_examples']} examples: {metrics['accuracy']:.4f}"
+        _atomic_write(md_path, text.replace("\n", f"\n{head}\n", 1))
 
 
 def fixed_example_scores(
@@ -839,8 +862,6 @@ def finish_reward_training(
     """After ``train()``: record in-memory rewards of a few eval examples
     (``fixed_scores_<p>.json``), save the perspective into ``output_dir`` (added to what the
     folder holds) and write ``eval_report_<p>.json`` / ``.md`` for the eval split."""
-    from .evaluate import write_report
-
     out, name = Path(trainer.args.output_dir), trainer.perspective
     model = trainer.model
     fixed = fixed_example_scores(model, eval_dataset, name, n_fixed) if eval_dataset else None
@@ -850,11 +871,70 @@ def finish_reward_training(
         if fixed is not None:
             write_json(out / f"fixed_scores_{name}.json", fixed)
         if metrics is not None:
-            write_report(metrics, out, name=f"eval_report_{name}", title=f"{name}: eval split")
+            write_reward_report(metrics, out, f"eval_report_{name}", f"{name}: eval split")
     return metrics
 
 
+@dataclass
+class EvalScriptArguments:
+    """What ``recipes/eval_reward.py`` evaluates: a reward folder on data files."""
+
+    model_dir: str = field(metadata={"help": "A LLaVA-Reward folder (save_pretrained / recipe)."})
+    data_file: list[str] = field(
+        metadata={"help": "Data files of any supported format (detected per file; ties kept)."}
+    )
+    perspective: list[str] = field(
+        default_factory=lambda: ["all"],
+        metadata={"help": "Perspectives to evaluate ('all': every one the folder holds)."},
+    )
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where reports go (default: MODEL_DIR/eval)."}
+    )
+    report_name: str = field(
+        default="eval_report", metadata={"help": "Reports are <name>_<perspective>.json / .md."}
+    )
+    image_root: str | None = field(
+        default=None, metadata={"help": "Folder for relative image paths (default: the file's)."}
+    )
+    batch_size: int = field(default=16, metadata={"help": "Scoring batch size."})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda)."})
+    dtype: str | None = field(
+        default=None, metadata={"help": "float32, bfloat16 ... (default: bf16 on a GPU)."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow the backbone's own code (Phi-3.5-vision)."}
+    )
+
+
+def evaluate_reward_folder(script: EvalScriptArguments) -> dict[str, dict[str, Any]]:
+    """Score ``script.data_file`` with the folder's perspectives and write
+    ``<report_name>_<perspective>.json`` / ``.md`` per perspective; returns their metrics."""
+    from .scorer import RewardScorer
+
+    scorer = RewardScorer.from_pretrained(
+        script.model_dir,
+        device=script.device,
+        dtype=script.dtype,
+        trust_remote_code=script.trust_remote_code,
+    )
+    names = scorer.perspectives if script.perspective in (["all"], []) else script.perspective
+    kwargs = {"image_root": script.image_root} if script.image_root else {}
+    dataset, reports = read_reward_files(script.data_file, keep_ties=True, **kwargs)
+    out = Path(script.output_dir or Path(script.model_dir) / "eval")
+    results = {}
+    for name in names:
+        metrics = evaluate_dataset(scorer, dataset, name, script.batch_size)
+        metrics["data_files"] = [str(f) for f in script.data_file]
+        metrics["n_skipped_records"] = sum(r["n_skipped"] for r in reports)
+        write_reward_report(metrics, out, f"{script.report_name}_{name}", name)
+        results[name] = metrics
+    return results
+
+
 __all__ = [
+    "EvalScriptArguments",
+    "evaluate_dataset",
+    "evaluate_reward_folder",
     "RewardScriptArguments",
     "build_reward_model",
     "finish_reward_training",

@@ -310,3 +310,19 @@ def test_recipe_zero2_then_zero3_second_perspective_same_folder(tmp_path):
     assert (out / "checkpoints/alignment/checkpoint-20").is_dir()
     assert (out / "checkpoints/safety/checkpoint-10").is_dir()
     assert any((out / "runs").rglob("events.out.tfevents.*"))  # tensorboard logging
+
+
+def test_eval_recipe_writes_reports_that_match_in_memory_scores(backbone_dir, toy, tmp_path):
+    import runpy
+
+    model = _model(backbone_dir, "alignment")
+    model.save_pretrained(tmp_path / "model")
+    held_out, _ = read_reward_files(toy["alignment"][1], keep_ties=True)
+    expected = evaluate_model(model, held_out, "alignment")
+    main = runpy.run_path(str(REPO / "recipes/eval_reward.py"), run_name="eval_reward")["main"]
+    argv = ["--model_dir", str(tmp_path / "model"), "--data_file", str(toy["alignment"][1])]
+    results = main([*argv, "--output_dir", str(tmp_path / "eval")])
+    report = json.loads((tmp_path / "eval/eval_report_alignment.json").read_text())
+    assert report["accuracy"] == results["alignment"]["accuracy"] == expected["accuracy"]
+    assert report["n_examples"] == 32 and report["kind"] == "paired"
+    assert (tmp_path / "eval/eval_report_alignment.md").read_text().startswith("# alignment")

@@ -1,0 +1,33 @@
+"""Evaluate a LLaVA-Reward folder on preference data (YAML config and/or command line).
+
+    python recipes/eval_reward.py --model_dir outputs/reward_tiny \
+        --data_file outputs/reward_tiny/toy_data/alignment_eval.jsonl --perspective alignment
+
+Data files may be in any format that reward.data reads (generic pair / single-image manifests,
+ImageReward rankings, Pick-a-Pic parquet, MJ-Bench, GenAI-Bench), detected per file; annotator
+ties are kept (pairwise accuracy is reported with and without them, per category when the data
+has categories; unpaired data gets accuracy / precision / recall / F1). For every perspective the
+report goes to ``OUTPUT_DIR/eval_report_<perspective>.json`` (key ``accuracy``) and ``.md``
+(default OUTPUT_DIR: MODEL_DIR/eval). See reward.training.EvalScriptArguments for every option.
+"""
+
+from __future__ import annotations
+
+import json
+
+from trl import TrlParser
+
+from reward.training import EvalScriptArguments, evaluate_reward_folder
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (script,) = TrlParser(EvalScriptArguments).parse_args_and_config(args=argv)
+    results = evaluate_reward_folder(script)
+    for name, metrics in results.items():
+        print(f"{name}: accuracy {metrics['accuracy']:.4f} on {metrics['n_examples']} examples")
+    print(json.dumps({n: m["accuracy"] for n, m in results.items()}))
+    return results
+
+
+if __name__ == "__main__":
+    main()
