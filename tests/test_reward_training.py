@@ -326,3 +326,23 @@ def test_eval_recipe_writes_reports_that_match_in_memory_scores(backbone_dir, to
     assert report["accuracy"] == results["alignment"]["accuracy"] == expected["accuracy"]
     assert report["n_examples"] == 32 and report["kind"] == "paired"
     assert (tmp_path / "eval/eval_report_alignment.md").read_text().startswith("# alignment")
+
+
+@pytest.mark.parametrize("name", ["reward_qwen2_5_vl_7b", "reward_phi3_5_vision", "reward_tiny"])
+def test_configs_parse_with_the_paper_optimiser(name, tmp_path):
+    from trl import TrlParser
+
+    from reward.training import RewardScriptArguments
+
+    parser = TrlParser((RewardScriptArguments, RewardTrainingArguments))
+    argv = ["--config", f"recipes/configs/{name}.yaml", "--output_dir", str(tmp_path)]
+    script, args = parser.parse_args_and_config(
+        args=[*argv, "--use_cpu", "true", "--bf16", "false"]
+    )
+    assert (args.adam_beta1, args.adam_beta2, args.weight_decay) == (0.9, 0.95, 0.0)
+    assert args.lr_scheduler_type == "cosine" and args.warmup_steps == 0.03
+    assert args.max_grad_norm == 1.0 and args.loss_type == "bt" and args.tau == 0.1
+    if name != "reward_tiny":  # the paper's LoRA and learning rate
+        assert (script.lora_r, script.lora_alpha, script.lora_dropout) == (128, 256, 0.05)
+        assert args.learning_rate == 2e-4 and args.activation_checkpointing
+        assert script.trust_remote_code is False  # the user turns it on, never the project
