@@ -1,0 +1,621 @@
+"""Diffusion-DPO (Wallace et al. 2023) for Stable Diffusion on accelerate: config, pair data and
+the training loop.
+
+Pairs come from one of two sources:
+
+- **offline**: a preference file read by :mod:`reward.data` (Pick-a-Pic v2 parquet, the generic
+  pair manifests ``{prompt, chosen, rejected}`` / ``{prompt, image_0, image_1, label}``, or any
+  other paired format it reads); ties are dropped. Images are resized (shorter side) and
+  centre-cropped to the model's resolution and VAE-encoded on the fly. ``build_data=true`` first
+  writes such a manifest from the initial policy's own samples ranked by ``reward``
+  (:func:`build_pair_manifest`, for tiny runs and tests);
+- **online** (``data: online``): every ``refresh_every`` optimiser steps, sample
+  ``images_per_prompt`` images for each of ``prompts_per_refresh`` prompts from the *current*
+  policy, rank them with ``reward`` (any registered reward, e.g. LLaVA-Reward with a perspective
+  or a weighted mix) and keep (best, worst) per prompt, or every pair whose reward gap exceeds
+  ``reward_margin`` (``pairing: margin``). The sampled clean latents are used directly (no VAE
+  round trip).
+
+One micro-batch of ``B`` pairs: the preferred and the rejected latents are noised with the *same*
+noise and timestep and go through the UNet in one ``2B`` call, then again under
+``policy.reference()`` (LoRA adapter off, or the frozen copy for full fine-tuning, which is never
+given to DeepSpeed) without a graph; :func:`alignment.dpo.diffusion_dpo_loss` (``beta`` with the
+1/2 inside: 5000 for SD 1.5) gives the loss and the implicit accuracy. Logged per step: loss,
+implicit accuracy, the model and reference error differences, and for online pairs the rewards
+and reward margins of the pairs; optionally the mean reward of the policy on fixed evaluation
+seeds. Checkpoints, resume and export are the shared ones (:mod:`alignment.trainer_utils`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from alignment.dpo import LOSS_TYPES, diffusion_dpo_loss, per_image_error
+from alignment.trainer_utils import PolicyTrainConfig, PolicyTrainerBase, parse_json_kwargs
+
+
+@dataclass
+class DPOConfig(PolicyTrainConfig):
+    """Settings of a Diffusion-DPO run (YAML + command line through ``trl.TrlParser``)."""
+
+    # --- data
+    data: str = field(
+        default="online",
+        metadata={
+            "help": "'online' (pairs sampled from the policy and ranked by `reward`), or a "
+            "preference file (comma-separated for several): Pick-a-Pic v2 parquet, a pair "
+            "manifest .json/.jsonl/.parquet, or any paired format reward.data reads."
+        },
+    )
+    data_format: str = field(
+        default="auto",
+        metadata={"help": "reward.data format: auto, pairs, pickapic, imagereward, mjbench, ..."},
+    )
+    image_root: str | None = field(
+        default=None, metadata={"help": "Folder for relative image paths (default: the file's)."}
+    )
+    max_pairs: int | None = field(default=None, metadata={"help": "Use at most this many pairs."})
+    resolution: int | None = field(
+        default=None, metadata={"help": "Training resolution (default: the model's, 512 for SD)."}
+    )
+    build_data: bool = field(
+        default=False,
+        metadata={
+            "help": "If `data` does not exist, first write it as a pair manifest of the initial "
+            "policy's samples ranked by `reward` (tiny runs and tests)."
+        },
+    )
+    build_data_offset: float = field(
+        default=0.0,
+        metadata={
+            "help": "build_data: random brightness offset in [-a, a] added to each image "
+            "before ranking (widens a tiny model's spread; see build_pair_manifest)."
+        },
+    )
+    # --- prompts and reward (online pairs, build_data, evaluation)
+    prompts: str = field(
+        default="short",
+        metadata={"help": "Prompt source: 'short', 'parti', or a .txt/.tsv/.json(l) file."},
+    )
+    prompt_category: str | None = field(
+        default=None, metadata={"help": "Category filter (comma-separated), e.g. 'Animals'."}
+    )
+    reward: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reward name (alignment.rewards) or 'module:function'; online pairs, "
+            "build_data and evaluation use it."
+        },
+    )
+    reward_kwargs: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reward keyword arguments as JSON (or a YAML mapping), e.g. "
+            '\'{"path": "out/rm", "perspective": {"alignment": 1, "fidelity": 0.5}}\'.'
+        },
+    )
+    images_per_prompt: int = field(
+        default=4, metadata={"help": "Online / build_data: images sampled per prompt."}
+    )
+    prompts_per_refresh: int = field(
+        default=16, metadata={"help": "Online: prompts sampled per refresh and process."}
+    )
+    refresh_every: int = field(
+        default=10, metadata={"help": "Online: resample the pairs every K optimiser steps."}
+    )
+    pairing: str = field(
+        default="best_worst",
+        metadata={
+            "help": "'best_worst' (one pair per prompt) or 'margin' (all pairs whose "
+            "reward gap exceeds reward_margin)."
+        },
+    )
+    reward_margin: float = field(
+        default=0.0, metadata={"help": "Keep a pair only if r_chosen - r_rejected > this."}
+    )
+    # --- sampling (online pairs, build_data, evaluation)
+    num_steps: int = field(default=50, metadata={"help": "DDIM steps when sampling."})
+    eta: float = field(default=1.0, metadata={"help": "DDIM eta when sampling."})
+    guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale when sampling."})
+    sample_batch_size: int = field(default=16, metadata={"help": "Images per sampling call."})
+    # --- DPO
+    beta: float = field(
+        default=5000.0,
+        metadata={
+            "help": "DPO beta with the 1/2 inside the loss (5000 for SD 1.5 = 2500 "
+            "without the 1/2)."
+        },
+    )
+    loss_type: str = field(
+        default="sigmoid", metadata={"help": "'sigmoid' (Diffusion-DPO), 'hinge' or 'ipo'."}
+    )
+    # --- evaluation
+    eval_every: int = field(
+        default=0, metadata={"help": "Mean reward on fixed prompts/seeds every N steps (0: off)."}
+    )
+    eval_prompts: int = field(default=4, metadata={"help": "Evaluation prompts (first N)."})
+    eval_seeds: int = field(default=2, metadata={"help": "Evaluation seeds per prompt."})
+    tracker_project: str = field(default="diffusion-dpo", metadata={"help": "Tracker project."})
+    output_dir: str = field(default="outputs/dpo", metadata={"help": "Run folder."})
+
+    def __post_init__(self) -> None:
+        self.reward_kwargs = parse_json_kwargs(self.reward_kwargs, "reward_kwargs")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
+        if self.pairing not in ("best_worst", "margin"):
+            raise ValueError(f"pairing must be 'best_worst' or 'margin', got {self.pairing!r}.")
+        if self.images_per_prompt < 2:
+            raise ValueError("images_per_prompt must be at least 2 to form a pair.")
+        if (self.online or self.build_data or self.eval_every) and not self.reward:
+            raise ValueError(
+                "Online pairs, build_data and eval_every need a reward: set `reward` (e.g. "
+                "llava_reward with reward_kwargs {path, perspective}, or brightness)."
+            )
+
+    @property
+    def online(self) -> bool:
+        return self.data.strip().lower() == "online"
+
+
+# ----------------------------------------------------------------------------- pair selection
+
+
+def select_pairs(
+    rewards: torch.Tensor, pairing: str = "best_worst", margin: float = 0.0
+) -> list[tuple[int, int, int]]:
+    """Pairs ``(prompt, chosen, rejected)`` from rewards ``[P, N]`` of N images per prompt.
+
+    ``best_worst``: ``(argmax, argmin)`` per prompt; ``margin``: every ``(i, j)`` with
+    ``r_i - r_j > margin``. Either way a pair is kept only if its gap exceeds ``margin`` (so exact
+    ties are never pairs).
+    """
+    out: list[tuple[int, int, int]] = []
+    r = rewards.detach().float().cpu()
+    for p in range(r.shape[0]):
+        if pairing == "best_worst":
+            i, j = int(r[p].argmax()), int(r[p].argmin())
+            if r[p, i] - r[p, j] > margin:
+                out.append((p, i, j))
+        elif pairing == "margin":
+            for i in range(r.shape[1]):
+                for j in range(r.shape[1]):
+                    if r[p, i] - r[p, j] > margin:
+                        out.append((p, i, j))
+        else:
+            raise ValueError(f"unknown pairing {pairing!r}")
+    return out
+
+
+@torch.no_grad()
+def sample_ranked(
+    policy: Any,
+    prompts: Sequence[str],
+    reward_fn: Callable,
+    images_per_prompt: int,
+    num_steps: int,
+    eta: float,
+    guidance_scale: float,
+    batch_size: int = 16,
+    generator_seed: int | None = None,
+    autocast: Any = None,
+) -> dict[str, Any]:
+    """Sample ``N = images_per_prompt`` images for each of ``P`` prompts and score them.
+
+    Returns ``{"latents": [P, N, C, h, w] (clean x_0), "images": [P, N, 3, H, W],
+    "rewards": [P, N]}``. With ``generator_seed`` image ``n`` of prompt ``p`` is seeded with
+    ``generator_seed + p * N + n``.
+    """
+    flat = [p for p in prompts for _ in range(images_per_prompt)]
+    lat, imgs, rews = [], [], []
+    for s in range(0, len(flat), batch_size):
+        chunk = flat[s : s + batch_size]
+        gens = None
+        if generator_seed is not None:
+            gens = [
+                torch.Generator().manual_seed(generator_seed + s + k) for k in range(len(chunk))
+            ]
+        ctx = autocast() if autocast is not None else torch.autocast("cpu", enabled=False)
+        with ctx:
+            out = policy.sample(chunk, num_steps, eta, guidance_scale, generator=gens)
+        images = out.images.float()
+        r = torch.as_tensor(reward_fn(images, chunk), dtype=torch.float32).reshape(-1)
+        lat.append(out.latents[:, -1].float().cpu())
+        imgs.append(images.cpu())
+        rews.append(r.detach().cpu())
+    shape = (len(prompts), images_per_prompt)
+    return {
+        "latents": torch.cat(lat).reshape(*shape, *lat[0].shape[1:]),
+        "images": torch.cat(imgs).reshape(*shape, *imgs[0].shape[1:]),
+        "rewards": torch.cat(rews).reshape(shape),
+    }
+
+
+def build_pair_manifest(
+    path: str | Path,
+    policy: Any,
+    prompts: Sequence[str],
+    reward_fn: Callable,
+    images_per_prompt: int = 4,
+    pairing: str = "best_worst",
+    margin: float = 0.0,
+    num_steps: int = 10,
+    eta: float = 1.0,
+    guidance_scale: float = 5.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    brightness_offset: float = 0.0,
+) -> Path:
+    """Write a pair manifest (JSONL ``{prompt, chosen, rejected, id, reward_chosen,
+    reward_rejected}``, PNG images in ``images/`` next to it) of ``policy``'s own samples ranked
+    by ``reward_fn``: a small offline preference set, e.g. "the brighter image wins" for tests.
+    Readable by :func:`reward.data.read_pairs`. Returns the manifest path.
+
+    ``brightness_offset = a > 0`` adds a uniform random offset in ``[-a, a]`` to every sampled
+    image (clamped to [0, 1]) before it is scored: a photometric augmentation that widens the
+    spread of simple properties (a tiny random pipeline's images all have a mean near 0.5)."""
+    from reward.images import to_pil
+
+    path = Path(path)
+    img_dir = path.parent / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    res = sample_ranked(
+        policy,
+        prompts,
+        reward_fn,
+        images_per_prompt,
+        num_steps,
+        eta,
+        guidance_scale,
+        batch_size,
+        generator_seed=seed,
+    )
+    if brightness_offset > 0:
+        g = torch.Generator().manual_seed(seed)
+        shape = res["images"].shape[:2]
+        off = (torch.rand(shape, generator=g) * 2 - 1) * brightness_offset
+        res["images"] = (res["images"] + off[..., None, None, None]).clamp(0, 1)
+        flat = res["images"].flatten(0, 1)
+        prompts_flat = [p for p in prompts for _ in range(shape[1])]
+        res["rewards"] = torch.as_tensor(reward_fn(flat, prompts_flat), dtype=torch.float32)
+        res["rewards"] = res["rewards"].reshape(shape)
+    lines = []
+    for k, (p, i, j) in enumerate(select_pairs(res["rewards"], pairing, margin)):
+        names = []
+        for n in (i, j):
+            name = f"p{p:04d}_{n:02d}.png"
+            if not (img_dir / name).exists():
+                to_pil(res["images"][p, n]).save(img_dir / name)
+            names.append(f"images/{name}")
+        lines.append(
+            {
+                "id": str(k),
+                "prompt": prompts[p],
+                "chosen": names[0],
+                "rejected": names[1],
+                "reward_chosen": float(res["rewards"][p, i]),
+                "reward_rejected": float(res["rewards"][p, j]),
+            }
+        )
+    if not lines:
+        raise ValueError("No pair has a reward gap above the margin: nothing to write.")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def load_pair_dataset(
+    data: str,
+    data_format: str = "auto",
+    image_root: str | None = None,
+    max_pairs: int | None = None,
+) -> Any:
+    """A paired ``datasets.Dataset`` (``prompt, chosen, rejected`` as PIL) from preference files
+    read by :func:`reward.data.load_reward_data`; ties dropped."""
+    from reward.data import load_reward_data
+
+    paths = [p.strip() for p in data.split(",") if p.strip()]
+    for p in paths:
+        if not Path(p).exists():
+            raise FileNotFoundError(
+                f"Preference data {p!r} not found. Give a Pick-a-Pic v2 parquet shard or a pair "
+                "manifest, data=online for pairs sampled from the policy, or build_data=true."
+            )
+    kwargs: dict[str, Any] = {}
+    if image_root is not None:
+        kwargs["image_root"] = image_root
+    fmt = data_format
+    if fmt in ("auto", "pairs", "imagereward", "pickapic", "mjbench", "genai_bench"):
+        kwargs["keep_ties"] = False
+    ds, report = load_reward_data(paths if len(paths) > 1 else paths[0], format=fmt, **kwargs)
+    if "chosen" not in ds.column_names:
+        raise ValueError(
+            f"{data} holds single images, not pairs; Diffusion-DPO needs preference pairs "
+            "(chosen/rejected)."
+        )
+    if "tie" in ds.column_names:
+        ds = ds.filter(lambda t: not t, input_columns="tie")
+    if max_pairs is not None:
+        ds = ds.select(range(min(max_pairs, len(ds))))
+    if len(ds) == 0:
+        raise ValueError(f"{data}: no usable (non-tie) pairs; report: {report.as_dict()}")
+    return ds
+
+
+def pil_to_model_input(images: Sequence[Any], resolution: int) -> torch.Tensor:
+    """PIL images -> ``[B, 3, R, R]`` in ``[-1, 1]`` (shorter side resized to ``R`` with bicubic
+    resampling, then centre-cropped)."""
+    from PIL import Image
+
+    out = []
+    for img in images:
+        img = img.convert("RGB")
+        w, h = img.size
+        s = resolution / min(w, h)
+        img = img.resize(
+            (max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC
+        )
+        w, h = img.size
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+        img = img.crop((left, top, left + resolution, top + resolution))
+        arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+        out.append(torch.from_numpy(arr).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class DPOTrainer(PolicyTrainerBase):
+    """Builds policy, pairs (offline or online), reward and accelerator from a
+    :class:`DPOConfig` and trains with the Diffusion-DPO loss.
+
+    Args:
+        config: the run's settings.
+        policy: an existing :class:`~alignment.policy.DiffusionPolicy` (default: built).
+        reward_fn: a reward callable (default: ``get_reward_fn(config.reward, **reward_kwargs)``).
+        prompts: prompts for online pairs / build_data / evaluation (default: ``config.prompts``).
+        dataset: an offline paired dataset (default: read from ``config.data``).
+    """
+
+    def __init__(
+        self,
+        config: DPOConfig,
+        policy: Any = None,
+        reward_fn: Callable | None = None,
+        prompts: Sequence[str] | None = None,
+        dataset: Any = None,
+    ) -> None:
+        from alignment.prompts import load_prompts
+        from alignment.rewards import get_reward_fn
+
+        self.setup(config, policy, keep_reference=True)
+        cfg, acc = config, self.accelerator
+        self.reward_fn = reward_fn
+        if self.reward_fn is None and cfg.reward:
+            self.reward_fn = get_reward_fn(cfg.reward, **cfg.reward_kwargs)
+        self.prompts = (
+            list(prompts) if prompts is not None else load_prompts(cfg.prompts, cfg.prompt_category)
+        )
+        self.resolution = cfg.resolution or self.policy.latent_shape(1)[-1] * 2 ** (
+            len(self.policy.vae.config.block_out_channels) - 1
+        )
+        self.dataset = dataset
+        self._buffer: dict[str, Any] | None = None
+        self._orders: dict[int, torch.Tensor] = {}
+        if not cfg.online and self.dataset is None:
+            if cfg.build_data and not Path(cfg.data).exists():
+                if acc.is_main_process:
+                    Path(cfg.data).parent.mkdir(parents=True, exist_ok=True)
+                    build_pair_manifest(
+                        cfg.data,
+                        self.policy,
+                        self.prompts,
+                        self.reward_fn,
+                        cfg.images_per_prompt,
+                        cfg.pairing,
+                        cfg.reward_margin,
+                        cfg.num_steps,
+                        cfg.eta,
+                        cfg.guidance_scale,
+                        cfg.seed,
+                        cfg.sample_batch_size,
+                        cfg.build_data_offset,
+                    )
+                acc.wait_for_everyone()
+            self.dataset = load_pair_dataset(
+                cfg.data, cfg.data_format, cfg.image_root, cfg.max_pairs
+            )
+
+    # ------------------------------------------------------------------------------ data
+    def _order(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._orders:
+            g = torch.Generator().manual_seed(self.config.seed + epoch)
+            self._orders = {epoch: torch.randperm(len(self.dataset), generator=g)}
+        return self._orders[epoch]
+
+    def offline_batch(self, micro_step: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """Micro-batch ``micro_step`` of this process: a deterministic stream over shuffled
+        epochs (so a resumed run continues where it stopped)."""
+        cfg, acc = self.config, self.accelerator
+        b, n = cfg.train_batch_size, len(self.dataset)
+        start = (micro_step * acc.num_processes + acc.process_index) * b
+        idx = [int(self._order(k // n)[k % n]) for k in range(start, start + b)]
+        rows = self.dataset[idx] if len(set(idx)) == len(idx) else None
+        if rows is None:  # tiny data sets: a batch may wrap to the next epoch
+            rows = {"prompt": [], "chosen": [], "rejected": []}
+            for i in idx:
+                r = self.dataset[i]
+                for key in rows:
+                    rows[key].append(r[key])
+        pix = pil_to_model_input(list(rows["chosen"]) + list(rows["rejected"]), self.resolution)
+        vae = self.policy.vae
+        with torch.no_grad():
+            pix = pix.to(acc.device, next(vae.parameters()).dtype)
+            lat = vae.encode(pix).latent_dist.sample() * vae.config.scaling_factor
+        lat_w, lat_l = lat.float().chunk(2)
+        return list(rows["prompt"]), lat_w, lat_l
+
+    def refresh_pairs(self) -> dict[str, float]:
+        """Sample and rank fresh online pairs from the current policy; returns their stats."""
+        cfg, acc = self.config, self.accelerator
+        prompts = [random.choice(self.prompts) for _ in range(cfg.prompts_per_refresh)]
+        self.unet.eval()
+        res = sample_ranked(
+            self.policy,
+            prompts,
+            self.reward_fn,
+            cfg.images_per_prompt,
+            cfg.num_steps,
+            cfg.eta,
+            cfg.guidance_scale,
+            cfg.sample_batch_size,
+            autocast=acc.autocast,
+        )
+        pairs = select_pairs(res["rewards"], cfg.pairing, cfg.reward_margin)
+        if not pairs:  # every image scored the same: fall back to best-vs-worst without margin
+            pairs = select_pairs(res["rewards"], "best_worst", float("-inf"))
+        p, i, j = (torch.tensor(x) for x in zip(*pairs))
+        r = res["rewards"]
+        self._buffer = {
+            "prompts": [prompts[k] for k in p.tolist()],
+            "latents_w": res["latents"][p, i].to(acc.device),
+            "latents_l": res["latents"][p, j].to(acc.device),
+        }
+        return {
+            "online/reward_mean": float(r.mean()),
+            "online/reward_std": float(r.std()),
+            "online/reward_chosen": float(r[p, i].mean()),
+            "online/reward_rejected": float(r[p, j].mean()),
+            "online/reward_margin": float((r[p, i] - r[p, j]).mean()),
+            "online/num_pairs": float(len(pairs)),
+        }
+
+    def online_batch(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        buf = self._buffer
+        n = len(buf["prompts"])
+        idx = torch.randint(0, n, (self.config.train_batch_size,)).tolist()
+        return [buf["prompts"][k] for k in idx], buf["latents_w"][idx], buf["latents_l"][idx]
+
+    # ------------------------------------------------------------------------------ loss
+    def compute_loss(
+        self, prompts: list[str], lat_w: torch.Tensor, lat_l: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Diffusion-DPO loss of one micro-batch of pairs (shared noise and timestep per pair)."""
+        cfg, acc, policy = self.config, self.accelerator, self.policy
+        sched = policy.scheduler
+        b = lat_w.shape[0]
+        embeds = policy.encode_prompts(prompts)
+        noise = torch.randn_like(lat_w)
+        t = torch.randint(0, sched.config.num_train_timesteps, (b,), device=lat_w.device)
+        x0 = torch.cat([lat_w, lat_l])
+        noise2, t2, emb2 = torch.cat([noise, noise]), torch.cat([t, t]), torch.cat([embeds, embeds])
+        x_t = sched.add_noise(x0, noise2, t2)
+        kind = sched.config.prediction_type
+        if kind == "epsilon":
+            target = noise2
+        elif kind == "v_prediction":
+            target = sched.get_velocity(x0, noise2, t2)
+        else:
+            raise ValueError(f"Diffusion-DPO supports epsilon / v_prediction models, not {kind!r}.")
+        with acc.autocast():
+            err = per_image_error(target, policy.predict_noise(x_t, t2, emb2, 1.0))
+        with torch.no_grad(), acc.autocast(), policy.reference():
+            ref = per_image_error(target, policy.predict_noise(x_t, t2, emb2, 1.0))
+        mw, ml = err.chunk(2)
+        rw, rl = ref.chunk(2)
+        loss, accuracy = diffusion_dpo_loss(mw, ml, rw, rl, cfg.beta, cfg.loss_type)
+        info = {
+            "loss": loss.item(),
+            "implicit_acc": accuracy.item(),
+            "model_diff": (mw - ml).mean().item(),
+            "ref_diff": (rw - rl).mean().item(),
+            "model_err": err.mean().item(),
+        }
+        return loss, info
+
+    # ------------------------------------------------------------------------------ loop
+    def evaluate(self) -> float:
+        """Mean reward of the policy on the first ``eval_prompts`` prompts and fixed seeds."""
+        from alignment.ddpo_trainer import evaluate_policy
+
+        cfg = self.config
+        self.unet.eval()
+        with self.accelerator.autocast():
+            r = evaluate_policy(
+                self.policy,
+                self.reward_fn,
+                self.prompts[: cfg.eval_prompts],
+                list(range(cfg.eval_seeds)),
+                cfg.num_steps,
+                cfg.guidance_scale,
+                cfg.eta,
+            )
+        return float(r.mean())
+
+    def train(self) -> list[dict[str, float]]:
+        """Run (or resume) training; checkpoint, log, export. Returns the per-step history."""
+        cfg, acc = self.config, self.accelerator
+        self.init_trackers()
+        self.maybe_resume()
+        if cfg.eval_every and self.global_step == 0:
+            self.log({"step": 0, "eval/reward_mean": self.evaluate()})
+        ga = cfg.gradient_accumulation_steps
+        online_stats: dict[str, float] = {}
+        bar = self.pbar(
+            range(self.global_step, cfg.max_steps),
+            desc="dpo",
+            initial=self.global_step,
+            total=cfg.max_steps,
+        )
+        for _ in bar:
+            if cfg.online and (self._buffer is None or self.global_step % cfg.refresh_every == 0):
+                online_stats = self.refresh_pairs()
+            self.unet.train()
+            infos = []
+            for a in range(ga):
+                if cfg.online:
+                    batch = self.online_batch()
+                else:
+                    batch = self.offline_batch(self.global_step * ga + a)
+                with acc.accumulate(self.unet):
+                    loss, info = self.compute_loss(*batch)
+                    acc.backward(loss)
+                    self.optimizer_step()
+                infos.append(info)
+            self.global_step += 1
+            record: dict[str, float] = {"step": self.global_step}
+            for k in infos[0]:
+                v = torch.tensor(float(np.mean([i[k] for i in infos])), device=acc.device)
+                record[k] = float(acc.reduce(v, reduction="mean"))
+            record["lr"] = float(self.lr_scheduler.get_last_lr()[0])
+            record.update(online_stats)
+            online_stats = {}
+            if cfg.eval_every and self.global_step % cfg.eval_every == 0:
+                record["eval/reward_mean"] = self.evaluate()
+            if self.global_step % cfg.log_every == 0 or "eval/reward_mean" in record:
+                self.log(record)
+            bar.set_postfix(loss=f"{record['loss']:.4g}", acc=f"{record['implicit_acc']:.2f}")
+            if self.should_save():
+                self.save_checkpoint()
+        self.finish()
+        return self.history
+
+
+__all__ = [
+    "DPOConfig",
+    "DPOTrainer",
+    "build_pair_manifest",
+    "load_pair_dataset",
+    "pil_to_model_input",
+    "sample_ranked",
+    "select_pairs",
+]

@@ -1,0 +1,28 @@
+"""Diffusion-DPO fine-tuning of Stable Diffusion (offline pairs or online AI feedback).
+
+Tiny CPU run (offline pairs built from the tiny pipeline's own samples, brighter wins; < 2 min):
+    accelerate launch --config_file recipes/accelerate/cpu.yaml recipes/dpo_sd15.py \
+        --config recipes/configs/dpo_tiny.yaml --output_dir OUT --export_dir OUT/export
+DeepSpeed ZeRO-2 (ZeRO-3: zero3.yaml); any field of alignment.dpo_trainer.DPOConfig overridable:
+    accelerate launch --config_file recipes/accelerate/zero2.yaml recipes/dpo_sd15.py \
+        --config recipes/configs/dpo_tiny.yaml --output_dir OUT
+Real runs (GPUs): recipes/configs/dpo_sd15_pickapic.yaml (offline, Pick-a-Pic v2) and
+recipes/configs/dpo_sd15_online_llava_reward.yaml (online pairs ranked by LLaVA-Reward).
+Resume an interrupted run: add ``--resume_from latest``.
+"""
+
+from __future__ import annotations
+
+from trl import TrlParser
+
+from alignment.dpo_trainer import DPOConfig, DPOTrainer
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = TrlParser(DPOConfig)
+    (config,) = parser.parse_args_and_config(args=argv)
+    return DPOTrainer(config).train()
+
+
+if __name__ == "__main__":
+    main()
