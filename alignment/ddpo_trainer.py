@@ -22,11 +22,12 @@ text encoder, VAE and the reward model stay outside it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -197,6 +198,29 @@ class DDPOConfig:
         return max(1, int(self.num_steps * self.timestep_fraction))
 
 
+@contextlib.contextmanager
+def frozen_models_outside_zero3(accelerator: Any) -> Iterator[None]:
+    """Build models here to keep them whole under DeepSpeed ZeRO-3.
+
+    With a ZeRO-3 config, accelerate registers it with transformers, whose ``from_pretrained``
+    then partitions every model it loads (``zero.Init``), the text encoder and the reward model
+    included, though they never enter the DeepSpeed engine. Inside this context that registration
+    is lifted (and restored on exit).
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.dschf = None
+        plugin.set_deepspeed_weakref()
+
+
 def _reward_call(fn: Callable, images: torch.Tensor, prompts: list[str]) -> tuple[Any, float]:
     t0 = time.perf_counter()
     r = fn(images, prompts)
@@ -267,25 +291,28 @@ class DDPOTrainer:
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             acc.mixed_precision, torch.float32
         )
-        if policy is None:
-            policy = DiffusionPolicy.from_pretrained(
-                cfg.pretrained_model,
-                revision=cfg.revision,
-                use_lora=cfg.use_lora,
-                lora_rank=cfg.lora_rank,
-                lora_alpha=cfg.lora_alpha,
-                lora_target_modules=[m.strip() for m in cfg.lora_target_modules.split(",")],
-                keep_reference=cfg.kl_coef > 0 and not cfg.use_lora,
-                weight_dtype=weight_dtype if cfg.use_lora else torch.float32,
-                gradient_checkpointing=cfg.gradient_checkpointing,
+        with frozen_models_outside_zero3(acc):
+            if policy is None:
+                policy = DiffusionPolicy.from_pretrained(
+                    cfg.pretrained_model,
+                    revision=cfg.revision,
+                    use_lora=cfg.use_lora,
+                    lora_rank=cfg.lora_rank,
+                    lora_alpha=cfg.lora_alpha,
+                    lora_target_modules=[m.strip() for m in cfg.lora_target_modules.split(",")],
+                    keep_reference=cfg.kl_coef > 0 and not cfg.use_lora,
+                    weight_dtype=weight_dtype if cfg.use_lora else torch.float32,
+                    gradient_checkpointing=cfg.gradient_checkpointing,
+                )
+            self.policy = policy
+            policy.to(acc.device)
+            if policy.use_lora is False and weight_dtype != torch.float32:
+                policy.vae.to(dtype=weight_dtype)
+                policy.text_encoder.to(dtype=weight_dtype)
+            kwargs = cfg.reward_kwargs if isinstance(cfg.reward_kwargs, dict) else {}
+            self.reward_fn = (
+                reward_fn if reward_fn is not None else get_reward_fn(cfg.reward, **kwargs)
             )
-        self.policy = policy
-        policy.to(acc.device)
-        if policy.use_lora is False and weight_dtype != torch.float32:
-            policy.vae.to(dtype=weight_dtype)
-            policy.text_encoder.to(dtype=weight_dtype)
-        kwargs = cfg.reward_kwargs if isinstance(cfg.reward_kwargs, dict) else {}
-        self.reward_fn = reward_fn if reward_fn is not None else get_reward_fn(cfg.reward, **kwargs)
         self.prompts = (
             list(prompts) if prompts is not None else load_prompts(cfg.prompts, cfg.prompt_category)
         )
