@@ -1,0 +1,216 @@
+"""DRaFT-K / AlignProp / ReFL fine-tuning on accelerate (see :mod:`alignment.draft`).
+
+Each optimiser step: ``gradient_accumulation_steps`` micro-batches of ``train_batch_size``
+random prompts are sampled with a graph through the last ``K = grad_steps`` DDIM steps (or, with
+``method: refl``, the one-step ``x0`` prediction at a random late step), decoded, scored by a
+differentiable reward and the loss (``-r`` or ``relu(margin - r)``) back-propagated into the LoRA
+(or full UNet) weights. Checkpoints, resume, logging and export are the shared ones
+(:mod:`alignment.trainer_utils`, :mod:`alignment.checkpointing`, :mod:`alignment.export`).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from alignment.draft import differentiable_reward_fn, reward_loss, sample_with_grad
+from alignment.trainer_utils import PolicyTrainConfig, PolicyTrainerBase, parse_json_kwargs
+
+
+@dataclass
+class DraftConfig(PolicyTrainConfig):
+    """Settings of a DRaFT / AlignProp / ReFL run (YAML + CLI through ``trl.TrlParser``)."""
+
+    method: str = field(
+        default="draft",
+        metadata={
+            "help": "'draft' (truncated backprop through the last K steps; AlignProp "
+            "with K = num_steps) or 'refl' (one-step x0 at a random late step)."
+        },
+    )
+    grad_steps: int = field(default=1, metadata={"help": "DRaFT-K: steps with a graph (K)."})
+    checkpoint_unet: bool = field(
+        default=True,
+        metadata={
+            "help": "Activation checkpointing around each UNet call with a graph and the "
+            "VAE decode."
+        },
+    )
+    refl_min_step: int | None = field(
+        default=None,
+        metadata={"help": "ReFL: earliest stop step (default: 3/4 of num_steps)."},
+    )
+    refl_max_step: int | None = field(
+        default=None, metadata={"help": "ReFL: stop steps are < this (default: num_steps)."}
+    )
+    loss_type: str = field(
+        default="neg",
+        metadata={"help": "'neg' (-reward, DRaFT/AlignProp) or 'relu' (relu(margin - r), ReFL)."},
+    )
+    reward_margin: float = field(default=1.0, metadata={"help": "Margin of the 'relu' loss."})
+    reward_scale: float = field(default=1.0, metadata={"help": "Multiply the loss by this."})
+    prompts: str = field(
+        default="short",
+        metadata={"help": "Prompt source: 'short', 'parti', or a .txt/.tsv/.json(l) file."},
+    )
+    prompt_category: str | None = field(default=None, metadata={"help": "Category filter."})
+    reward: str = field(
+        default="brightness",
+        metadata={
+            "help": "Differentiable reward: 'llava_reward' (reward_kwargs path, "
+            "perspective), 'brightness' (toy), or 'module:function'."
+        },
+    )
+    reward_kwargs: str | None = field(
+        default=None, metadata={"help": "Reward keyword arguments as JSON or a YAML mapping."}
+    )
+    num_steps: int = field(default=50, metadata={"help": "DDIM sampling steps."})
+    eta: float = field(default=0.0, metadata={"help": "DDIM eta (0: deterministic)."})
+    guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale."})
+    eval_every: int = field(
+        default=0, metadata={"help": "Mean reward on fixed prompts/seeds every N steps (0: off)."}
+    )
+    eval_prompts: int = field(default=4, metadata={"help": "Evaluation prompts (first N)."})
+    eval_seeds: int = field(default=2, metadata={"help": "Evaluation seeds per prompt."})
+    tracker_project: str = field(default="draft", metadata={"help": "Tracker project."})
+    output_dir: str = field(default="outputs/draft", metadata={"help": "Run folder."})
+
+    def __post_init__(self) -> None:
+        self.reward_kwargs = parse_json_kwargs(self.reward_kwargs, "reward_kwargs")
+        if self.method not in ("draft", "refl"):
+            raise ValueError(f"method must be 'draft' or 'refl', got {self.method!r}.")
+        if not 1 <= self.grad_steps <= self.num_steps:
+            raise ValueError(f"grad_steps must be in [1, num_steps={self.num_steps}].")
+        lo, hi = self.refl_window()
+        if not 0 <= lo < hi <= self.num_steps:
+            raise ValueError(f"ReFL window [{lo}, {hi}) must lie in [0, {self.num_steps}).")
+
+    def refl_window(self) -> tuple[int, int]:
+        lo = self.refl_min_step if self.refl_min_step is not None else (3 * self.num_steps) // 4
+        hi = self.refl_max_step if self.refl_max_step is not None else self.num_steps
+        return lo, hi
+
+
+class DraftTrainer(PolicyTrainerBase):
+    """Builds policy, differentiable reward, prompts and accelerator from a :class:`DraftConfig`
+    and trains.
+
+    Args:
+        config: the run's settings.
+        policy: an existing :class:`~alignment.policy.DiffusionPolicy` (default: built).
+        reward_fn: a differentiable reward (default: :func:`differentiable_reward_fn`).
+        prompts: a prompt list (default: ``load_prompts(config.prompts, ...)``).
+    """
+
+    def __init__(
+        self,
+        config: DraftConfig,
+        policy: Any = None,
+        reward_fn: Callable | None = None,
+        prompts: Sequence[str] | None = None,
+    ) -> None:
+        from alignment.prompts import load_prompts
+
+        self.setup(config, policy)
+        self.reward_fn = reward_fn or differentiable_reward_fn(
+            config.reward, **config.reward_kwargs
+        )
+        self.prompts = (
+            list(prompts)
+            if prompts is not None
+            else load_prompts(config.prompts, config.prompt_category)
+        )
+        self._checked = False
+
+    def compute_loss(self, prompts: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg, acc = self.config, self.accelerator
+        stop = None
+        if cfg.method == "refl":
+            stop = random.randrange(*cfg.refl_window())
+        with acc.autocast():
+            out = sample_with_grad(
+                self.policy,
+                prompts,
+                cfg.num_steps,
+                cfg.grad_steps,
+                cfg.eta,
+                cfg.guidance_scale,
+                use_checkpoint=cfg.checkpoint_unet,
+                stop_step=stop,
+            )
+            rewards = self.reward_fn(out["images"], prompts).float()
+        if not self._checked:
+            if not rewards.requires_grad:
+                raise ValueError(
+                    f"The reward {cfg.reward!r} is not differentiable (no graph to the pixels). "
+                    "Use llava_reward (RewardScorer.as_reward_fn(..., differentiable=True)), "
+                    "brightness, or a 'module:function' written in torch."
+                )
+            self._checked = True
+        loss = reward_loss(rewards, cfg.loss_type, cfg.reward_margin) * cfg.reward_scale
+        info = {"loss": loss.item(), "reward_mean": rewards.mean().item()}
+        if stop is not None:
+            info["refl_stop_step"] = float(stop)
+        return loss, info
+
+    def evaluate(self) -> float:
+        """Mean reward of the policy on fixed prompts and seeds (no graph)."""
+        cfg = self.config
+        self.unet.eval()
+        out = []
+        prompts = self.prompts[: cfg.eval_prompts]
+        for seed in range(cfg.eval_seeds):
+            gens = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(len(prompts))]
+            with torch.no_grad(), self.accelerator.autocast():
+                s = self.policy.sample(
+                    prompts, cfg.num_steps, cfg.eta, cfg.guidance_scale, generator=gens
+                )
+                out.append(self.reward_fn(s.images.float(), prompts).float().cpu())
+        return float(torch.cat(out).mean())
+
+    def train(self) -> list[dict[str, float]]:
+        """Run (or resume) training; checkpoint, log, export. Returns the per-step history."""
+        cfg, acc = self.config, self.accelerator
+        self.init_trackers()
+        self.maybe_resume()
+        if cfg.eval_every and self.global_step == 0:
+            self.log({"step": 0, "eval/reward_mean": self.evaluate()})
+        bar = self.pbar(
+            range(self.global_step, cfg.max_steps),
+            desc=cfg.method,
+            initial=self.global_step,
+            total=cfg.max_steps,
+        )
+        for _ in bar:
+            self.unet.train()
+            infos = []
+            for _a in range(cfg.gradient_accumulation_steps):
+                prompts = [random.choice(self.prompts) for _ in range(cfg.train_batch_size)]
+                with acc.accumulate(self.unet):
+                    loss, info = self.compute_loss(prompts)
+                    acc.backward(loss)
+                    self.optimizer_step()
+                infos.append(info)
+            self.global_step += 1
+            record: dict[str, float] = {"step": self.global_step}
+            for k in infos[0]:
+                v = torch.tensor(float(np.mean([i[k] for i in infos])), device=acc.device)
+                record[k] = float(acc.reduce(v, reduction="mean"))
+            record["lr"] = float(self.lr_scheduler.get_last_lr()[0])
+            if cfg.eval_every and self.global_step % cfg.eval_every == 0:
+                record["eval/reward_mean"] = self.evaluate()
+            if self.global_step % cfg.log_every == 0 or "eval/reward_mean" in record:
+                self.log(record)
+            bar.set_postfix(reward=f"{record['reward_mean']:.4g}")
+            if self.should_save():
+                self.save_checkpoint()
+        self.finish()
+        return self.history
+
+
+__all__ = ["DraftConfig", "DraftTrainer"]
