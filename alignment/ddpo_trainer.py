@@ -147,6 +147,15 @@ class DDPOConfig:
         default=None,
         metadata={"help": "'no', 'fp16' or 'bf16'; None takes accelerate's launch setting."},
     )
+    compile_unet: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile the UNet forward (GPU speed-up; compiling takes a while)."
+        },
+    )
+    channels_last: bool = field(
+        default=False, metadata={"help": "Keep the UNet in channels-last memory format."}
+    )
     allow_tf32: bool = field(default=True, metadata={"help": "TF32 matmuls on Ampere+ GPUs."})
     seed: int = field(default=42, metadata={"help": "Random seed (per process offset)."})
     # --- output, logging, checkpoints
@@ -345,8 +354,10 @@ class DDPOTrainer:
                 ds["train_micro_batch_size_per_gpu"] = cfg.train_batch_size
             if ds.get("gradient_clipping", "auto") == "auto":
                 ds["gradient_clipping"] = cfg.max_grad_norm
+        if cfg.channels_last:
+            policy.unet.to(memory_format=torch.channels_last)
         self.unet, self.optimizer = acc.prepare(policy.unet, optimizer)
-        policy.set_forward_unet(self.unet)
+        policy.set_forward_unet(torch.compile(self.unet) if cfg.compile_unet else self.unet)
         self.trainable = params
         self.epoch = 0
         self.global_step = 0
