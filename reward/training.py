@@ -787,10 +787,12 @@ def build_reward_model(
         stored = LlavaRewardConfig.from_pretrained(out)
         if stored.model_type != LlavaRewardConfig.model_type:
             raise ValueError(f"{out} holds a {stored.model_type} model, not a reward model.")
-        if name in stored.perspectives and not script.overwrite_perspective:
+        resuming = args.resume_from_checkpoint not in (None, False, "", "false", "False")
+        if name in stored.perspectives and not (script.overwrite_perspective or resuming):
             raise ValueError(
                 f"{out} already holds perspective {name!r}; pass --overwrite_perspective true to "
-                "retrain it, or pick another --output_dir / --perspective."
+                "retrain it (or --resume_from_checkpoint latest to continue its run), or pick "
+                "another --output_dir / --perspective."
             )
         others = [n for n in stored.perspectives if n != name]
     if others:

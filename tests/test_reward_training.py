@@ -346,3 +346,23 @@ def test_configs_parse_with_the_paper_optimiser(name, tmp_path):
         assert (script.lora_r, script.lora_alpha, script.lora_dropout) == (128, 256, 0.05)
         assert args.learning_rate == 2e-4 and args.activation_checkpointing
         assert script.trust_remote_code is False  # the user turns it on, never the project
+
+
+def test_gradient_accumulation_equals_the_full_batch(backbone_dir, toy, tmp_path):
+    """One optimiser step on 16 pairs = the same step as 2 accumulated micro-batches of 8."""
+    pairs, _ = read_reward_files(toy["alignment"][0])
+    data = pairs.select(range(16))
+    weights = []
+    for bs, ga in ((16, 1), (8, 2)):
+        model = _model(backbone_dir, "alignment")
+        kw = dict(max_steps=1, per_device_train_batch_size=bs, gradient_accumulation_steps=ga)
+        kw.update(warmup_steps=0, lr_scheduler_type="constant")
+        RewardTrainer(
+            model, _args(tmp_path / str(bs), "alignment", **kw), train_dataset=data
+        ).train()
+        weights.append(_trainable(model))
+    full, accumulated = weights
+    init = _trainable(_model(backbone_dir, "alignment"))
+    assert any(not torch.equal(full[k], init[k]) for k in full)  # the step moved the weights
+    for k in full:
+        torch.testing.assert_close(accumulated[k], full[k], rtol=1e-4, atol=1e-6, msg=k)
