@@ -144,15 +144,13 @@ def llava_reward(
     Args:
         path: a trained LLaVA-Reward folder.
         perspective: a perspective name (``"alignment"``, ``"fidelity"``, ``"safety"``,
-            ``"overall"``) or ``{perspective: weight}``; None uses the model's default.
-        device: where the reward model runs (default: CUDA when available, else CPU).
+            ``"overall"``) or ``{perspective: weight}``; None uses the scorer's default.
+        device: where the reward model runs (None: the scorer's default, CUDA when available).
         dtype: its dtype (e.g. ``"bfloat16"``); None keeps the scorer's default.
     """
     from reward.scorer import RewardScorer
 
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
     scorer = RewardScorer.from_pretrained(path, device=device, dtype=dtype)
+    if perspective is None:
+        return scorer.as_reward_fn(differentiable=False)
     return scorer.as_reward_fn(perspective, differentiable=False)

@@ -13,6 +13,8 @@ from alignment.ddpo import (
     PerPromptStatTracker,
     clip_advantages,
     ddim_step_with_logprob,
+    gaussian_kl,
+    gaussian_log_prob,
     ppo_clip_loss,
     ppo_stats,
 )
@@ -132,3 +134,14 @@ def test_per_prompt_tracker_hand_values_and_resume():
     assert tr.get_stats()["a"]["count"] == 3
     tr.update(["a"] * 3, np.array([0.0, 0.0, 0.0]))
     assert tr.get_stats()["a"]["count"] == 4  # FIFO buffer of size 4
+
+
+def test_gaussian_kl_and_log_prob_hand_values():
+    mp = torch.tensor([1.0, 2.0]).reshape(1, 2, 1, 1)
+    mq = torch.zeros(1, 2, 1, 1)
+    std = torch.tensor(0.5).reshape(1, 1, 1, 1)
+    # mean over dims of (mu_p - mu_q)^2 / (2 * 0.25): (2 + 8) / 2 = 5
+    assert gaussian_kl(mp, mq, std).item() == pytest.approx(5.0)
+    # log N(x=1 | 0, 0.5^2) = -2 - log 0.5 - log sqrt(2 pi); x=2: -8 - ...
+    want = (-2 - 8) / 2 - math.log(0.5) - 0.5 * math.log(2 * math.pi)
+    assert gaussian_log_prob(mp, mq, std).item() == pytest.approx(want, rel=1e-6)
