@@ -259,6 +259,20 @@ def split_kinds(dataset: Any) -> dict[str, Any]:
     return out
 
 
+def drop_ties(dataset: Any, name: str = "data") -> Any:
+    """``dataset`` without annotator-tie pairs (a tie has no preferred image to train or take a
+    loss on; evaluation reports count them through ``reward.evaluate`` instead). Rows are returned
+    as raw image refs when some were dropped; unpaired rows (``tie`` None) are kept."""
+    if dataset is None or "tie" not in getattr(dataset, "column_names", ()):
+        return dataset
+    raw = dataset.with_format(None)
+    keep = [i for i, tie in enumerate(raw["tie"]) if not tie]
+    if len(keep) == len(raw):
+        return dataset
+    logger.info("%s: %d tie pairs left out of the loss", name, len(raw) - len(keep))
+    return raw.select(keep)
+
+
 # ----------------------------------------------------------------------------- loss
 
 
@@ -441,12 +455,16 @@ class RewardTrainer(Trainer):
             )
             args = copy.copy(args)
             args.activation_checkpointing = args.gradient_checkpointing = False
+        if args.remove_unused_columns:
+            logger.warning("remove_unused_columns=True would drop the image columns; using False.")
+            args = copy.copy(args)
+            args.remove_unused_columns = False
         super().__init__(
             model=model,
             args=args,
             data_collator=data_collator or RewardCollator(model.processor),
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
+            train_dataset=drop_ties(train_dataset, "train"),
+            eval_dataset=drop_ties(eval_dataset, "eval"),
             callbacks=callbacks,
             **kwargs,
         )
@@ -482,6 +500,12 @@ class RewardTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+    def evaluate(self, eval_dataset: Any = None, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """``Trainer.evaluate`` (eval loss, pair accuracy, unpaired accuracy); ties left out."""
+        if eval_dataset is not None and not isinstance(eval_dataset, (str, dict)):
+            eval_dataset = drop_ties(eval_dataset, "eval")
+        return super().evaluate(eval_dataset, *args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
@@ -947,6 +971,7 @@ __all__ = [
     "RewardTrainer",
     "RewardTrainingArguments",
     "default_report_to",
+    "drop_ties",
     "evaluate_model",
     "fixed_example_scores",
     "mix_datasets",

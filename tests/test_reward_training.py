@@ -366,3 +366,20 @@ def test_gradient_accumulation_equals_the_full_batch(backbone_dir, toy, tmp_path
     assert any(not torch.equal(full[k], init[k]) for k in full)  # the step moved the weights
     for k in full:
         torch.testing.assert_close(accumulated[k], full[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_evaluate_leaves_annotator_ties_out_of_the_loss(backbone_dir, toy, tmp_path):
+    import datasets
+
+    held_out, _ = read_reward_files(toy["alignment"][1], keep_ties=True)
+    raw = held_out.with_format(None)
+    ties = raw.select(range(4)).map(lambda r: {"tie": True})
+    data = datasets.concatenate_datasets([ties, raw.select(range(4, 12))])
+    model = _model(backbone_dir, "alignment")
+    args = _args(tmp_path, "alignment", per_device_eval_batch_size=4)
+    trainer = RewardTrainer(model, args, train_dataset=raw, eval_dataset=data)
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_loss"]) and 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert trainer.evaluate(data)["eval_loss"] == pytest.approx(metrics["eval_loss"])
+    with pytest.raises(ValueError, match="tie"):  # the collator itself refuses ties
+        trainer.data_collator([data[0]])
