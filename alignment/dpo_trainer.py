@@ -401,7 +401,8 @@ class DPOTrainer(PolicyTrainerBase):
         cfg, acc = config, self.accelerator
         self.reward_fn = reward_fn
         if self.reward_fn is None and cfg.reward:
-            self.reward_fn = get_reward_fn(cfg.reward, **cfg.reward_kwargs)
+            with self.frozen_outside_zero3():
+                self.reward_fn = get_reward_fn(cfg.reward, **cfg.reward_kwargs)
         self.prompts = (
             list(prompts) if prompts is not None else load_prompts(cfg.prompts, cfg.prompt_category)
         )
@@ -460,7 +461,7 @@ class DPOTrainer(PolicyTrainerBase):
         vae = self.policy.vae
         with torch.no_grad():
             pix = pix.to(acc.device, next(vae.parameters()).dtype)
-            lat = vae.encode(pix).latent_dist.sample() * vae.config.scaling_factor
+            lat = vae.encode(pix).latent_dist.mode() * vae.config.scaling_factor
         lat_w, lat_l = lat.float().chunk(2)
         return list(rows["prompt"]), lat_w, lat_l
 

@@ -117,9 +117,10 @@ class DraftTrainer(PolicyTrainerBase):
         from alignment.prompts import load_prompts
 
         self.setup(config, policy)
-        self.reward_fn = reward_fn or differentiable_reward_fn(
-            config.reward, **config.reward_kwargs
-        )
+        self.reward_fn = reward_fn
+        if self.reward_fn is None:
+            with self.frozen_outside_zero3():
+                self.reward_fn = differentiable_reward_fn(config.reward, **config.reward_kwargs)
         self.prompts = (
             list(prompts)
             if prompts is not None

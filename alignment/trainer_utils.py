@@ -154,18 +154,19 @@ class PolicyTrainerBase:
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             acc.mixed_precision, torch.float32
         )
-        if policy is None:
-            policy = DiffusionPolicy.from_pretrained(
-                cfg.pretrained_model,
-                revision=cfg.revision,
-                use_lora=cfg.use_lora,
-                lora_rank=cfg.lora_rank,
-                lora_alpha=cfg.lora_alpha,
-                lora_target_modules=cfg.target_modules(),
-                keep_reference=keep_reference and not cfg.use_lora,
-                weight_dtype=self.weight_dtype if cfg.use_lora else torch.float32,
-                gradient_checkpointing=cfg.gradient_checkpointing,
-            )
+        with self.frozen_outside_zero3():
+            if policy is None:
+                policy = DiffusionPolicy.from_pretrained(
+                    cfg.pretrained_model,
+                    revision=cfg.revision,
+                    use_lora=cfg.use_lora,
+                    lora_rank=cfg.lora_rank,
+                    lora_alpha=cfg.lora_alpha,
+                    lora_target_modules=cfg.target_modules(),
+                    keep_reference=keep_reference and not cfg.use_lora,
+                    weight_dtype=self.weight_dtype if cfg.use_lora else torch.float32,
+                    gradient_checkpointing=cfg.gradient_checkpointing,
+                )
         self.policy = policy
         policy.to(acc.device)
         if not policy.use_lora and self.weight_dtype != torch.float32:
@@ -190,6 +191,14 @@ class PolicyTrainerBase:
         policy.set_forward_unet(self.unet)
         self.global_step = 0
         self.history: list[dict[str, float]] = []
+
+    def frozen_outside_zero3(self) -> Any:
+        """Context in which models are built whole under ZeRO-3 (frozen VAE, text encoder,
+        reference and reward models never enter the engine); see
+        :func:`alignment.ddpo_trainer.frozen_models_outside_zero3`."""
+        from alignment.ddpo_trainer import frozen_models_outside_zero3
+
+        return frozen_models_outside_zero3(self.accelerator)
 
     def _make_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         cfg = self.config
