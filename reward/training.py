@@ -767,6 +767,24 @@ class RewardScriptArguments:
     )
 
 
+@contextlib.contextmanager
+def _no_zero3_init() -> Any:
+    """Build a model as plain tensors even while a ZeRO-3 config is active (transformers would
+    otherwise partition it at construction, and ``save_pretrained`` would write empty tensors)."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    ref = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)
+    active = ref() if ref is not None else None
+    if active is None:
+        yield
+        return
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds.set_hf_deepspeed_config(active)
+
+
 def _dtype(name: str, args: RewardTrainingArguments) -> torch.dtype | None:
     if name == "auto":
         return torch.bfloat16 if args.bf16 else None
@@ -831,8 +849,10 @@ def build_reward_model(
         from .testing import save_tiny_backbone
 
         local = out / TINY_BACKBONE_DIR
-        if not (local / "config.json").is_file():
-            save_tiny_backbone("llava", local)
+        with args.main_process_first(desc="tiny backbone"):
+            if not (local / "config.json").is_file():
+                with _no_zero3_init():  # ZeRO-3 would partition it before it is saved
+                    save_tiny_backbone("llava", local)
         backbone = str(local)
     torch.manual_seed(args.seed)  # the new head / adapter initialisation is seeded
     model = LlavaRewardModel.from_backbone(
@@ -854,20 +874,19 @@ def build_reward_model(
 def load_reward_datasets(
     script: RewardScriptArguments, args: RewardTrainingArguments
 ) -> tuple[Any, Any, list[dict]]:
-    """``(train, eval, read reports)`` from the script's files (``toy``: built into
-    ``OUTPUT_DIR/toy_data``). Without ``eval_file`` the eval set is a seeded split of train."""
+    """``(train, eval, read reports)`` from the script's files (``toy``: built once into
+    ``OUTPUT_DIR/toy_data/<task>-n<N>-e<M>-s<seed>``). Without ``eval_file`` the eval set is a seeded split of train."""
     files, eval_files = list(script.train_file), script.eval_file
     if files == ["toy"]:
         from .toy_data import toy_task_for, write_toy_data
 
         task = toy_task_for(args.perspective)
-        train_path, eval_path = write_toy_data(
-            Path(args.output_dir) / "toy_data",
-            task,
-            script.toy_n_train,
-            script.toy_n_eval,
-            seed=args.seed,
-        )
+        n, n_eval = script.toy_n_train, script.toy_n_eval
+        folder = Path(args.output_dir) / "toy_data" / f"{task}-n{n}-e{n_eval}-s{args.seed}"
+        train_path, eval_path = folder / f"{task}_train.jsonl", folder / f"{task}_eval.jsonl"
+        with args.main_process_first(desc="toy data"):
+            if not (train_path.is_file() and eval_path.is_file()):
+                write_toy_data(folder, task, n, n_eval, seed=args.seed)
         files, eval_files = [str(train_path)], eval_files or [str(eval_path)]
     kwargs = {"image_root": script.image_root} if script.image_root else {}
     train, reports = read_reward_files(files, keep_ties=False, **kwargs)

@@ -287,13 +287,15 @@ def _launch(zero: int, out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
-def test_recipe_zero2_then_zero3_second_perspective_same_folder(tmp_path):
+def test_recipe_zero3_then_zero2_second_perspective_same_folder(tmp_path):
+    """A fresh folder under ZeRO-3 (the tiny backbone is built there too), then a second
+    perspective added under ZeRO-2; the saved folder scores like the in-memory models did."""
     for name in ("zero2", "zero3"):
         if not (REPO / "recipes/accelerate" / f"{name}.yaml").is_file():
             pytest.skip(f"recipes/accelerate/{name}.yaml is not there yet")
     out = tmp_path / "reward"
-    _launch(2, out, "--max_steps", "20", "--save_steps", "10")
-    _launch(3, out, "--perspective", "safety", "--max_steps", "10", "--save_steps", "10")
+    _launch(3, out, "--max_steps", "20", "--save_steps", "10")
+    _launch(2, out, "--perspective", "safety", "--max_steps", "10", "--save_steps", "10")
 
     from reward.scorer import RewardScorer
 
