@@ -385,3 +385,19 @@ def test_evaluate_leaves_annotator_ties_out_of_the_loss(backbone_dir, toy, tmp_p
     assert trainer.evaluate(data)["eval_loss"] == pytest.approx(metrics["eval_loss"])
     with pytest.raises(ValueError, match="tie"):  # the collator itself refuses ties
         trainer.data_collator([data[0]])
+
+
+def test_gpm_head_trains_with_the_gpm_loss_and_mismatches_are_refused(backbone_dir, toy, tmp_path):
+    pairs, _ = read_reward_files(toy["alignment"][0])
+    data = pairs.select(range(16))
+    model = _model(backbone_dir, "alignment", head_dim=2)
+    before = _trainable(model)
+    args = _args(tmp_path, "alignment", loss_type="gpm", max_steps=2, logging_steps=1)
+    trainer = RewardTrainer(model, args, train_dataset=data)
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert any(not torch.equal(before[k], p) for k, p in _trainable(model).items())
+    assert evaluate_model(model, data, "alignment")["n_pairs"] == 16  # 2-d rewards evaluate
+    with pytest.raises(ValueError, match="head_dim"):
+        RewardTrainer(model, _args(tmp_path, "alignment", loss_type="bt"), train_dataset=data)
