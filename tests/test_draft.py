@@ -137,3 +137,26 @@ def test_draft_recipe_exports_a_pipeline(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     img = pipe("a cat", num_inference_steps=2, output_type="pt").images
     assert img.shape == (1, 3, 32, 32) and torch.isfinite(img).all()
+
+
+def test_gradients_reach_the_policy_through_a_tiny_llava_reward(tmp_path, policy_factory):
+    """RewardScorer.as_reward_fn(weights, differentiable=True) as the DRaFT reward."""
+    from reward.modeling import LlavaRewardModel
+    from reward.scorer import RewardScorer
+    from reward.testing import save_tiny_backbone
+
+    save_tiny_backbone("llava", tmp_path / "bb")
+    model = LlavaRewardModel.from_backbone(
+        tmp_path / "bb", perspectives=("overall",), lora_config={"r": 4, "lora_alpha": 8}
+    )
+    model.requires_grad_(False)
+    reward_fn = RewardScorer(model).as_reward_fn({"overall": 1.0}, differentiable=True)
+    policy = policy_factory()
+    out = sample_with_grad(
+        policy, PROMPTS[:2], num_steps=3, grad_steps=1, generator=torch.Generator().manual_seed(0)
+    )
+    r = reward_fn(out["images"], PROMPTS[:2])
+    assert r.shape == (2,) and r.requires_grad
+    reward_loss(r, "neg").backward()
+    grads = [p.grad for p in policy.trainable_parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
