@@ -233,11 +233,17 @@ def ensure_trl() -> str | None:
     return None if proc.returncode == 0 else proc.stderr[-2000:]
 
 
-def summarise(res: dict, skip_first: bool = True) -> dict:
-    eps = res["epochs"][1:] if skip_first and len(res["epochs"]) > 1 else res["epochs"]
+def summarise(runs: list[dict]) -> dict:
+    """Median over runs and over epochs after each run's first (warm-up) epoch."""
+    import statistics
+
+    eps = [e for res in runs for e in (res["epochs"][1:] or res["epochs"])]
     keys = [k for k in ("sampling", "reward", "reward_wait", "training") if k in eps[0]]
-    out = {k: sum(e[k] for e in eps) / len(eps) for k in keys}
-    out["epoch"] = out["sampling"] + out.get("reward_wait", out["reward"]) + out["training"]
+    out = {k: statistics.median(e[k] for e in eps) for k in keys}
+    total = [e["sampling"] + e.get("reward_wait", e["reward"]) + e["training"] for e in eps]
+    out["epoch"] = statistics.median(total)
+    out["epoch_min"] = min(total)
+    out["n_epochs"] = len(eps)
     return out
 
 
@@ -262,15 +268,25 @@ def cpu_mode(opts: argparse.Namespace) -> dict:
         "trl": ("trl", {"reward": "jpeg_compressibility"}),
     }
     trl_error = ensure_trl()
-    results: dict = {}
-    for name, (kind, extra) in runs.items():
-        if kind == "trl" and trl_error:
-            results[name] = {"error": "pip install trl==0.23.1 failed: " + trl_error}
-            continue
-        print(f"running {name} ...", flush=True)
-        res = run_worker(kind, {**base, **extra}, TRL_DIR if kind == "trl" else None)
-        results[name] = {**res, "summary": summarise(res)} if "error" not in res else res
-        print(name, json.dumps(results[name].get("summary", results[name]), indent=None))
+    results: dict = {name: {"runs": []} for name in runs}
+    for rep in range(opts.repeats):  # interleaved, so that load changes hit every run alike
+        for name, (kind, extra) in runs.items():
+            if kind == "trl" and trl_error:
+                results[name] = {"error": "pip install trl==0.23.1 failed: " + trl_error}
+                continue
+            if "error" in results[name]:
+                continue
+            print(f"[{rep + 1}/{opts.repeats}] running {name} ...", flush=True)
+            res = run_worker(kind, {**base, **extra}, TRL_DIR if kind == "trl" else None)
+            if "error" in res:
+                results[name] = res
+                print(name, "failed:", res["error"][-500:])
+                continue
+            results[name]["runs"].append(res)
+    for name, r in results.items():
+        if r.get("runs"):
+            r["summary"] = summarise(r["runs"])
+            print(name, json.dumps(r["summary"]))
     meta = {
         "settings": TINY,
         "epochs": opts.epochs,
@@ -278,7 +294,8 @@ def cpu_mode(opts: argparse.Namespace) -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
-        "note": "mean over epochs after the first (warm-up); seconds",
+        "repeats": opts.repeats,
+        "note": "median over repeats and over epochs after each run's first (warm-up); seconds",
     }
     out = {"meta": meta, "results": results}
     if "summary" in results.get("trl", {}) and "summary" in results["ours"]:
@@ -431,66 +448,96 @@ def gpu_mode(opts: argparse.Namespace) -> dict:
 
 
 # --------------------------------------------------------------------------- report
+def _replace_block(text: str, tag: str, body: str) -> str:
+    """Replace (or append) the ``<!-- bench:TAG -->`` ... ``<!-- /bench:TAG -->`` block."""
+    start_marker, end_marker = f"<!-- bench:{tag} -->", f"<!-- /bench:{tag} -->"
+    block = f"{start_marker}\n{body.strip()}\n{end_marker}"
+    i, j = text.find(start_marker), text.find(end_marker)
+    if i >= 0 and j > i:
+        return text[:i] + block + text[j + len(end_marker) :]
+    return text.rstrip() + "\n\n" + block + "\n"
+
+
 def write_doc(cpu: dict | None, gpu: dict | None) -> None:
-    lines = ["## DDPO", ""]
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    # drop a DDPO section of the older, marker-less format
+    old = text.find("\n## DDPO\n")
+    if old >= 0 and "<!-- bench:ddpo" not in text[old:]:
+        end = text.find("\n## ", old + 1)
+        text = text[:old] + (text[end:] if end >= 0 else "\n")
     if cpu:
-        m = cpu["meta"]
-        s = m["settings"]
-        lines += [
-            "`python bench/ddpo.py` (CPU, tiny random SD-architecture pipeline from "
-            "`alignment.tiny`, saved once and loaded by both trainers). Settings: "
-            f"{s['sample_batch_size']} x {s['num_batches_per_epoch']} samples per epoch, "
-            f"{s['num_steps']} DDIM steps, CFG {s['guidance_scale']}, eta {s['eta']}, "
-            f"train batch {s['train_batch_size']}, accumulation {s['gradient_accumulation_steps']}"
-            f", LoRA rank {s['lora_rank']}; {m['threads']} torch thread(s) per run on a "
-            f"{m['cores']}-core machine; mean seconds per epoch over epochs 2-{m['epochs']}.",
-            "",
-            "| run | sampling | reward (in fn) | reward (blocking) | training | epoch |",
-            "|---|---|---|---|---|---|",
-        ]
-        for name, r in cpu["results"].items():
-            if "summary" not in r:
-                lines.append(f"| {name} | failed: {r.get('error', '')[-200:]!r} | | | | |")
-                continue
-            x = r["summary"]
-            lines.append(
-                f"| {name} | {x['sampling']:.2f} | {x['reward']:.3f} | "
-                f"{x.get('reward_wait', x['reward']):.3f} | {x['training']:.2f} | {x['epoch']:.2f} |"
-            )
-        if "trl_over_ours_epoch" in cpu:
-            lines += ["", f"trl 0.23.1 / ours (seconds per epoch): "
-                      f"**{cpu['trl_over_ours_epoch']:.2f}x**."]  # fmt: skip
-        lines += [
-            "",
-            "`ours` runs one UNet call per trained timestep (as trl and the reference); "
-            "`ours_batched_timesteps` batches all trained timesteps of a train batch into one call "
-            "(same gradient). `ours_cnn_*` use a CPU-heavy stand-in reward (a random conv net at "
-            "224 px) to measure the reward/sampling overlap: `reward (blocking)` is the time the "
-            "loop waited for rewards after sampling.",
-            "",
-        ]
+        text = _replace_block(text, "ddpo_cpu", _cpu_section(cpu))
     if gpu:
-        g = gpu
-        lines += [
-            f"GPU ({g['device']}), SD 1.5-shaped random pipeline, 512 px, 50 DDIM steps, CFG 5, "
-            f"batch 8, LoRA rank 4, bf16, compile={g['settings']['compile']}, "
-            f"channels_last={g['settings']['channels_last']}: sampling "
-            f"**{g['sampling_images_per_s']:.2f} images/s**; one epoch of "
-            f"{g['settings']['samples']} samples with all 50 timesteps trained "
-            f"**{g['epoch_s']:.0f} s** (sampling {g['epoch_split']['sampling']:.0f} s, "
-            f"training {g['epoch_split']['training']:.0f} s), peak {g['peak_memory_gib']:.1f} GiB.",
-            "",
-        ]
-    section = "\n".join(lines)
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\n"
-    start = text.find("## DDPO")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section
+        text = _replace_block(text, "ddpo_gpu", _gpu_section(gpu))
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(text)
+
+
+def _cpu_section(cpu: dict) -> str:
+    m, s = cpu["meta"], cpu["meta"]["settings"]
+    lines = [
+        "### DDPO epoch: ours vs trl 0.23.1 (tiny CPU config)",
+        "",
+        "`python bench/ddpo.py` (CPU, tiny random SD-architecture pipeline from `alignment.tiny`, "
+        "saved once and loaded by both trainers). Settings: "
+        f"{s['sample_batch_size']} x {s['num_batches_per_epoch']} samples per epoch, "
+        f"{s['num_steps']} DDIM steps, CFG {s['guidance_scale']}, eta {s['eta']}, train batch "
+        f"{s['train_batch_size']}, accumulation {s['gradient_accumulation_steps']}, LoRA rank "
+        f"{s['lora_rank']}, all timesteps trained; {m['threads']} torch thread(s) per run on a "
+        f"{m['cores']}-core machine; median seconds per epoch over epochs 2-{m['epochs']} of "
+        f"{m.get('repeats', 1)} interleaved run(s) each (the machine is shared: expect noise).",
+        "",
+        "| run | sampling | reward (in fn) | reward (blocking) | training | epoch (median) | "
+        "epoch (min) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in cpu["results"].items():
+        if "summary" not in r:
+            err = r.get("error", "").strip().splitlines()[-1:] or [""]
+            lines.append(f"| {name} | failed: `{err[0][:150]}` | | | | | |")
+            continue
+        x = r["summary"]
+        lines.append(
+            f"| {name} | {x['sampling']:.2f} | {x['reward']:.3f} | "
+            f"{x.get('reward_wait', x['reward']):.3f} | {x['training']:.2f} | {x['epoch']:.2f} | "
+            f"{x.get('epoch_min', x['epoch']):.2f} |"
+        )
+    if "trl_over_ours_epoch" in cpu:
+        lines += [
+            "",
+            f"trl 0.23.1 / ours, seconds per epoch (medians): **{cpu['trl_over_ours_epoch']:.2f}x**.",
+        ]
+    lines += [
+        "",
+        "`ours` runs one UNet call per trained timestep (as trl and the reference do); "
+        "`ours_batched_timesteps` batches all trained timesteps of a train batch into one call "
+        "(`timesteps_per_call`, same gradient). `ours_cnn_*` use a CPU-heavy stand-in reward (a "
+        "random conv net at 224 px) to measure the reward/sampling overlap (`async_reward`): "
+        "`reward (blocking)` is the time the loop waited for rewards after sampling.",
+    ]
+    return "\n".join(lines)
+
+
+def _gpu_section(g: dict) -> str:
+    st = g["settings"]
+    return "\n".join(
+        [
+            "### DDPO on an SD 1.5-shaped pipeline (GPU)",
+            "",
+            f"`python bench/ddpo.py --gpu` on {g['device']}: random SD 1.5-shaped pipeline, 512 px, "
+            f"50 DDIM steps, CFG 5, batch 8, LoRA rank 4, bf16, compile={st['compile']}, "
+            f"channels_last={st['channels_last']}, timesteps_per_call={st['timesteps_per_call']}.",
+            "",
+            "| figure | value |",
+            "|---|---|",
+            f"| sampling images/s | {g['sampling_images_per_s']:.2f} |",
+            f"| epoch of {st['samples']} samples, all 50 timesteps trained (s) | "
+            f"{g['epoch_s']:.0f} |",
+            f"| of which sampling / training (s) | {g['epoch_split']['sampling']:.0f} / "
+            f"{g['epoch_split']['training']:.0f} |",
+            f"| peak GPU memory (GiB) | {g['peak_memory_gib']:.1f} |",
+        ]
+    )
 
 
 def main() -> None:
@@ -498,12 +545,14 @@ def main() -> None:
     p.add_argument("--gpu", action="store_true", help="SD 1.5-shaped GPU benchmark")
     p.add_argument("--epochs", type=int, default=3, help="CPU: epochs per run (first = warm-up)")
     p.add_argument("--threads", type=int, default=1, help="CPU: torch threads per run")
+    p.add_argument("--repeats", type=int, default=2, help="CPU: interleaved repeats per run")
     p.add_argument("--samples", type=int, default=256, help="GPU: samples in the trained epoch")
     p.add_argument("--sample_batches", type=int, default=4, help="GPU: batches timed for images/s")
     p.add_argument("--timesteps_per_call", type=int, default=1, help="GPU: timesteps per UNet call")
     p.add_argument("--compile", action="store_true", help="GPU: torch.compile the UNet")
     p.add_argument("--channels_last", action="store_true", help="GPU: channels-last UNet")
     p.add_argument("--no_doc", action="store_true", help="do not update docs/benchmarks.md")
+    p.add_argument("--doc_only", action="store_true", help="rewrite the docs from bench/results")
     p.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
     opts = p.parse_args()
     if opts._worker:
@@ -512,6 +561,13 @@ def main() -> None:
         print("RESULT " + json.dumps(res), flush=True)
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if opts.doc_only:
+        cpu_f, gpu_f = RESULTS / "ddpo_cpu.json", RESULTS / "ddpo_gpu.json"
+        write_doc(
+            json.loads(cpu_f.read_text()) if cpu_f.exists() else None,
+            json.loads(gpu_f.read_text()) if gpu_f.exists() else None,
+        )
+        return
     if opts.gpu:
         gpu = gpu_mode(opts)
         (RESULTS / "ddpo_gpu.json").write_text(json.dumps(gpu, indent=1))
