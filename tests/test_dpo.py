@@ -440,3 +440,32 @@ def test_real_configs_parse():
         assert cfg.max_steps > 0
         if name.startswith("dpo_sd15"):
             assert cfg.beta == 5000
+
+
+def test_full_unet_dpo_keeps_a_frozen_reference_copy(tmp_path):
+    from alignment.dpo_trainer import DPOTrainer
+
+    cfg = _config(
+        tmp_path / "full",
+        use_lora=False,
+        learning_rate=1e-3,
+        save_every=0,
+        log_with="none",
+        gradient_accumulation_steps=1,
+    )
+    trainer = DPOTrainer(cfg, prompts=["a cat", "a dog"])
+    policy = trainer.policy
+    assert policy._ref_unet is not None and not any(
+        p.requires_grad for p in policy._ref_unet.parameters()
+    )
+    x = torch.randn(1, 4, 16, 16)
+    emb = policy.encode_prompts(["a cat"])
+    with torch.no_grad():
+        start = policy.predict_noise(x, 500, emb)
+    trainer.train()
+    with torch.no_grad():
+        moved = policy.predict_noise(x, 500, emb)
+        with policy.reference():
+            ref = policy.predict_noise(x, 500, emb)
+    torch.testing.assert_close(ref, start)  # the reference did not move
+    assert (moved - start).abs().max() > 1e-5  # the policy did
