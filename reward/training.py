@@ -564,7 +564,39 @@ class RewardTrainer(Trainer):
             logger.info("resuming from %s", resume_from_checkpoint or "nothing: no checkpoint yet")
         elif resume_from_checkpoint in (False, "false", "False", ""):
             resume_from_checkpoint = None
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        if not (self.is_deepspeed_enabled and resume_from_checkpoint):
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        # DeepSpeed checkpoints hold the trainable weights only (see _save_optimizer_and_scheduler):
+        # load them non-strictly (the library loads strictly unless the model is a PeftModel),
+        # then put the perspective's weights back from the checkpoint's own reward-folder copy.
+        import transformers.trainer as hf_trainer
+
+        library_load = hf_trainer.deepspeed_load_checkpoint
+
+        def load(engine: Any, path: str, load_module_strict: bool = True) -> None:
+            library_load(engine, path, load_module_strict=False)
+            if not self._zero3():
+                self._load_from_checkpoint(path)
+
+        hf_trainer.deepspeed_load_checkpoint = load
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            hf_trainer.deepspeed_load_checkpoint = library_load
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Under DeepSpeed, the engine's checkpoint without the frozen backbone (a LoRA
+        checkpoint of a 7B model is megabytes plus optimizer state, not 15 GB of frozen weights);
+        otherwise the library's."""
+        if not self.is_deepspeed_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from accelerate.utils import DeepSpeedSchedulerWrapper
+        from transformers.trainer import SCHEDULER_NAME
+
+        self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+        custom = not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper)
+        if self.args.should_save and custom:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _save_checkpoint(self, model, trial) -> None:
         """The library's checkpoint, written under a staging folder and renamed into place."""

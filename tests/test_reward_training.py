@@ -289,13 +289,33 @@ def _launch(zero: int, out: Path, *extra: str) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
 def test_recipe_zero3_then_zero2_second_perspective_same_folder(tmp_path):
     """A fresh folder under ZeRO-3 (the tiny backbone is built there too), then a second
-    perspective added under ZeRO-2; the saved folder scores like the in-memory models did."""
+    perspective added under ZeRO-2; the saved folder scores like the in-memory models did; a
+    DeepSpeed run resumed from its step-5 checkpoint ends with the same weights."""
     for name in ("zero2", "zero3"):
         if not (REPO / "recipes/accelerate" / f"{name}.yaml").is_file():
             pytest.skip(f"recipes/accelerate/{name}.yaml is not there yet")
     out = tmp_path / "reward"
     _launch(3, out, "--max_steps", "20", "--save_steps", "10")
-    _launch(2, out, "--perspective", "safety", "--max_steps", "10", "--save_steps", "10")
+    _launch(2, out, "--perspective", "safety", "--max_steps", "10", "--save_steps", "5")
+
+    # resume under DeepSpeed from the step-5 checkpoint (which holds no frozen weights)
+    import shutil
+
+    from safetensors.torch import load_file
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "checkpoints/safety/checkpoint-10")
+    module_states = next((resumed / "checkpoints/safety/checkpoint-5").rglob("*model_states.pt"))
+    states = torch.load(module_states, map_location="cpu", weights_only=False)["module"]
+    assert states and all("vision_tower" not in k and "base_layer" not in k for k in states)
+    args = ["--perspective", "safety", "--max_steps", "10", "--save_steps", "5"]
+    _launch(2, resumed, *args, "--resume_from_checkpoint", "latest")
+    for f in ("heads/safety.safetensors", "adapters/safety/adapter_model.safetensors"):
+        a, b = load_file(out / f), load_file(resumed / f)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=f"{f}: {k}")
 
     from reward.scorer import RewardScorer
 
@@ -310,7 +330,7 @@ def test_recipe_zero3_then_zero2_second_perspective_same_folder(tmp_path):
         got = scorer.score(fixed["prompts"], fixed["images"], perspective=perspective)
         torch.testing.assert_close(got, torch.tensor(fixed["rewards"]), rtol=1e-4, atol=1e-5)
     assert (out / "checkpoints/alignment/checkpoint-20").is_dir()
-    assert (out / "checkpoints/safety/checkpoint-10").is_dir()
+    assert (out / "checkpoints/safety/checkpoint-10").is_dir()  # rotation kept 5 and 10
     assert any((out / "runs").rglob("events.out.tfevents.*"))  # tensorboard logging
 
 
