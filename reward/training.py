@@ -19,8 +19,12 @@ bars. What is ours:
   :mod:`reward.losses`) and the unpaired BCE, averaged over the examples of the batch;
 * :class:`RewardTrainer`: trains one perspective (``model.set_trainable``); checkpoints hold that
   perspective's adapter, projector copy, SkipCA and head (``LlavaRewardModel.save_pretrained``
-  format, not one big state dict) and are written to a temporary folder and renamed into place;
-  resuming loads them back with ``LlavaRewardModel.load_perspective_weights``.
+  format, not one big state dict) in ``OUTPUT_DIR/checkpoints/<perspective>/checkpoint-N``,
+  written to a staging folder and renamed into place; resuming loads them back with
+  ``LlavaRewardModel.load_perspective_weights``. Under DeepSpeed the engine's own checkpoint
+  (optimizer partitions) leaves the frozen backbone out (``exclude_frozen_parameters``).
+  Under bf16 DeepSpeed (which casts every weight, the float32 heads included) the forward runs
+  under autocast.
 * :class:`RewardTrainingArguments`: the paper's optimisation defaults (AdamW betas (0.9, 0.95),
   weight decay 0, lr 2e-4, cosine schedule with 3 % warm-up, clip 1.0), bf16 and gradient
   checkpointing switched on automatically when a CUDA GPU is present.
