@@ -421,3 +421,23 @@ def test_gpm_head_trains_with_the_gpm_loss_and_mismatches_are_refused(backbone_d
     assert evaluate_model(model, data, "alignment")["n_pairs"] == 16  # 2-d rewards evaluate
     with pytest.raises(ValueError, match="head_dim"):
         RewardTrainer(model, _args(tmp_path, "alignment", loss_type="bt"), train_dataset=data)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3"])
+def test_other_backbone_families_train_on_mixed_batches(family, toy, tmp_path):
+    """Qwen2-VL (flattened patches + grid) and Idefics3 (image splitting) through the same
+    collator and trainer; the checkpoint reloads into a fresh model."""
+    backbone = save_tiny_backbone(family, tmp_path / family)
+    pairs, _ = read_reward_files(toy["alignment"][0])
+    singles, _ = read_reward_files(toy["safety"][0])
+    data = mix_datasets([pairs.select(range(4)), singles.select(range(4))])
+    model = _model(backbone, "overall")
+    kw = dict(max_steps=2, per_device_train_batch_size=4, save_strategy="steps", save_steps=2)
+    trainer = RewardTrainer(model, _args(tmp_path / "out", "overall", **kw), train_dataset=data)
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+    fresh = _model(backbone, "overall", seed=7)
+    fresh.load_perspective_weights(trainer.last_checkpoint(), "overall")
+    trained, loaded = _trainable(model), _trainable(fresh)
+    assert trained.keys() == loaded.keys()
+    assert all(torch.equal(trained[k], loaded[k]) for k in trained)
