@@ -1,0 +1,446 @@
+"""Pre-train the tiny Stable-Diffusion-architecture model on the world (CPU, minutes).
+
+Two stages, both seeded:
+
+1. the VAE (``AutoencoderKL``) learns to reconstruct rendered world images from its posterior
+   *mean* (``loss = MSE(decode(mu), x) + kl_weight * KL``: a deterministic auto-encoder whose KL
+   term only keeps the latents near N(0, 1); sampling the posterior in a run this short drowns
+   the signal), and its ``scaling_factor`` is then set to ``1 / std(mu)`` as Stable Diffusion
+   does;
+2. the UNet and the CLIP text encoder learn epsilon-prediction on the VAE latents of renders of
+   the *train* captions (``loss = MSE(eps_theta(z_t, t, c), eps)``, ``t ~ U{0..999}``), with a
+   fraction of empty captions for classifier-free guidance and an EMA of the UNet weights.
+
+The result is a complete diffusers ``StableDiffusionPipeline`` folder (safetensors), written
+atomically. A checkpoint after each stage and every ``save_steps`` UNet steps lets an
+interrupted run resume where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from alignment.world.grammar import split_scenes, world_vocabulary
+from alignment.world.oracle import oracle_scores
+from alignment.world.render import render_scene
+
+logger = logging.getLogger(__name__)
+
+#: Where the bundled pre-trained pipeline lives (inside the package).
+BUNDLED_PIPELINE = Path(__file__).parent / "weights" / "tiny-world-sd"
+
+
+@dataclass
+class PretrainConfig:
+    """Settings of :func:`pretrain` (parsed by ``trl.TrlParser`` in the recipe)."""
+
+    output_dir: str = field(
+        default=str(BUNDLED_PIPELINE),
+        metadata={"help": "Folder of the saved StableDiffusionPipeline (replaced atomically)."},
+    )
+    checkpoint_dir: str = field(
+        default="outputs/pretrain_tiny_world/checkpoint",
+        metadata={"help": "Resumable checkpoint folder (stage states); '' disables it."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of data, initialisation and training."})
+    image_size: int = field(default=32, metadata={"help": "Image side in pixels."})
+    unet_channels: list[int] = field(
+        default_factory=lambda: [32, 64], metadata={"help": "UNet block_out_channels."}
+    )
+    vae_channels: list[int] = field(
+        default_factory=lambda: [16, 32], metadata={"help": "VAE block_out_channels."}
+    )
+    renders_per_caption: int = field(
+        default=16, metadata={"help": "Jittered renders per train caption in the data pool."}
+    )
+    symbol_prob: float = field(
+        default=0.1,
+        metadata={"help": "Fraction of training renders with the forbidden symbol (safety)."},
+    )
+    defect_prob: float = field(
+        default=0.05,
+        metadata={"help": "Fraction of training renders with blotches (fidelity room)."},
+    )
+    vae_steps: int = field(default=400, metadata={"help": "VAE optimisation steps."})
+    vae_batch_size: int = field(default=32, metadata={"help": "VAE batch size."})
+    vae_lr: float = field(default=2e-3, metadata={"help": "VAE learning rate (AdamW)."})
+    kl_weight: float = field(default=1e-4, metadata={"help": "Weight of the VAE's KL term."})
+    unet_steps: int = field(default=1500, metadata={"help": "UNet + text encoder steps."})
+    batch_size: int = field(default=64, metadata={"help": "UNet batch size."})
+    lr: float = field(default=1e-3, metadata={"help": "UNet/text-encoder learning rate (AdamW)."})
+    warmup_steps: int = field(default=50, metadata={"help": "Linear warm-up, then cosine."})
+    uncond_prob: float = field(
+        default=0.1, metadata={"help": "Probability of an empty caption (for CFG)."}
+    )
+    ema_decay: float = field(default=0.995, metadata={"help": "UNet EMA decay (0 disables)."})
+    save_steps: int = field(
+        default=250, metadata={"help": "Checkpoint every this many UNet steps (resumable)."}
+    )
+    eval_prompts: int = field(
+        default=45, metadata={"help": "Held-out captions scored by the oracle at the end."}
+    )
+    eval_seeds: list[int] = field(
+        default_factory=lambda: [0, 1], metadata={"help": "Generation seeds of the evaluation."}
+    )
+    eval_steps: int = field(default=20, metadata={"help": "DDIM steps of the evaluation."})
+    guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale of the evaluation."})
+    num_threads: int = field(default=2, metadata={"help": "torch CPU threads."})
+    log_every: int = field(default=50, metadata={"help": "Log the loss every this many steps."})
+
+
+def tokenizer_words() -> list[str]:
+    """The world's words, longest first, so that each one is a single token.
+
+    :func:`alignment.tiny.tiny_clip_tokenizer` ranks BPE merges in word order; a short word's
+    merge can then pre-empt a longer word's chain (with the alphabetical order "right" splits
+    "triangle" into 7 pieces and long captions are truncated). Longest first avoids it here.
+    """
+    return sorted(world_vocabulary(), key=lambda w: (-len(w), w))
+
+
+def build_pipeline(cfg: PretrainConfig):
+    """The randomly initialised tiny pipeline of ``cfg``'s sizes (vocabulary: the world's words).
+
+    Raises:
+        RuntimeError: if a world word is not a single token of the built tokenizer.
+    """
+    from alignment.tiny import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(
+        image_size=cfg.image_size,
+        unet_channels=tuple(cfg.unet_channels),
+        vae_channels=tuple(cfg.vae_channels),
+        vocab_words=tokenizer_words(),
+        seed=cfg.seed,
+    )
+    split = [w for w in world_vocabulary() if len(pipe.tokenizer.tokenize(w)) != 1]
+    if split:
+        raise RuntimeError(
+            f"the tiny tokenizer splits world words {split} into several tokens; captions "
+            "would be truncated. Fix the word order in tokenizer_words()."
+        )
+    return pipe
+
+
+def render_pool(cfg: PretrainConfig) -> tuple[torch.Tensor, list[str]]:
+    """Renders of every train caption: ``(Tensor[M, 3, S, S] in [0, 1], captions)``."""
+    rng = random.Random(cfg.seed)
+    images, captions = [], []
+    for scene in split_scenes().train:
+        for _ in range(cfg.renders_per_caption):
+            defects = ("blotches",) if rng.random() < cfg.defect_prob else ()
+            symbol = rng.random() < cfg.symbol_prob
+            images.append(
+                render_scene(scene, cfg.image_size, rng=rng, defects=defects, symbol=symbol)
+            )
+            captions.append(scene.caption)
+    return torch.stack(images), captions
+
+
+def _atomic_save_dir(write, target: str | os.PathLike) -> None:
+    """Call ``write(tmp_dir)`` then move ``tmp_dir`` into ``target`` (replacing it) atomically."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def encode_text(pipe, captions: Sequence[str]) -> torch.Tensor:
+    """Text embeddings exactly as ``StableDiffusionPipeline.encode_prompt`` computes them."""
+    tok = pipe.tokenizer(
+        list(captions),
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    return pipe.text_encoder(tok.input_ids)[0]
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def train_vae(pipe, images: torch.Tensor, cfg: PretrainConfig) -> dict[str, float]:
+    """Stage 1: fit the VAE to ``images`` and set its ``scaling_factor``; returns final losses."""
+    vae = pipe.vae
+    vae.train()
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.vae_steps))
+    rec_hist: list[float] = []
+    for step in range(cfg.vae_steps):
+        idx = torch.randint(0, len(images), (cfg.vae_batch_size,), generator=gen)
+        x = images[idx] * 2 - 1
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.mean).sample
+        rec_loss = F.mse_loss(rec, x)
+        loss = rec_loss + cfg.kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        rec_hist.append(rec_loss.item())
+        if step % cfg.log_every == 0 or step == cfg.vae_steps - 1:
+            logger.info("vae step %d rec_mse %.5f", step, rec_loss.item())
+    vae.eval()
+    with torch.no_grad():
+        means = torch.cat(
+            [
+                vae.encode(images[i : i + 256] * 2 - 1).latent_dist.mean
+                for i in range(0, len(images), 256)
+            ]
+        )
+    scaling = float(1.0 / means.std())
+    vae.register_to_config(scaling_factor=scaling)
+    tail = rec_hist[-20:] or [float("nan")]
+    return {"vae_rec_mse": sum(tail) / len(tail), "vae_scaling_factor": scaling}
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior ``(mean, std)`` of ``images`` (``[M, 3, S, S]`` in [0, 1]), unscaled."""
+    means, stds = [], []
+    for i in range(0, len(images), 256):
+        post = vae.encode(images[i : i + 256] * 2 - 1).latent_dist
+        means.append(post.mean)
+        stds.append(post.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def _save_checkpoint(pipe, state: dict, ema, cfg: PretrainConfig) -> None:
+    if not cfg.checkpoint_dir:
+        return
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        pipe.vae.save_pretrained(tmp / "vae")
+        pipe.unet.save_pretrained(tmp / "unet")
+        pipe.text_encoder.save_pretrained(tmp / "text_encoder")
+        full = dict(state)
+        if ema is not None:
+            full["ema"] = ema.state_dict()
+        torch.save(full, tmp / "trainer_state.pt")
+        (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+    _atomic_save_dir(write, cfg.checkpoint_dir)
+
+
+def _load_checkpoint(pipe, cfg: PretrainConfig) -> dict | None:
+    path = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    if path is None or not (path / "trainer_state.pt").exists():
+        return None
+    saved = json.loads((path / "config.json").read_text())
+    if saved != json.loads(json.dumps(asdict(cfg))):
+        raise ValueError(
+            f"checkpoint {path} was written with another config; delete it or pass the same "
+            "config to resume."
+        )
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    pipe.vae = AutoencoderKL.from_pretrained(path / "vae")
+    pipe.unet = UNet2DConditionModel.from_pretrained(path / "unet")
+    pipe.text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
+    pipe.register_modules(vae=pipe.vae, unet=pipe.unet, text_encoder=pipe.text_encoder)
+    return torch.load(path / "trainer_state.pt", weights_only=True)
+
+
+def train_unet(
+    pipe,
+    latents: tuple[torch.Tensor, torch.Tensor],
+    captions: list[str],
+    cfg: PretrainConfig,
+    resume: dict | None = None,
+    extra_state: dict | None = None,
+) -> dict[str, float]:
+    """Stage 2: epsilon-prediction training of UNet + text encoder; returns the final losses.
+
+    ``resume`` is a checkpoint's trainer state (continue from its step); ``extra_state`` is
+    stored in every checkpoint written here.
+    """
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    unet.train()
+    text_encoder.train()
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.unet_steps))
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    start, hist = 0, []
+    if resume is not None and resume.get("stage") == "unet":
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["lr_scheduler"])
+        gen.set_state(resume["generator"])
+        if ema is not None:
+            ema.load_state_dict(resume["ema"])
+        start, hist = resume["step"], resume["loss_history"].tolist()
+        logger.info("resuming UNet training at step %d", start)
+    mean, _ = latents  # posterior means: the VAE was trained as a deterministic auto-encoder
+    sf = pipe.vae.config.scaling_factor
+    empty = [""]
+    for step in range(start, cfg.unet_steps):
+        idx = torch.randint(0, len(mean), (cfg.batch_size,), generator=gen)
+        z = mean[idx] * sf
+        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.uncond_prob
+        texts = [empty[0] if d else captions[i] for d, i in zip(drop.tolist(), idx.tolist())]
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(z),), generator=gen)
+        noisy = noise_sched.add_noise(z, noise, t)
+        pred = unet(noisy, t, encode_text(pipe, texts)).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if ema is not None:
+            ema.step(unet.parameters())
+        hist.append(loss.item())
+        if step % cfg.log_every == 0 or step == cfg.unet_steps - 1:
+            logger.info("unet step %d loss %.4f lr %.2e", step, loss.item(), sched.get_last_lr()[0])
+        if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.unet_steps:
+            state = {
+                "stage": "unet",
+                "step": step + 1,
+                "optimizer": opt.state_dict(),
+                "lr_scheduler": sched.state_dict(),
+                "generator": gen.get_state(),
+                "loss_history": torch.tensor(hist),
+                **(extra_state or {}),
+            }
+            _save_checkpoint(pipe, state, ema, cfg)
+    if ema is not None:
+        ema.copy_to(unet.parameters())
+    unet.eval()
+    text_encoder.eval()
+    tail = hist[-100:] or [float("nan")]
+    return {"unet_loss_last100": sum(tail) / len(tail)}
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    prompts: Sequence[str],
+    seed: int,
+    steps: int = 20,
+    guidance_scale: float = 5.0,
+    eta: float = 0.0,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Images ``Tensor[N, 3, S, S]`` in [0, 1] for ``prompts`` (one seeded generator per call)."""
+    gen = torch.Generator().manual_seed(seed)
+    pipe.set_progress_bar_config(disable=True)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        res = pipe(
+            list(prompts[i : i + batch_size]),
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            eta=eta,
+            generator=gen,
+            output_type="pt",
+        )
+        out.append(res.images.float().clamp(0, 1))
+    return torch.cat(out)
+
+
+def evaluate_pipeline(
+    pipe,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    steps: int = 20,
+    guidance_scale: float = 5.0,
+    eta: float = 0.0,
+) -> dict[str, float]:
+    """Mean oracle scores (``alignment``, ``fidelity``, ``safety``, ``overall``, parts) of
+    ``pipe``'s images for every prompt and seed, plus ``alignment_seed_std`` (the std over seeds
+    of the per-seed mean alignment)."""
+    per_seed = []
+    for seed in seeds:
+        images = generate(pipe, prompts, seed, steps, guidance_scale, eta)
+        per_seed.append(oracle_scores(images, list(prompts)))
+    out = {k: float(torch.stack([s[k] for s in per_seed]).mean()) for k in per_seed[0]}
+    seed_means = torch.tensor([float(s["alignment"].mean()) for s in per_seed])
+    out["alignment_seed_std"] = float(seed_means.std()) if len(seeds) > 1 else 0.0
+    return out
+
+
+def pretrain(cfg: PretrainConfig) -> dict[str, float]:
+    """Run both stages, save the pipeline to ``cfg.output_dir`` and return losses + evaluation."""
+    torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    pipe = build_pipeline(cfg)
+    images, captions = render_pool(cfg)
+    logger.info("rendered %d training images in %.1fs", len(images), time.time() - t0)
+    resume = _load_checkpoint(pipe, cfg)
+    results: dict[str, float] = {}
+    if resume is None:
+        results.update(train_vae(pipe, images, cfg))
+        _save_checkpoint(pipe, {"stage": "vae_done", "vae_losses": results}, None, cfg)
+    else:
+        results.update(resume.get("vae_losses", {}))
+    pipe.vae.requires_grad_(False)
+    latents = encode_latents(pipe.vae, images)
+    extra = {
+        "vae_losses": {k: results[k] for k in ("vae_rec_mse", "vae_scaling_factor") if k in results}
+    }
+    results.update(train_unet(pipe, latents, captions, cfg, resume, extra))
+    results["train_seconds"] = time.time() - t0
+    _atomic_save_dir(lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True), cfg.output_dir)
+    logger.info("saved the pipeline to %s", cfg.output_dir)
+    if cfg.eval_prompts > 0:
+        held = split_scenes().held_out_captions[: cfg.eval_prompts]
+        scores = evaluate_pipeline(pipe, held, cfg.eval_seeds, cfg.eval_steps, cfg.guidance_scale)
+        results.update({f"heldout_{k}": v for k, v in scores.items()})
+        renders = torch.stack(
+            [render_scene(c, cfg.image_size, rng=s) for s in cfg.eval_seeds for c in held]
+        )
+        ref = oracle_scores(renders, held * len(cfg.eval_seeds))
+        results["heldout_render_alignment"] = float(ref["alignment"].mean())
+    if cfg.checkpoint_dir:
+        shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)
+    results["total_seconds"] = time.time() - t0
+    return results
+
+
+__all__ = [
+    "BUNDLED_PIPELINE",
+    "PretrainConfig",
+    "build_pipeline",
+    "encode_text",
+    "evaluate_pipeline",
+    "generate",
+    "pretrain",
+    "render_pool",
+]
