@@ -258,6 +258,14 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(backbone_dir, toy, tmp
 # ----------------------------------------------------------------------------- recipe
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # other test workers may launch DeepSpeed at the same time
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _launch(zero: int, out: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
@@ -265,6 +273,8 @@ def _launch(zero: int, out: Path, *extra: str) -> subprocess.CompletedProcess:
         "accelerate.commands.launch",
         "--config_file",
         f"recipes/accelerate/zero{zero}.yaml",
+        "--main_process_port",
+        str(_free_port()),
         "--num_cpu_threads_per_process",
         "1",
         "recipes/train_reward.py",
