@@ -181,10 +181,13 @@ def fk_steering(
     ess_threshold: float = 1.0,
     seed: int = 0,
     keep_all: bool = False,
+    batch_size: int | None = None,
 ) -> ScalingResult:
     """Feynman-Kac steering with ``K = num_particles`` particles per prompt (module docstring).
 
-    All ``P * K`` particles run as one batch. Returns the best final particle per prompt, all
+    The particles of up to ``max(1, batch_size // K)`` prompts run as one batch (all prompts at
+    once when ``batch_size`` is None); the initial noise, step noise and resampling draws of a
+    prompt are seeded by its index, so chunking gives the same draws. Returns the best final particle per prompt, all
     final scores, and in ``info`` the resampling steps, the effective sample size before each
     resampling (``ess``, mean over prompts) and how many prompts were resampled there.
     """
@@ -198,6 +201,44 @@ def fk_steering(
     from diffusers.utils.torch_utils import randn_tensor
 
     prompts = list(prompts)
+    per_chunk = len(prompts) if batch_size is None else max(1, batch_size // num_particles)
+    if len(prompts) > per_chunk:
+        kw = dict(
+            num_particles=num_particles,
+            num_steps=num_steps,
+            eta=eta,
+            guidance_scale=guidance_scale,
+            lmbda=lmbda,
+            potential=potential,
+            resample_every=resample_every,
+            resample_start=resample_start,
+            resample_end=resample_end,
+            ess_threshold=ess_threshold,
+            keep_all=keep_all,
+        )
+        parts = []
+        for c in range(0, len(prompts), per_chunk):
+            # prompt p of this chunk is prompt c + p overall: shift the seed by c * 100_003
+            parts.append(
+                fk_steering(
+                    policy, prompts[c : c + per_chunk], reward_fn, seed=seed + c * 100_003, **kw
+                )
+            )
+        info = dict(parts[0].info)
+        info["ess"] = [float(sum(e) / len(e)) for e in zip(*(q.info["ess"] for q in parts))]
+        info["resampled_prompts"] = [
+            int(sum(r)) for r in zip(*(q.info["resampled_prompts"] for q in parts))
+        ]
+        return ScalingResult(
+            images=torch.cat([q.images for q in parts]),
+            scores=torch.cat([q.scores for q in parts]),
+            best_index=torch.cat([q.best_index for q in parts]),
+            best_scores=torch.cat([q.best_scores for q in parts]),
+            unet_evals=sum(q.unet_evals for q in parts),
+            reward_evals=sum(q.reward_evals for q in parts),
+            all_images=torch.cat([q.all_images for q in parts]) if keep_all else None,
+            info=info,
+        )
     P, K = len(prompts), num_particles
     texts = [p for p in prompts for _ in range(K)]
     gens = [torch.Generator().manual_seed(_seed(seed, p, k)) for p in range(P) for k in range(K)]
@@ -212,7 +253,8 @@ def fk_steering(
     )
     steps = set(resampling_steps(num_steps, resample_every, resample_start, resample_end))
     state = torch.zeros(P, K)
-    rng = torch.Generator().manual_seed(seed + 7)
+    # one resampling RNG per prompt (seeded by the prompt's index, like its particles' noise)
+    rngs = [torch.Generator().manual_seed(_seed(seed, p, 99_991)) for p in range(P)]
     info: dict[str, Any] = {
         "method": "fk",
         "resample_steps": sorted(steps),
@@ -233,7 +275,7 @@ def fk_steering(
             idx = torch.arange(K).expand(P, K).clone()
             redo = ess < ess_threshold * K if ess_threshold < 1 else torch.ones(P, dtype=torch.bool)
             for p in torch.nonzero(redo).flatten().tolist():
-                idx[p] = torch.multinomial(w[p], K, replacement=True, generator=rng)
+                idx[p] = torch.multinomial(w[p], K, replacement=True, generator=rngs[p])
             flat = (idx + torch.arange(P)[:, None] * K).flatten().to(x.device)
             x, eps = x[flat], eps[flat]
             state = torch.gather(new_state, 1, idx)
@@ -272,7 +314,9 @@ class ScalingConfig:
     eta: float = field(default=1.0, metadata={"help": "DDIM eta (FK needs > 0)."})
     guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale."})
     seed: int = field(default=0, metadata={"help": "Base seed (see alignment.scaling)."})
-    batch_size: int = field(default=16, metadata={"help": "Best-of-N: images per UNet batch."})
+    batch_size: int = field(
+        default=16, metadata={"help": "Images (best-of-N) or particles (FK) per UNet batch."}
+    )
     lmbda: float = field(default=10.0, metadata={"help": "FK temperature lambda."})
     potential: str = field(default="diff", metadata={"help": "FK potential: diff, max or add."})
     resample_every: int = field(default=5, metadata={"help": "FK: resample every N steps."})

@@ -109,3 +109,23 @@ def test_sampling_recipe_writes_images_and_scores(tmp_path):
     assert report["method"] == "fk" and len(report["prompts"]) == 2
     assert len(report["prompts"][0]["scores"]) == 2 and report["unet_evals"] == 2 * 2 * 4 * 2
     assert (out / report["prompts"][0]["image"]).is_file()
+
+
+def test_fk_in_prompt_chunks_equals_one_batch():
+    policy = DiffusionPolicy.from_pretrained("tiny", use_lora=False)
+    kw = dict(
+        num_particles=2,
+        num_steps=4,
+        eta=1.0,
+        guidance_scale=1.0,
+        lmbda=1000.0,
+        resample_every=1,
+        resample_start=0.0,
+        resample_end=1.0,
+        seed=3,
+    )
+    whole = fk_steering(policy, PROMPTS[:3], mean_brightness, **kw)
+    chunked = fk_steering(policy, PROMPTS[:3], mean_brightness, batch_size=2, **kw)
+    torch.testing.assert_close(chunked.scores, whole.scores, rtol=1e-4, atol=1e-5)
+    assert chunked.unet_evals == whole.unet_evals == 3 * 2 * 4
+    assert len(chunked.info["ess"]) == len(whole.info["ess"]) == 4
