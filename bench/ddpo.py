@@ -347,6 +347,9 @@ def sd15_shaped_pipeline():
             num_hidden_layers=12,
             num_attention_heads=12,
             max_position_embeddings=77,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
         )
     )
     sched = DDIMScheduler(
