@@ -14,7 +14,12 @@ Pairs come from one of two sources:
   policy, rank them with ``reward`` (any registered reward, e.g. LLaVA-Reward with a perspective
   or a weighted mix) and keep (best, worst) per prompt, or every pair whose reward gap exceeds
   ``reward_margin`` (``pairing: margin``). The sampled clean latents are used directly (no VAE
-  round trip).
+  round trip). The pair buffer is not checkpointed: a resumed run samples fresh pairs first.
+
+Offline pairs are read as a deterministic stream over shuffled epochs indexed by the optimiser
+step, so a resumed run continues with the pairs the uninterrupted run would have used.
+Diffusion-DPO assumes the UNet denoises its own images (a pre-trained model); on a randomly
+initialised UNet the implicit accuracy rises without the samples following the preference.
 
 One micro-batch of ``B`` pairs: the preferred and the rejected latents are noised with the *same*
 noise and timestep and go through the UNet in one ``2B`` call, then again under
