@@ -318,6 +318,14 @@ def test_offline_dpo_learns_the_brighter_preference(tmp_path):
     assert after_b.mean() > before_b.mean() + 3 * before_b.std() / before_b.numel() ** 0.5
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # other test workers may launch DeepSpeed at the same time
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_recipe_through_accelerate_launch_cpu_and_zero2(tmp_path):
     from diffusers import StableDiffusionPipeline
@@ -351,7 +359,12 @@ def test_recipe_through_accelerate_launch_cpu_and_zero2(tmp_path):
     runs = {
         # the acceptance command (plain `accelerate launch`, one CPU process)
         "cpu": [],
-        "zero2": ["--config_file", "recipes/accelerate/zero2.yaml"],
+        "zero2": [
+            "--config_file",
+            "recipes/accelerate/zero2.yaml",
+            "--main_process_port",
+            str(_free_port()),
+        ],
     }
     for name, launch in runs.items():
         out = tmp_path / name
