@@ -1,0 +1,100 @@
+"""The bundled tiny-world Stable Diffusion pipeline: loads offline and draws better than random."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignment.world.grammar import split_scenes
+from alignment.world.oracle import oracle_scores
+from alignment.world.pretrain import BUNDLED_PIPELINE, PretrainConfig, build_pipeline, generate
+
+
+def test_bundled_pipeline_is_small_safetensors_and_loads():
+    files = [p for p in BUNDLED_PIPELINE.rglob("*") if p.is_file()]
+    assert (BUNDLED_PIPELINE / "model_index.json").exists()
+    assert sum(p.stat().st_size for p in files) < 20 * 2**20
+    weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".ckpt")]
+    assert weights and all(p.suffix == ".safetensors" for p in weights)
+
+
+def test_bundled_pipeline_beats_random_init_on_held_out_prompts():
+    """Generated images for held-out captions score above a random-init pipeline of equal size.
+
+    The pre-trained model draws the background and colour well but the shape and position
+    poorly (see alignment/world/weights/README.md), so the oracle's product ``alignment`` is
+    small but above random, and its parts are clearly above random.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(BUNDLED_PIPELINE)
+    prompts = split_scenes().held_out_captions[::6]  # 8 held-out captions
+    images = generate(pipe, prompts, seed=0, steps=10, guidance_scale=5.0)
+    assert images.shape == (len(prompts), 3, 32, 32)
+    trained = oracle_scores(images, prompts)
+    random_pipe = build_pipeline(
+        PretrainConfig(
+            unet_channels=list(pipe.unet.config.block_out_channels),
+            vae_channels=list(pipe.vae.config.block_out_channels),
+        )
+    )
+    baseline = oracle_scores(generate(random_pipe, prompts, seed=0, steps=10), prompts)
+    for key in ("alignment", "fidelity", "safety", "overall"):
+        assert torch.isfinite(trained[key]).all(), key
+    assert trained["alignment"].mean() > baseline["alignment"].mean()
+    assert trained["overall"].mean() > baseline["overall"].mean()
+    assert trained["background"].mean() > baseline["background"].mean() + 0.5
+    assert trained["colour"].mean() > baseline["colour"].mean() + 0.3
+    assert trained["fidelity"].mean() > baseline["fidelity"].mean() + 0.5
+
+
+def test_pretrain_resumes_after_a_crash_to_the_same_weights(tmp_path, monkeypatch):
+    """A run interrupted after its step-2 checkpoint and restarted equals an uninterrupted run."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    import alignment.world.pretrain as pretrain_mod
+    from alignment.world.pretrain import PretrainConfig, pretrain
+
+    def cfg(name: str) -> PretrainConfig:
+        return PretrainConfig(
+            output_dir=str(tmp_path / name / "pipe"),
+            checkpoint_dir=str(tmp_path / name / "ckpt"),
+            unet_channels=[8, 16],
+            vae_channels=[8, 16],
+            renders_per_caption=1,
+            vae_steps=2,
+            vae_batch_size=4,
+            unet_steps=4,
+            batch_size=4,
+            warmup_steps=1,
+            save_steps=2,
+            eval_prompts=0,
+            num_threads=1,
+        )
+
+    straight = pretrain(cfg("straight"))
+    real_encode, calls = pretrain_mod.encode_text, []
+
+    def crash_on_fourth_step(pipe, captions):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("simulated crash")
+        return real_encode(pipe, captions)
+
+    monkeypatch.setattr(pretrain_mod, "encode_text", crash_on_fourth_step)
+    with pytest.raises(KeyboardInterrupt, match="simulated crash"):
+        pretrain(cfg("resumed"))
+    monkeypatch.setattr(pretrain_mod, "encode_text", real_encode)
+    assert (tmp_path / "resumed" / "ckpt" / "trainer_state.pt").exists()
+    assert not (tmp_path / "resumed" / "pipe").exists()
+    resumed = pretrain(cfg("resumed"))
+    assert not (tmp_path / "resumed" / "ckpt").exists()  # removed after a finished run
+    assert resumed["vae_rec_mse"] == straight["vae_rec_mse"]
+    assert resumed["unet_loss_last100"] == pytest.approx(straight["unet_loss_last100"])
+    for part in ("unet", "text_encoder", "vae"):
+        a = load_file(next((tmp_path / "straight" / "pipe" / part).glob("*.safetensors")))
+        b = load_file(next((tmp_path / "resumed" / "pipe" / part).glob("*.safetensors")))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "resumed" / "pipe")
+    assert pipe.vae.config.scaling_factor == pytest.approx(straight["vae_scaling_factor"])
