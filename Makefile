@@ -21,6 +21,8 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+	@# DeepSpeed compiles its CPU shared-memory comm op on first use (~1-2 min): do it once here
+	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 || true
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -33,8 +35,9 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# two pytest workers on a 2-core machine: one thread each (more threads oversubscribe the cores)
 test: lint
-	$(PY) -m pytest -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile
 
 demo: $(STAMP)
 	$(PY) -m alignment.demo $(DEMO_ARGS)
