@@ -132,6 +132,15 @@ def brightness() -> RewardFn:
     return fn
 
 
+@register_reward("world_oracle")
+def world_oracle(perspective: str = "alignment") -> RewardFn:
+    """The tiny world's oracle (``alignment.world.oracle``) for ``perspective`` (alignment,
+    fidelity, safety or overall): the ground truth of the demo, usable as a reward."""
+    from alignment.world.oracle import oracle_reward
+
+    return oracle_reward(perspective)
+
+
 @register_reward("llava_reward")
 def llava_reward(
     path: str,

@@ -76,3 +76,35 @@ def test_unknown_name_and_duplicate_registration():
 def test_bad_image_shape_is_a_clear_error():
     with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
         get_reward_fn("brightness")(torch.zeros(3, 4, 4), ["a"])
+
+
+def test_world_oracle_entry_scores_renders_above_mismatches():
+    from alignment.rewards import get_reward_fn
+    from alignment.world.render import render_scene
+
+    fn = get_reward_fn("world_oracle", perspective="alignment")
+    caption = "a red circle at the top left on a white background"
+    wrong = "a blue square at the bottom right on a black background"
+    images = torch.stack([render_scene(caption), render_scene(wrong)])
+    scores = fn(images, [caption, caption])
+    assert scores.shape == (2,) and scores[0] > 0.5 > scores[1]
+
+
+def test_llava_reward_entry_matches_the_scorer(tmp_path):
+    from reward import LlavaRewardModel, RewardScorer
+    from reward.testing import save_tiny_backbone
+
+    backbone = save_tiny_backbone("llava", tmp_path / "bb")
+    model = LlavaRewardModel.from_backbone(
+        backbone, perspectives=("overall", "safety"), lora_config={"r": 4, "lora_alpha": 8}
+    )
+    model.save_pretrained(tmp_path / "rm")
+    images = torch.rand(3, 3, 32, 32)
+    prompts = ["a red circle", "a blue square", "a cat"]
+    fn = get_reward_fn("llava_reward", path=str(tmp_path / "rm"), perspective="safety")
+    expected = RewardScorer.from_pretrained(tmp_path / "rm").score(prompts, images, "safety")
+    torch.testing.assert_close(fn(images, prompts), expected, atol=1e-4, rtol=0)
+    weighted = get_reward_fn(
+        "llava_reward", path=str(tmp_path / "rm"), perspective={"overall": 1.0, "safety": 0.5}
+    )
+    assert weighted(images, prompts).shape == (3,)
