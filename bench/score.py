@@ -24,86 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import device_name, timed, write_results  # noqa: E402
 
 from reward import LlavaRewardModel, RewardScorer  # noqa: E402
-from reward.testing import LLAVA_CHAT_TEMPLATE, LLAVA_SPECIAL, tiny_word_tokenizer  # noqa: E402
+from reward.testing import LLAVA_CHAT_TEMPLATE, phi35_vision_shaped_llava  # noqa: E402
 
 
 def build_backbone(gpu: bool):
-    """A random LLaVA-wired backbone: Phi-3.5-vision-shaped on GPU, small on CPU."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        Phi3Config,
-    )
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    tok = tiny_word_tokenizer(
-        LLAVA_SPECIAL,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        image_token="<image>",
-    )
-    tok.chat_template = LLAVA_CHAT_TEMPLATE
-    if gpu:  # CLIP ViT-L/14-336 + Phi-3-mini (hidden 3072, 32 layers, intermediate 8192)
-        vcfg = CLIPVisionConfig(
-            hidden_size=1024,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            intermediate_size=4096,
-            image_size=336,
-            patch_size=14,
-            projection_dim=768,
-        )
-        tcfg = Phi3Config(
-            hidden_size=3072,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            intermediate_size=8192,
-            vocab_size=32064,
-            max_position_embeddings=4096,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            bos_token_id=tok.bos_token_id,
-        )
-    else:
-        vcfg = CLIPVisionConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=128,
-            image_size=112,
-            patch_size=14,
-            projection_dim=64,
-        )
-        tcfg = Phi3Config(
-            hidden_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            intermediate_size=256,
-            vocab_size=len(tok),
-            max_position_embeddings=1024,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            bos_token_id=tok.bos_token_id,
-        )
-    cfg = LlavaConfig(
-        vision_config=vcfg,
-        text_config=tcfg,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-    )
-    dtype = torch.bfloat16 if gpu else torch.float32
-    with torch.device("cuda" if gpu else "cpu"):
-        model = LlavaForConditionalGeneration(cfg).to(dtype).eval()
-    ip = CLIPImageProcessorPil(
-        size={"shortest_edge": vcfg.image_size},
-        crop_size={"height": vcfg.image_size, "width": vcfg.image_size},
-    )
-    return model, tok, ip
+    """A random LLaVA-wired backbone: Phi-3.5-vision-shaped bf16 on CUDA, small fp32 on CPU."""
+    if gpu:
+        return phi35_vision_shaped_llava(device="cuda", dtype=torch.bfloat16)
+    return phi35_vision_shaped_llava(tiny=True, tiny_image_size=112)
 
 
 def main() -> None:

@@ -31,77 +31,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, device_name, write_results  # noqa: E402
 
 from reward.modeling import LlavaRewardModel  # noqa: E402
-from reward.testing import LLAVA_CHAT_TEMPLATE, LLAVA_SPECIAL, tiny_word_tokenizer  # noqa: E402
+from reward.testing import LLAVA_CHAT_TEMPLATE, phi35_vision_shaped_llava  # noqa: E402
 from reward.training import RewardTrainer, RewardTrainingArguments  # noqa: E402
 
 
 def build_backbone(tiny: bool):
-    """A random LLaVA-wired backbone: Phi-3.5-vision-shaped, or small for --tiny."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        Phi3Config,
-    )
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    """A random LLaVA-wired backbone: Phi-3.5-vision-shaped (bf16, CUDA), or small for --tiny."""
+    from transformers import LlavaProcessor
 
-    tok = tiny_word_tokenizer(
-        LLAVA_SPECIAL,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        image_token="<image>",
-    )
-    tok.chat_template = LLAVA_CHAT_TEMPLATE
     if tiny:
-        vcfg = CLIPVisionConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=128,
-            image_size=56,
-            patch_size=14,
-            projection_dim=64,
-        )
-        tcfg = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4)
-        tcfg.update(num_key_value_heads=4, intermediate_size=256, vocab_size=len(tok))
-    else:  # CLIP ViT-L/14-336 + Phi-3-mini (hidden 3072, 32 layers, intermediate 8192)
-        vcfg = CLIPVisionConfig(
-            hidden_size=1024,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            intermediate_size=4096,
-            image_size=336,
-            patch_size=14,
-            projection_dim=768,
-        )
-        tcfg = dict(hidden_size=3072, num_hidden_layers=32, num_attention_heads=32)
-        tcfg.update(num_key_value_heads=32, intermediate_size=8192, vocab_size=32064)
-    text = Phi3Config(
-        **tcfg,
-        max_position_embeddings=4096,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-    )
-    cfg = LlavaConfig(
-        vision_config=vcfg,
-        text_config=text,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-    )
-    torch.manual_seed(0)
-    dtype = torch.float32 if tiny else torch.bfloat16
-    with torch.device("cpu" if tiny else "cuda"):
-        model = LlavaForConditionalGeneration(cfg).to(dtype)
-    ip = CLIPImageProcessorPil(
-        size={"shortest_edge": vcfg.image_size},
-        crop_size={"height": vcfg.image_size, "width": vcfg.image_size},
-    )
+        model, tok, ip = phi35_vision_shaped_llava(tiny=True, tiny_image_size=56)
+    else:
+        model, tok, ip = phi35_vision_shaped_llava(device="cuda", dtype=torch.bfloat16)
     proc = LlavaProcessor(image_processor=ip, tokenizer=tok, chat_template=LLAVA_CHAT_TEMPLATE)
-    return model, proc
+    return model.train(), proc
 
 
 class Pairs(torch.utils.data.Dataset):

@@ -414,3 +414,90 @@ def save_tiny_backbone(family: str, path: str | os.PathLike, **kwargs) -> Path:
     tokenizer.save_pretrained(path)
     image_processor.save_pretrained(path)
     return path
+
+
+def phi35_vision_shaped_llava(
+    tiny: bool = False,
+    tiny_image_size: int = 112,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+):
+    """A random LLaVA-wired model shaped like Phi-3.5-vision (benchmarks; no download).
+
+    Full size: CLIP ViT-L/14-336 vision (576 image tokens) + a Phi-3-mini text model (hidden 3072,
+    32 layers, intermediate 8192, 4.1B parameters in all); ``tiny=True``: the same wiring at toy
+    size. Returns ``(model, tokenizer, image_processor)``.
+    """
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        Phi3Config,
+    )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tok = tiny_word_tokenizer(
+        LLAVA_SPECIAL,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        image_token="<image>",
+    )
+    tok.chat_template = LLAVA_CHAT_TEMPLATE
+    if tiny:
+        vision = dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            image_size=tiny_image_size,
+            projection_dim=64,
+        )
+        text = dict(
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=256,
+            vocab_size=len(tok),
+        )
+    else:
+        vision = dict(
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            image_size=336,
+            projection_dim=768,
+        )
+        text = dict(
+            hidden_size=3072,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            intermediate_size=8192,
+            vocab_size=32064,
+        )
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(patch_size=14, **vision),
+        text_config=Phi3Config(
+            max_position_embeddings=4096,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            bos_token_id=tok.bos_token_id,
+            **text,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+    )
+    torch.manual_seed(seed)
+    with torch.device(device or "cpu"):
+        model = LlavaForConditionalGeneration(config)
+    model = model.to(dtype or torch.float32).eval()
+    size = vision["image_size"]
+    ip = CLIPImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    )
+    return model, tok, ip
