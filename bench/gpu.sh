@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU checks of issues 2-5, as one script for a session that is lent a device machine.
+# Not yet run: no session so far had a GPU. Figures go to bench/results/*_gpu*.json and
+# docs/benchmarks.md, which come back through $OUT.
+#
+# Prepare here once (the device image has torch, transformers, peft, accelerate, but no
+# diffusers, trl or deepspeed; ../shared does not travel):
+#   printf '/.whl/\n/.gpuref/\n' >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 safetensors huggingface_hub
+#   python3 -m pip wheel --no-deps -w .whl deepspeed==0.19.8 trl==1.16.0
+#   mkdir -p .gpuref && cp ../shared/bench-reference/gpu_anchors.py .gpuref/
+# Then: run(command="bash bench/gpu.sh 1", carry=[".whl", ".gpuref"], timeout_s=570), and
+#       "bash bench/gpu.sh 2" for the training benches, if device time is left.
+set -uo pipefail
+stage=${1:-1}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+out=${OUT:-bench/results/gpu}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+run() { echo "== $*"; timeout "$1" "${@:2}" 2>&1 | grep -v -i "warn" | tail -40; }
+if [ "$stage" = 1 ]; then
+    run 150 python3 .gpuref/gpu_anchors.py "$out/gpu_anchors.json"      # the baseline, same call
+    run 120 python3 bench/score.py --gpu                                  # target >= 110 images/s
+    run 200 python3 bench/score.py --gpu --compile
+else
+    run 240 python3 bench/ddpo.py --gpu --compile --samples 256           # >= 5.5 img/s, <= 180 s
+    run 120 python3 bench/dpo.py                                          # >= 30 pairs/s
+    run 120 python3 bench/draft.py
+    run 120 python3 bench/train_reward.py
+fi
+cp bench/results/*.json docs/benchmarks.md "$out/" 2>/dev/null || true
