@@ -49,6 +49,7 @@ class DemoConfig:
         default="ddpo", metadata={"help": f"One of {', '.join(METHODS)}, a comma list, or 'all'."}
     )
     epochs: int = field(default=10, metadata={"help": "DDPO epochs."})
+    learning_rate: float = field(default=3e-3, metadata={"help": "DDPO learning rate (LoRA)."})
     num_steps: int = field(default=10, metadata={"help": "DDIM steps (sampling and training)."})
     guidance_scale: float = field(default=3.0, metadata={"help": "Classifier-free guidance."})
     eval_prompts: int = field(default=24, metadata={"help": "Held-out prompts evaluated."})
@@ -107,7 +108,7 @@ def _train(method: str, cfg: DemoConfig, out: Path, train_prompts: list[str]):
                 timesteps_per_call=cfg.num_steps,
                 lora_rank=8,
                 lora_target_modules="to_q,to_k,to_v,to_out.0,conv_out",
-                learning_rate=3e-3,
+                learning_rate=cfg.learning_rate,
                 clip_range=1e-3,
                 save_every=0,
                 log_images_every=2,
