@@ -210,10 +210,11 @@ class RewardScorer:
             if differentiable:
                 return self.differentiable_rewards(images, prompts, weights)
             out = []
+            all_prompts = self._prompts_for(prompts, images.shape[0])
             with torch.inference_mode():
                 for s in range(0, images.shape[0], batch_size):
                     chunk = images[s : s + batch_size].detach()
-                    chunk_prompts = self._prompts_for(prompts, images.shape[0])[s : s + batch_size]
+                    chunk_prompts = all_prompts[s : s + batch_size]
                     if torch_path:
                         out.append(self.differentiable_rewards(chunk, chunk_prompts, weights).cpu())
                     else:
