@@ -192,7 +192,8 @@ def run(cfg: DemoConfig) -> dict:
         "oracle_alignment_noise": noise,
         "methods": {},
     }
-    grid_rows = [("before", _first_images(base, held[:8], cfg))]
+    grid_prompts = held[:: max(1, len(held) // 8)][:8]  # one row of varied held-out prompts
+    grid_rows = [("before", _first_images(base, grid_prompts, cfg))]
     for method in methods:
         start = time.perf_counter()
         if method == "best_of_n":
@@ -213,7 +214,7 @@ def run(cfg: DemoConfig) -> dict:
         else:
             policy, history = _train(method, cfg, out, train_prompts)
             after = _evaluate(policy, held, seeds, cfg)
-            grid_rows.append((method, _first_images(policy, held[:8], cfg)))
+            grid_rows.append((method, _first_images(policy, grid_prompts, cfg)))
         diff = (after - before.mean(0, keepdim=True)) if after.shape[0] == 1 else after - before
         summary["methods"][method] = {
             "oracle_alignment_after": after.mean().item(),
@@ -229,7 +230,7 @@ def run(cfg: DemoConfig) -> dict:
     if (out / "ddpo" / "reward_curve.png").exists():
         shutil.copy(out / "ddpo" / "reward_curve.png", out / "reward_curve.png")
     images = torch.cat([imgs for _, imgs in grid_rows])
-    captions = [f"{name}: {p}" for name, _ in grid_rows for p in held[:8]]
+    captions = [f"{name}: {p}" for name, _ in grid_rows for p in grid_prompts]
     image_grid(images, captions, cols=8, cell=96).save(out / "before_after.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "report.md").write_text(_report(summary, methods))
