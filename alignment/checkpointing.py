@@ -144,3 +144,17 @@ def load_checkpoint(accelerator: Any, path: str | os.PathLike) -> dict[str, Any]
         accelerator.load_state(str(path), strict=False)
     with open(path / TRAINER_STATE, encoding="utf-8") as f:
         return json.load(f)
+
+
+def resume_if_requested(
+    accelerator: Any, output_dir: str | os.PathLike, resume_from: str | None
+) -> tuple[Path, dict[str, Any]] | None:
+    """The resume step of every trainer: resolve ``resume_from`` (``"latest"`` without a
+    checkpoint starts fresh, with a message), restore the accelerator state and return
+    ``(checkpoint path, trainer state)``, or None when nothing was loaded."""
+    path = resolve_checkpoint(output_dir, resume_from)
+    if path is None:
+        if resume_from:
+            accelerator.print(f"No checkpoint under {output_dir}; starting fresh.")
+        return None
+    return path, load_checkpoint(accelerator, path)

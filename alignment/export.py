@@ -98,3 +98,14 @@ def export_policy(
         shutil.rmtree(export_dir)
     os.replace(tmp, export_dir)
     return export_dir
+
+
+def export_from_accelerator(
+    accelerator: Any, unet: Any, policy: Any, export_dir: str | os.PathLike
+) -> None:
+    """Gather the (possibly DeepSpeed-wrapped) ``unet`` on every process and export ``policy``
+    from the main one (:func:`export_policy`); call on every process."""
+    state = accelerator.get_state_dict(unet)
+    if accelerator.is_main_process:
+        export_policy(policy, export_dir, state)
+    accelerator.wait_for_everyone()

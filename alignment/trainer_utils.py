@@ -278,14 +278,13 @@ class PolicyTrainerBase:
     def maybe_resume(self) -> bool:
         """Resume from ``config.resume_from`` if set (``"latest"`` without a checkpoint starts
         fresh). Returns whether a checkpoint was loaded."""
-        from alignment.checkpointing import load_checkpoint, resolve_checkpoint
+        from alignment.checkpointing import resume_if_requested
 
-        path = resolve_checkpoint(self.output_dir, self.config.resume_from)
-        if path is None:
-            if self.config.resume_from:
-                self.accelerator.print(f"No checkpoint under {self.output_dir}; starting fresh.")
+        loaded = resume_if_requested(self.accelerator, self.output_dir, self.config.resume_from)
+        if loaded is None:
             return False
-        self.load_trainer_state(load_checkpoint(self.accelerator, path))
+        path, state = loaded
+        self.load_trainer_state(state)
         self.accelerator.print(f"Resumed from {path} at step {self.global_step}.")
         return True
 
@@ -308,12 +307,9 @@ class PolicyTrainerBase:
 
     def export(self, export_dir: str) -> None:
         """Export the tuned pipeline (see :mod:`alignment.export`); call on every process."""
-        from alignment.export import export_policy
+        from alignment.export import export_from_accelerator
 
-        state = self.accelerator.get_state_dict(self.unet)
-        if self.accelerator.is_main_process:
-            export_policy(self.policy, export_dir, state)
-        self.accelerator.wait_for_everyone()
+        export_from_accelerator(self.accelerator, self.unet, self.policy, export_dir)
 
     def finish(self) -> None:
         self.write_history()
