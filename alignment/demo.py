@@ -123,6 +123,7 @@ def _train(method: str, cfg: DemoConfig, out: Path, train_prompts: list[str]):
         trainer = DPOTrainer(
             DPOConfig(
                 **common,
+                data="online",
                 num_steps=cfg.num_steps,
                 guidance_scale=cfg.guidance_scale,
                 max_steps=30,

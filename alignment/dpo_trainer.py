@@ -159,11 +159,6 @@ class DPOConfig(PolicyTrainConfig):
             raise ValueError(f"pairing must be 'best_worst' or 'margin', got {self.pairing!r}.")
         if self.images_per_prompt < 2:
             raise ValueError("images_per_prompt must be at least 2 to form a pair.")
-        if (self.online or self.build_data or self.eval_every) and not self.reward:
-            raise ValueError(
-                "Online pairs, build_data and eval_every need a reward: set `reward` (e.g. "
-                "llava_reward with reward_kwargs {path, perspective}, or brightness)."
-            )
 
     @property
     def online(self) -> bool:
@@ -408,6 +403,12 @@ class DPOTrainer(PolicyTrainerBase):
         if self.reward_fn is None and cfg.reward:
             with self.frozen_outside_zero3():
                 self.reward_fn = get_reward_fn(cfg.reward, **cfg.reward_kwargs)
+        if self.reward_fn is None and (cfg.online or cfg.build_data or cfg.eval_every):
+            raise ValueError(
+                "Online pairs, build_data and eval_every need a reward: set `reward` (e.g. "
+                "llava_reward with reward_kwargs {path, perspective}, or brightness), or pass "
+                "reward_fn= to the trainer."
+            )
         self.prompts = (
             list(prompts) if prompts is not None else load_prompts(cfg.prompts, cfg.prompt_category)
         )
