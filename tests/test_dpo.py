@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from alignment.dpo import diffusion_dpo_loss, dpo_logits, per_image_error
-from alignment.dpo_trainer import DPOConfig, select_pairs
+from alignment.dpo_trainer import DPOConfig, DPOTrainer, select_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,8 +77,6 @@ def test_select_pairs():
 
 
 def test_config_checks():
-    with pytest.raises(ValueError, match="reward"):
-        DPOConfig(data="online")
     with pytest.raises(ValueError, match="loss_type"):
         DPOConfig(data="x.jsonl", loss_type="bad")
     cfg = DPOConfig(data="online", reward="brightness", reward_kwargs='{"a": 1}')
@@ -95,6 +93,12 @@ def _fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+def test_online_pairs_without_any_reward_are_refused(tmp_path):
+    cfg = _config(tmp_path / "run", data="online", build_data=False, reward=None)
+    with pytest.raises(ValueError, match="need a reward"):
+        DPOTrainer(cfg)
 
 
 def _config(out: Path, **kw) -> DPOConfig:
