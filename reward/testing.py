@@ -131,13 +131,30 @@ def tiny_word_tokenizer(
     return tokenizer
 
 
+def _tiny_llama_config(tokenizer, hidden: int, layers: int):
+    """A tiny Llama text config sized to ``tokenizer`` (the LM of the LLaVA and Idefics3 builders)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def tiny_llava(
     hidden: int = 32, layers: int = 2, image_size: int = 28, patch: int = 7, seed: int = 0
 ):
     """A tiny LLaVA (CLIP vision + Llama) and its tokenizer / PIL image processor."""
     from transformers import (
         CLIPVisionConfig,
-        LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
     )
@@ -162,18 +179,7 @@ def tiny_llava(
             patch_size=patch,
             projection_dim=hidden,
         ),
-        text_config=LlamaConfig(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=512,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
+        text_config=_tiny_llama_config(tokenizer, hidden, layers),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,
     )
@@ -337,7 +343,6 @@ def tiny_idefics3(
     processor: tiles of ``tile`` px (SigLIP ``patch`` px patches, pixel shuffle 2, so
     ``(tile / patch)^2 / 4`` tokens per tile), images resized to ``longest_edge`` first."""
     from tokenizers import AddedToken
-    from transformers import LlamaConfig
     from transformers.models.idefics3.image_processing_pil_idefics3 import (
         Idefics3ImageProcessorPil,
     )
@@ -357,18 +362,7 @@ def tiny_idefics3(
     # keep newlines as tokens (the split-image prompt uses them), as byte-level BPEs do
     tokenizer.add_tokens([AddedToken("\n", normalized=False, special=False)])
     tokenizer.chat_template = IDEFICS3_CHAT_TEMPLATE
-    text = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    text = _tiny_llama_config(tokenizer, hidden, layers)
     vision = {
         "hidden_size": hidden,
         "intermediate_size": 2 * hidden,
