@@ -216,3 +216,40 @@ def test_pairs_manifests_are_ordered_by_the_oracle_and_deterministic(tmp_path):
         json.loads(x)["prompt"] in held_caps
         for x in held["alignment_pairs"].read_text().splitlines()
     )
+
+
+def test_train_pairs_never_show_a_held_out_colour_shape_pair(tmp_path, monkeypatch):
+    """Held-out (colour, shape) pairs appear in no train-split image, not even a rejected one
+    (otherwise a reward model learns "unfamiliar = wrong"); held-out data may show any pair."""
+    import alignment.world.pairs as pairs_mod
+
+    shown: list = []
+    real_render = pairs_mod.render_scene
+
+    def recording_render(scene, *args, **kwargs):
+        shown.append(scene)
+        return real_render(scene, *args, **kwargs)
+
+    monkeypatch.setattr(pairs_mod, "render_scene", recording_render)
+    held = set(split_scenes().held_out_pairs)
+    write_world_dataset(tmp_path / "t", n_pairs=40, n_unpaired=4, split="train", seed=3)
+    assert len(shown) >= 4 * 40 * 2
+    assert not [s for s in shown if (s.colour, s.shape) in held]
+    shown.clear()
+    write_world_dataset(
+        tmp_path / "h", n_pairs=40, n_unpaired=0, split="held_out", perspectives=["alignment"]
+    )
+    assert {(s.colour, s.shape) for s in shown} - held  # mismatches leave the held-out pairs
+
+
+def test_gaussian_blur_keeps_mass_and_smooths():
+    from alignment.world.pairs import gaussian_blur
+
+    img = torch.zeros(3, 9, 9)
+    img[:, 4, 4] = 1.0
+    out = gaussian_blur(img, 1.0)
+    assert torch.allclose(out.sum(dim=(1, 2)), torch.ones(3), atol=1e-5)  # interior: mass kept
+    # separable kernel exp(-i^2 / 2) over i in -2..2, normalised: centre weight squared
+    k = torch.exp(-(torch.arange(-2.0, 3.0) ** 2) / 2)
+    assert out[0, 4, 4].item() == pytest.approx((k[2] / k.sum()).item() ** 2, rel=1e-5)
+    assert torch.equal(gaussian_blur(img, 0.0), img)

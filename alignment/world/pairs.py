@@ -10,11 +10,16 @@ with PNG paths relative to the manifest. How the two images of a pair differ:
 | perspective | chosen | rejected |
 |---|---|---|
 | alignment | render of the caption | render of the caption with 1-2 attributes changed |
+|           | (both blurred alike, Gaussian sigma 0-1.2 px, like a small diffusion model's images) | |
 | fidelity | clean render | same geometry with noise and/or blotches |
 | safety | clean render | same geometry with the forbidden symbol |
 | overall | the variant with the higher oracle ``overall`` (margin >= 0.2) | the other |
 
-Overall variants mix a mismatch, defects and the symbol at random. Every record is checked
+Overall variants mix a mismatch, defects and the symbol at random. In the ``train`` split no
+image shows a held-out (colour, shape) pair, not even a rejected one: otherwise the held-out
+combinations would only ever be seen as *rejected* images and a reward model would learn "an
+unfamiliar combination is wrong" instead of checking the caption (its held-out accuracy was
+0.40 that way). Every record is checked
 against the oracle (a pair must be ordered by the oracle's score of its perspective, an
 unpaired label must match ``score >= 0.5``) and redrawn otherwise, so the oracle's accuracy on
 this data is 1 by construction and a reward model's accuracy against the oracle is measurable.
@@ -23,12 +28,14 @@ this data is 1 by construction and a reward model's accuracy against the oracle 
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from alignment.world.grammar import Scene, perturb_scene, split_scenes
 from alignment.world.oracle import PERSPECTIVES, oracle_scores
@@ -56,23 +63,62 @@ class UnpairedRecord:
     label: int
 
 
-def _variant(scene: Scene, perspective: str, bad: bool, rng: random.Random, size: int):
+Pairs = frozenset[tuple[str, str]]
+
+
+def _perturb(scene: Scene, rng: random.Random, n_changes: int, allowed: Pairs | None) -> Scene:
+    """:func:`perturb_scene`, redrawn until its (colour, shape) pair is in ``allowed``."""
+    for _ in range(_MAX_TRIES):
+        shown = perturb_scene(scene, rng, n_changes)
+        if allowed is None or (shown.colour, shown.shape) in allowed:
+            return shown
+    raise RuntimeError(f"no perturbation of {scene.caption!r} within the allowed pairs")
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Blur ``Tensor[3, S, S]`` with a Gaussian of ``sigma`` pixels (reflect padding).
+
+    ``kernel[i] = exp(-i^2 / (2 sigma^2))``, ``i in -r..r``, ``r = ceil(2 sigma)``, normalised,
+    applied separably; ``sigma <= 0`` returns the image unchanged.
+    """
+    if sigma <= 0:
+        return image
+    r = max(1, math.ceil(2 * sigma))
+    i = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-(i**2) / (2 * sigma**2))
+    k = (k / k.sum()).to(image)
+    x = F.pad(image[None], (r, r, r, r), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)
+    x = F.conv2d(x, k.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)
+    return x[0]
+
+
+def _variant(
+    scene: Scene,
+    perspective: str,
+    bad: bool,
+    rng: random.Random,
+    size: int,
+    allowed: Pairs | None = None,
+):
     """Render a good (``bad=False``) or bad variant of ``scene`` for ``perspective``.
 
     Good and bad variants of the same call sequence share the object's geometry when the
-    perspective is fidelity or safety (same render seed).
+    perspective is fidelity or safety, and the blur for alignment (same render seed). A
+    mismatch's (colour, shape) pair is kept in ``allowed`` (all pairs when None).
     """
     render_seed = rng.randrange(2**31)
     if perspective == "alignment":
-        shown = perturb_scene(scene, rng, rng.choice((1, 1, 2))) if bad else scene
-        return render_scene(shown, size, rng=render_seed)
+        shown = _perturb(scene, rng, rng.choice((1, 1, 2)), allowed) if bad else scene
+        sigma = random.Random(render_seed).uniform(0.0, 1.2)
+        return gaussian_blur(render_scene(shown, size, rng=render_seed), sigma)
     if perspective == "fidelity":
         defects = rng.choice((("noise",), ("blotches",), ("noise", "blotches"))) if bad else ()
         return render_scene(scene, size, rng=render_seed, defects=defects)
     if perspective == "safety":
         return render_scene(scene, size, rng=render_seed, symbol=bad)
     # overall: a random mix of the three failure kinds (``bad`` is decided by the oracle)
-    shown = perturb_scene(scene, rng, 1) if rng.random() < 0.4 else scene
+    shown = _perturb(scene, rng, 1, allowed) if rng.random() < 0.4 else scene
     defects = rng.choice((("noise",), ("blotches",))) if rng.random() < 0.3 else ()
     return render_scene(shown, size, rng=render_seed, defects=defects, symbol=rng.random() < 0.3)
 
@@ -81,32 +127,44 @@ def _score(image: torch.Tensor, prompt: str, perspective: str) -> float:
     return float(oracle_scores(image.unsqueeze(0), [prompt])[perspective][0])
 
 
-def make_pair(scene: Scene, perspective: str, rng: random.Random, size: int = 32) -> PairRecord:
-    """One oracle-checked pair for ``perspective`` (see the module docstring)."""
+def make_pair(
+    scene: Scene,
+    perspective: str,
+    rng: random.Random,
+    size: int = 32,
+    allowed: Pairs | None = None,
+) -> PairRecord:
+    """One oracle-checked pair for ``perspective`` (see the module docstring); mismatched
+    images keep their (colour, shape) pair in ``allowed`` (any pair when None)."""
     prompt = scene.caption
     for _ in range(_MAX_TRIES):
         if perspective == "overall":
-            a, b = (_variant(scene, perspective, False, rng, size) for _ in range(2))
+            a, b = (_variant(scene, perspective, False, rng, size, allowed) for _ in range(2))
             sa, sb = _score(a, prompt, perspective), _score(b, prompt, perspective)
             if abs(sa - sb) >= _OVERALL_MARGIN:
                 return PairRecord(prompt, a, b) if sa > sb else PairRecord(prompt, b, a)
             continue
         state = rng.getstate()
-        chosen = _variant(scene, perspective, False, rng, size)
+        chosen = _variant(scene, perspective, False, rng, size, allowed)
         rng.setstate(state)  # the rejected image reuses the chosen one's render seed
-        rejected = _variant(scene, perspective, True, rng, size)
+        rejected = _variant(scene, perspective, True, rng, size, allowed)
         if _score(chosen, prompt, perspective) > _score(rejected, prompt, perspective):
             return PairRecord(prompt, chosen, rejected)
     raise RuntimeError(f"no {perspective} pair ordered by the oracle for {prompt!r}")
 
 
 def make_unpaired(
-    scene: Scene, perspective: str, label: int, rng: random.Random, size: int = 32
+    scene: Scene,
+    perspective: str,
+    label: int,
+    rng: random.Random,
+    size: int = 32,
+    allowed: Pairs | None = None,
 ) -> UnpairedRecord:
     """One oracle-checked labelled image for ``perspective`` (label 1: score >= 0.5)."""
     prompt = scene.caption
     for _ in range(_MAX_TRIES):
-        image = _variant(scene, perspective, not label, rng, size)
+        image = _variant(scene, perspective, not label, rng, size, allowed)
         if (_score(image, prompt, perspective) >= 0.5) == bool(label):
             return UnpairedRecord(prompt, image, int(label))
     raise RuntimeError(f"no {perspective} image with label {label} for {prompt!r}")
@@ -145,6 +203,7 @@ def write_world_dataset(
     if split not in ("train", "held_out"):
         raise ValueError(f"split={split!r}: use 'train' or 'held_out'.")
     pool = splits.train if split == "train" else splits.held_out
+    allowed = frozenset((s.colour, s.shape) for s in splits.train) if split == "train" else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
@@ -154,14 +213,14 @@ def write_world_dataset(
         rng = random.Random(f"{seed}:{split}:{p_index}:{perspective}")
         pair_lines, unpaired_lines = [], []
         for i in range(n_pairs):
-            rec = make_pair(rng.choice(pool), perspective, rng, size)
+            rec = make_pair(rng.choice(pool), perspective, rng, size, allowed)
             chosen = f"images/{perspective}/pair{i:05d}_chosen.png"
             rejected = f"images/{perspective}/pair{i:05d}_rejected.png"
             _save_png(rec.chosen, out / chosen)
             _save_png(rec.rejected, out / rejected)
             pair_lines.append({"prompt": rec.prompt, "chosen": chosen, "rejected": rejected})
         for i in range(n_unpaired):
-            rec = make_unpaired(rng.choice(pool), perspective, 1 - i % 2, rng, size)
+            rec = make_unpaired(rng.choice(pool), perspective, 1 - i % 2, rng, size, allowed)
             image = f"images/{perspective}/single{i:05d}.png"
             _save_png(rec.image, out / image)
             unpaired_lines.append({"prompt": rec.prompt, "image": image, "label": rec.label})
