@@ -172,17 +172,20 @@ def ppo_clip_loss(
     log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,
     clip_range: float,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PPO's clipped surrogate loss for one timestep of a batch.
 
     ``ratio = exp(log_prob - old_log_prob)``;
-    ``loss = mean_B( max(-A * ratio, -A * clip(ratio, 1 - clip_range, 1 + clip_range)) )``.
+    ``loss = mean_B( w * max(-A * ratio, -A * clip(ratio, 1 - clip_range, 1 + clip_range)) )``.
 
     Args:
         advantages: ``A``, ``[B]``.
         log_prob: log-probs under the current policy, ``[B]`` (carries the gradient).
         old_log_prob: log-probs at sampling time, ``[B]``.
         clip_range: ``eps`` (1e-4 in DDPO, for mean-over-dimensions log-probs).
+        weights: per-row weights ``w``, ``[B]`` (None: all 1), e.g.
+            :func:`temporal_discount_weights`.
 
     Returns:
         A scalar tensor.
@@ -190,7 +193,28 @@ def ppo_clip_loss(
     ratio = torch.exp(log_prob - old_log_prob)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    return torch.mean(torch.maximum(unclipped, clipped))
+    per_row = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        per_row = per_row * weights
+    return torch.mean(per_row)
+
+
+def temporal_discount_weights(
+    step_index: torch.Tensor, discount: float, num_steps: int
+) -> torch.Tensor:
+    """Per-timestep loss weights that favour the first (noisiest) denoising steps.
+
+    ``w_k = gamma^k / mean_{j < T}(gamma^j)`` for the sampling step ``k`` (0 = the first step
+    from pure noise, ``T = num_steps``), so the weights average 1 over a trajectory and
+    ``gamma = 1`` is plain DDPO. The first steps decide the layout and colours; the last ones,
+    whose tiny ``sigma_t`` makes mean-over-dims log-probs most sensitive, mostly add gradient
+    noise (the temporal discounting of Yang et al., "A Dense Reward View on Aligning
+    Text-to-Image Diffusion with Preference", ICML 2024). Shapes: ``step_index`` any -> same.
+    """
+    if not 0 < discount <= 1:
+        raise ValueError(f"temporal discount must be in (0, 1], got {discount}.")
+    norm = sum(discount**j for j in range(num_steps)) / num_steps
+    return discount ** step_index.float() / norm
 
 
 def ppo_stats(

@@ -43,6 +43,7 @@ from alignment.ddpo import (
     gaussian_log_prob,
     ppo_clip_loss,
     ppo_stats,
+    temporal_discount_weights,
 )
 
 
@@ -121,6 +122,13 @@ class DDPOConfig:
     )
     clip_range: float = field(
         default=1e-4, metadata={"help": "PPO ratio clip (for mean-over-dims log-probs)."}
+    )
+    temporal_discount: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight gamma^k on the k-th denoising step's loss (normalised to mean 1; "
+            "1.0: plain DDPO). Below 1 favours the first, layout-deciding steps."
+        },
     )
     adv_clip_max: float = field(default=5.0, metadata={"help": "Clip advantages to +- this."})
     learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate."})
@@ -494,6 +502,7 @@ class DDPOTrainer:
             rows = torch.arange(n, device=acc.device)[:, None]
             for key in ("latents", "next_latents", "log_probs", "timesteps"):
                 data[key] = data[key][rows, tperm]
+            step_weights = temporal_discount_weights(tperm, cfg.temporal_discount, steps)
             for b in range(0, n, cfg.train_batch_size):
                 sl = slice(b, b + cfg.train_batch_size)
                 embeds = data["embeds"][sl]
@@ -508,6 +517,7 @@ class DDPOTrainer:
                     old_lp = data["log_probs"][sl, j0:j1].flatten(0, 1)
                     emb = embeds.repeat_interleave(c, dim=0)
                     a = adv.repeat_interleave(c, dim=0)
+                    w = step_weights[sl, j0:j1].flatten(0, 1)
                     with acc.accumulate(self.unet):
                         with acc.autocast():
                             mean, std = policy.step_distribution(
@@ -516,7 +526,7 @@ class DDPOTrainer:
                             log_prob = gaussian_log_prob(x_next, mean, std)
                             # sum over the chunk's timesteps of the per-timestep PPO loss, scaled
                             # so that the optimiser step averages over all k trained timesteps
-                            loss = ppo_clip_loss(a, log_prob, old_lp, cfg.clip_range) * c
+                            loss = ppo_clip_loss(a, log_prob, old_lp, cfg.clip_range, w) * c
                             if cfg.kl_coef > 0:
                                 with torch.no_grad(), policy.reference():
                                     ref_mean, _ = policy.step_distribution(

@@ -17,6 +17,7 @@ from alignment.ddpo import (
     gaussian_log_prob,
     ppo_clip_loss,
     ppo_stats,
+    temporal_discount_weights,
 )
 
 
@@ -100,6 +101,17 @@ def test_ddim_sampled_step_matches_diffusers_step():
     assert torch.all(lp_det == 0)
 
 
+def test_temporal_discount_weights_hand_value():
+    # gamma 0.5 over 3 steps: raw 1, 0.5, 0.25 with mean 1.75 / 3
+    w = temporal_discount_weights(torch.tensor([[0, 1, 2], [2, 0, 1]]), 0.5, 3)
+    want = torch.tensor([1.0, 0.5, 0.25]) * 3 / 1.75
+    assert torch.allclose(w[0], want) and torch.allclose(w[1], want[[2, 0, 1]])
+    assert torch.allclose(w[0].mean(), torch.tensor(1.0))
+    assert torch.equal(temporal_discount_weights(torch.arange(4), 1.0, 4), torch.ones(4))
+    with pytest.raises(ValueError, match="temporal discount"):
+        temporal_discount_weights(torch.arange(3), 0.0, 3)
+
+
 def test_ppo_clip_loss_hand_value():
     adv = torch.tensor([1.0, -1.0])
     old = torch.zeros(2)
@@ -109,6 +121,9 @@ def test_ppo_clip_loss_hand_value():
     # inside the trust region the loss is -mean(A * ratio)
     new2 = torch.log(torch.tensor([1.1, 0.9]))
     assert ppo_clip_loss(adv, new2, old, 0.2).item() == pytest.approx((-1.1 + 0.9) / 2, abs=1e-6)
+    # per-row weights: mean(w * per-row loss) = (2 * -1.2 + 0.5 * 0.8) / 2
+    w = torch.tensor([2.0, 0.5])
+    assert ppo_clip_loss(adv, new, old, 0.2, w).item() == pytest.approx(-1.0, abs=1e-6)
     stats = ppo_stats(new, old, 0.2)
     assert stats["clipfrac"].item() == pytest.approx(1.0)
     want_kl = 0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2) / 2

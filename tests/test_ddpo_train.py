@@ -69,6 +69,19 @@ def _lora(trainer: DDPOTrainer) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in trainer.policy.unet.named_parameters() if "lora" in n}
 
 
+def test_temporal_discount_reweights_the_update_and_one_keeps_plain_ddpo(tmp_path):
+    """``temporal_discount`` only reweights the per-timestep losses: 1.0 equals the default run
+    bit for bit, 0.3 (the first steps count most) trains other weights from the same samples."""
+    kw = dict(num_epochs=1, save_every=0, log_with="none", log_images_every=0)
+    plain = _train(_config(tmp_path / "a", **kw))
+    one = _train(_config(tmp_path / "b", temporal_discount=1.0, **kw))
+    low = _train(_config(tmp_path / "c", temporal_discount=0.3, **kw))
+    assert plain.history[0]["reward_mean"] == low.history[0]["reward_mean"]  # same samples
+    a, b, c = _lora(plain), _lora(one), _lora(low)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.allclose(a[n], c[n]) for n in a if "lora_B" in n)
+
+
 def test_resume_continues_identically_and_export_loads_both_ways(tmp_path):
     straight = _train(_config(tmp_path / "a"))
     h = straight.history
