@@ -1,6 +1,6 @@
 """The tiny-world LLaVA-Reward: trained by ``recipes/train_reward.py`` on the world's pairs.
 
-    python -m alignment.world.reward_model OUT [--pairs 512 --unpaired 256]
+    python -m alignment.world.reward_model OUT [--pairs 2048 --unpaired 512]
 
 writes the world's train / held-out manifests (``alignment.world.pairs``), saves a tiny LLaVA
 backbone (hidden 64, 32-px images in 4-px patches: 64 visual tokens) pre-trained as a captioner
@@ -22,16 +22,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 #: (perspective, data kind, optimiser steps)
 PLAN = (
-    ("alignment", "pairs", 400),
-    ("fidelity", "pairs", 200),
-    ("safety", "unpaired", 200),
-    ("overall", "pairs", 300),
+    ("alignment", "pairs", 2000),
+    ("fidelity", "pairs", 400),
+    ("safety", "unpaired", 400),
+    ("overall", "pairs", 1000),
 )
 BACKBONE = {"hidden": 64, "layers": 2, "image_size": 32, "patch": 4, "seed": 0}
 
 
 def pretrain_world_backbone(
-    path: str | Path, steps: int = 800, batch_size: int = 32, lr: float = 3e-3, seed: int = 0
+    path: str | Path, steps: int = 3000, batch_size: int = 32, lr: float = 3e-3, seed: int = 0
 ) -> Path:
     """Pre-train the tiny LLaVA backbone as a captioner of the world, then save it to ``path``.
 
@@ -39,7 +39,7 @@ def pretrain_world_backbone(
     square from a circle. This gives the tiny backbone what a real MLLM brings: next-token loss on
     ``USER: <image> caption </s>`` for renders of every world caption (the reward model is then
     trained on preference pairs of the train captions only and evaluated on held-out ones).
-    Seeded; about a minute on 2 CPU cores.
+    Seeded; about five minutes on one CPU core.
     """
     import random
 
@@ -96,7 +96,7 @@ def pretrain_world_backbone(
     return path
 
 
-def train_world_reward(out: str | Path, pairs: int = 512, unpaired: int = 256) -> Path:
+def train_world_reward(out: str | Path, pairs: int = 2048, unpaired: int = 512) -> Path:
     """Build the tiny-world reward folder ``out`` (see the module docstring); returns ``out``."""
     from alignment.world.pairs import write_world_dataset
 
@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "out", help="output folder (the bundled one: alignment/world/weights/tiny-world-reward)"
     )
-    parser.add_argument("--pairs", type=int, default=512, help="pairs per perspective")
-    parser.add_argument("--unpaired", type=int, default=256, help="single images per perspective")
+    parser.add_argument("--pairs", type=int, default=2048, help="pairs per perspective")
+    parser.add_argument("--unpaired", type=int, default=512, help="single images per perspective")
     args = parser.parse_args(argv)
     out = train_world_reward(args.out, args.pairs, args.unpaired)
     print((out / "world_report.json").read_text())
