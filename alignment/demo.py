@@ -10,7 +10,7 @@
 4. measure again on the same prompts and seeds, export the tuned pipeline, and write
    ``report.md`` (reward curve, before/after grid, numbers) and ``summary.json``.
 
-    python -m alignment.demo                       # DDPO (the default), ~3 minutes on 2 cores
+    python -m alignment.demo                       # DDPO (the default), ~1 minute on 2 cores
     python -m alignment.demo --method all          # + online DPO, DRaFT-1, best-of-N
 """
 
@@ -54,6 +54,10 @@ class DemoConfig:
     guidance_scale: float = field(default=3.0, metadata={"help": "Classifier-free guidance."})
     eval_prompts: int = field(default=24, metadata={"help": "Held-out prompts evaluated."})
     eval_seeds: int = field(default=2, metadata={"help": "Seeds per held-out prompt."})
+    noise_seed_sets: int = field(
+        default=4,
+        metadata={"help": "Disjoint seed sets of the base policy for the seed-to-seed noise."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of everything."})
 
 
@@ -73,13 +77,26 @@ def _reward_fn(cfg: DemoConfig, out: Path, differentiable: bool = False):
     return scorer.as_reward_fn(json.loads(cfg.reward_weights), differentiable=differentiable)
 
 
-def _evaluate(policy, prompts, seeds, cfg) -> torch.Tensor:  # noqa: F821
-    from alignment.ddpo_trainer import evaluate_policy
-    from alignment.world.oracle import oracle_alignment
+def _evaluate(policy, prompts, seeds, cfg) -> dict:
+    """Oracle scores of ``policy`` on fixed prompts and seeds: ``{"alignment": Tensor[S, P],
+    "parts": {part: mean}}`` (parts: background, colour, shape, position, fidelity)."""
+    import torch
 
-    return evaluate_policy(
-        policy, oracle_alignment, prompts, seeds, cfg.num_steps, cfg.guidance_scale
-    )
+    from alignment.world.oracle import oracle_scores
+
+    rows, parts = [], []
+    for seed in seeds:
+        gens = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(len(prompts))]
+        with torch.no_grad():
+            s = policy.sample(list(prompts), cfg.num_steps, 1.0, cfg.guidance_scale, generator=gens)
+        scores = oracle_scores(s.images, list(prompts))
+        rows.append(scores["alignment"])
+        parts.append(scores)
+    names = ("background", "colour", "shape", "position", "fidelity")
+    return {
+        "alignment": torch.stack(rows),
+        "parts": {k: round(float(torch.cat([p[k] for p in parts]).mean()), 4) for k in names},
+    }
 
 
 def _train(method: str, cfg: DemoConfig, out: Path, train_prompts: list[str]):
@@ -178,19 +195,26 @@ def run(cfg: DemoConfig) -> dict:
     n_eval = min(cfg.eval_prompts, len(captions))
     held = [captions[i * len(captions) // n_eval] for i in range(n_eval)]
     seeds = list(range(cfg.eval_seeds))
-    other_seeds = [100 + s for s in seeds]
     methods = list(METHODS) if cfg.method == "all" else [m.strip() for m in cfg.method.split(",")]
 
     base = DiffusionPolicy.from_pretrained(cfg.policy, use_lora=False)
     t0 = time.perf_counter()
-    before = _evaluate(base, held, seeds, cfg)
-    noise = (before.mean() - _evaluate(base, held, other_seeds, cfg).mean()).abs().item()
+    evaluated = _evaluate(base, held, seeds, cfg)
+    before = evaluated["alignment"]
+    # seed-to-seed noise: std of the same mean over disjoint seed sets (the base policy)
+    means = [before.mean()] + [
+        _evaluate(base, held, [100 * k + s for s in seeds], cfg)["alignment"].mean()
+        for k in range(1, cfg.noise_seed_sets)
+    ]
+    noise = torch.stack(means).std().item() if len(means) > 1 else 0.0
     summary: dict = {
         "config": asdict(cfg),
         "held_out_prompts": held,
+        "train_prompts": len(train_prompts),
         "seeds": seeds,
         "oracle_alignment_before": before.mean().item(),
         "oracle_alignment_noise": noise,
+        "oracle_parts_before": evaluated["parts"],
         "methods": {},
     }
     grid_prompts = held[:: max(1, len(held) // 8)][:8]  # one row of varied held-out prompts
@@ -211,20 +235,28 @@ def run(cfg: DemoConfig) -> dict:
                 seed=cfg.seed,
             )
             after = oracle_alignment(res.images, held).unsqueeze(0)
-            history = []
+            parts, history = None, []
         else:
             policy, history = _train(method, cfg, out, train_prompts)
-            after = _evaluate(policy, held, seeds, cfg)
+            evaluated = _evaluate(policy, held, seeds, cfg)
+            after, parts = evaluated["alignment"], evaluated["parts"]
             grid_rows.append((method, _first_images(policy, grid_prompts, cfg)))
         diff = (after - before.mean(0, keepdim=True)) if after.shape[0] == 1 else after - before
         summary["methods"][method] = {
             "oracle_alignment_after": after.mean().item(),
             "gain": after.mean().item() - before.mean().item(),
             "gain_stderr": (diff.std() / diff.numel() ** 0.5).item(),
+            "gain_per_seed": (after.mean(1) - before.mean(1)).tolist()
+            if after.shape[0] == before.shape[0]
+            else None,
+            "oracle_parts_after": parts,
             "seconds": round(time.perf_counter() - start, 1),
             "reward_first_epoch": history[0].get("reward_mean") if history else None,
             "reward_last_epoch": history[-1].get("reward_mean") if history else None,
         }
+    summary["reward_accuracy_vs_oracle"] = _reward_accuracy(
+        str(out / "reward") if cfg.reward == "train" else cfg.reward
+    )
     main = summary["methods"][methods[0]]
     summary["oracle_alignment_after"] = main["oracle_alignment_after"]
     summary["seconds"] = round(time.perf_counter() - t0, 1)
@@ -236,6 +268,15 @@ def run(cfg: DemoConfig) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "report.md").write_text(_report(summary, methods))
     return summary
+
+
+def _reward_accuracy(reward: str) -> dict | None:
+    """Held-out pairwise accuracy against the oracle per perspective (the reward folder's
+    ``world_report.json``), or None for the oracle itself / a folder without that report."""
+    path = Path(reward) / "world_report.json"
+    if reward == "oracle" or not path.is_file():
+        return None
+    return {k: v["accuracy"] for k, v in json.loads(path.read_text()).items()}
 
 
 def _first_images(policy, prompts, cfg):
@@ -252,15 +293,38 @@ def _report(s: dict, methods: list[str]) -> str:
         f"{r['gain']:+.3f} ± {r['gain_stderr']:.3f} | {r['seconds']} |"
         for m, r in s["methods"].items()
     )
+    names = ("background", "colour", "shape", "position", "fidelity")
+    parts = [("base", s["oracle_parts_before"])] + [
+        (m, r["oracle_parts_after"]) for m, r in s["methods"].items() if r["oracle_parts_after"]
+    ]
+    part_rows = "\n".join(
+        f"| {name} | " + " | ".join(f"{p[k]:.3f}" for k in names) + " |" for name, p in parts
+    )
+    acc = s.get("reward_accuracy_vs_oracle")
+    acc_line = (
+        "Reward model's held-out pairwise accuracy against the oracle: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
+        + "."
+        if acc
+        else ""
+    )
     return f"""# Tiny-world demo
 
-Held-out prompts ({len(s["held_out_prompts"])}, colour-shape pairs never seen in training) x
-seeds {s["seeds"]}; oracle alignment in [0, 1]. Seed-to-seed noise of the mean (the base model on
-disjoint seeds): {s["oracle_alignment_noise"]:.3f}.
+Fine-tuned on the {s["train_prompts"]} train captions; measured on {len(s["held_out_prompts"])}
+held-out captions (colour-shape pairs never seen in pre-training or fine-tuning) x seeds
+{s["seeds"]}. Oracle alignment in [0, 1] (background x colour x shape x position). Seed-to-seed
+noise of the mean (std over {s["config"]["noise_seed_sets"]} disjoint seed sets, base model):
+{s["oracle_alignment_noise"]:.3f}. {acc_line}
 
 | method | oracle alignment before | after | gain ± s.e. | seconds |
 |---|---|---|---|---|
 {rows}
+
+Oracle parts on the same held-out prompts and seeds:
+
+| model | {" | ".join(names)} |
+|---|{"---|" * len(names)}
+{part_rows}
 
 ![reward curve](reward_curve.png)
 
