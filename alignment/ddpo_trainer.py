@@ -103,6 +103,14 @@ class DDPOConfig:
         default=4, metadata={"help": "Sampling batches per epoch and process."}
     )
     # --- training
+    images_per_prompt: int = field(
+        default=1,
+        metadata={
+            "help": "Images sampled per prompt in a sampling batch (1: every image its own random "
+            "prompt, as DDPO). With k > 1 and stat_min_count <= k, each image's advantage "
+            "compares it with the other images of its prompt."
+        },
+    )
     num_epochs: int = field(default=100, metadata={"help": "Epochs (sample + train rounds)."})
     train_batch_size: int = field(default=4, metadata={"help": "Samples per training batch."})
     gradient_accumulation_steps: int = field(
@@ -196,6 +204,11 @@ class DDPOConfig:
                 self.reward_kwargs = json.loads(self.reward_kwargs)
             except json.JSONDecodeError as err:
                 raise ValueError(f"reward_kwargs must be JSON: {err}") from err
+        if self.images_per_prompt < 1 or self.sample_batch_size % self.images_per_prompt:
+            raise ValueError(
+                f"images_per_prompt ({self.images_per_prompt}) must be >= 1 and divide "
+                f"sample_batch_size ({self.sample_batch_size})."
+            )
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError("timestep_fraction must be in (0, 1].")
         n = self.sample_batch_size * self.num_batches_per_epoch
@@ -424,7 +437,9 @@ class DDPOTrainer:
         futures: list[Future | _Done] = []
         t0 = time.perf_counter()
         for _ in self._pbar(range(cfg.num_batches_per_epoch), desc="sampling", leave=False):
-            prompts = [random.choice(self.prompts) for _ in range(cfg.sample_batch_size)]
+            k = cfg.images_per_prompt
+            chosen = [random.choice(self.prompts) for _ in range(cfg.sample_batch_size // k)]
+            prompts = [p for p in chosen for _ in range(k)]
             with torch.no_grad(), acc.autocast():
                 out = policy.sample(
                     prompts, num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale

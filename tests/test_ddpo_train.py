@@ -82,6 +82,22 @@ def test_temporal_discount_reweights_the_update_and_one_keeps_plain_ddpo(tmp_pat
     assert any(not torch.allclose(a[n], c[n]) for n in a if "lora_B" in n)
 
 
+def test_images_per_prompt_samples_groups_and_normalises_within_them(tmp_path):
+    """``images_per_prompt=k`` draws each sampling batch as ``B / k`` prompts x k images, so the
+    per-prompt tracker (``stat_min_count <= k``) compares each image with its own prompt's."""
+    cfg = _config(tmp_path, images_per_prompt=2, stat_min_count=2, save_every=0, log_with="none")
+    trainer = DDPOTrainer(cfg, prompts=PROMPTS)
+    samples, _ = trainer.sample_epoch()
+    prompts = samples["prompts"]
+    assert len(prompts) == 4 and prompts[0] == prompts[1] and prompts[2] == prompts[3]
+    adv, _ = trainer.compute_advantages(prompts, samples["rewards"])
+    for i in (0, 2):  # a fresh prompt's pair normalises to +-1 (or 0 when the rewards tie)
+        pair = adv[i : i + 2]
+        assert torch.allclose(pair.sum(), torch.tensor(0.0), atol=1e-4)
+    with pytest.raises(ValueError, match="images_per_prompt"):
+        _config(tmp_path, images_per_prompt=3)
+
+
 def test_resume_continues_identically_and_export_loads_both_ways(tmp_path):
     straight = _train(_config(tmp_path / "a"))
     h = straight.history
