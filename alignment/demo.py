@@ -61,11 +61,11 @@ class DemoConfig:
     seed: int = field(default=0, metadata={"help": "Seed of everything."})
 
 
-def _reward_fn(cfg: DemoConfig, out: Path, differentiable: bool = False):
-    from alignment.world.oracle import oracle_alignment
-
+def _load_reward(cfg: DemoConfig, out: Path):
+    """Resolve ``cfg.reward`` once: ``(scorer, folder)``, or ``(None, None)`` for the oracle.
+    ``'train'`` trains the world reward into ``out/reward`` first."""
     if cfg.reward == "oracle":
-        return oracle_alignment
+        return None, None
     from reward.scorer import RewardScorer
 
     path = cfg.reward
@@ -73,7 +73,15 @@ def _reward_fn(cfg: DemoConfig, out: Path, differentiable: bool = False):
         from alignment.world.reward_model import train_world_reward
 
         path = str(train_world_reward(out / "reward"))
-    scorer = RewardScorer.from_pretrained(path)
+    return RewardScorer.from_pretrained(path), path
+
+
+def _reward_fn(scorer, cfg: DemoConfig, differentiable: bool = False):
+    """The run's reward callable: the scorer's weighted perspectives, or the oracle's alignment."""
+    if scorer is None:
+        from alignment.world.oracle import oracle_alignment
+
+        return oracle_alignment
     return scorer.as_reward_fn(json.loads(cfg.reward_weights), differentiable=differentiable)
 
 
@@ -82,25 +90,26 @@ def _evaluate(policy, prompts, seeds, cfg) -> dict:
     "parts": {part: mean}}`` (parts: background, colour, shape, position, fidelity)."""
     import torch
 
+    from alignment.ddpo_trainer import evaluate_policy
     from alignment.world.oracle import oracle_scores
 
-    rows, parts = [], []
-    for seed in seeds:
-        gens = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(len(prompts))]
-        with torch.no_grad():
-            s = policy.sample(list(prompts), cfg.num_steps, 1.0, cfg.guidance_scale, generator=gens)
-        scores = oracle_scores(s.images, list(prompts))
-        rows.append(scores["alignment"])
-        parts.append(scores)
+    scored: list[dict] = []
+
+    def alignment(images, prompts):  # keeps every part of the oracle's scores
+        scored.append(oracle_scores(images, prompts))
+        return scored[-1]["alignment"]
+
+    rows = evaluate_policy(policy, alignment, prompts, seeds, cfg.num_steps, cfg.guidance_scale)
     names = ("background", "colour", "shape", "position", "fidelity")
     return {
-        "alignment": torch.stack(rows),
-        "parts": {k: round(float(torch.cat([p[k] for p in parts]).mean()), 4) for k in names},
+        "alignment": rows,
+        "parts": {k: round(float(torch.cat([p[k] for p in scored]).mean()), 4) for k in names},
     }
 
 
-def _train(method: str, cfg: DemoConfig, out: Path, train_prompts: list[str]):
-    """Fine-tune a fresh LoRA policy with ``method``; return the tuned policy and its history."""
+def _train(method: str, cfg: DemoConfig, out: Path, train_prompts: list[str], scorer):
+    """Fine-tune a fresh LoRA policy with ``method`` on ``scorer``'s reward (None: the oracle);
+    return the tuned policy and its history."""
     common = dict(
         pretrained_model=cfg.policy,
         output_dir=str(out / method),
@@ -131,7 +140,7 @@ def _train(method: str, cfg: DemoConfig, out: Path, train_prompts: list[str]):
                 log_images_every=2,
                 export_dir=str(out / "export"),
             ),
-            reward_fn=_reward_fn(cfg, out),
+            reward_fn=_reward_fn(scorer, cfg),
             prompts=train_prompts,
         )
     elif method == "dpo_online":
@@ -152,7 +161,7 @@ def _train(method: str, cfg: DemoConfig, out: Path, train_prompts: list[str]):
                 save_every=0,
                 eval_every=0,
             ),
-            reward_fn=_reward_fn(cfg, out),
+            reward_fn=_reward_fn(scorer, cfg),
             prompts=train_prompts,
         )
     elif method == "draft":
@@ -170,7 +179,7 @@ def _train(method: str, cfg: DemoConfig, out: Path, train_prompts: list[str]):
                 save_every=0,
                 eval_every=0,
             ),
-            reward_fn=_reward_fn(cfg, out, differentiable=True),
+            reward_fn=_reward_fn(scorer, cfg, differentiable=True),
             prompts=train_prompts,
         )
     else:
@@ -197,8 +206,9 @@ def run(cfg: DemoConfig) -> dict:
     seeds = list(range(cfg.eval_seeds))
     methods = list(METHODS) if cfg.method == "all" else [m.strip() for m in cfg.method.split(",")]
 
-    base = DiffusionPolicy.from_pretrained(cfg.policy, use_lora=False)
     t0 = time.perf_counter()
+    scorer, reward_path = _load_reward(cfg, out)  # once: 'train' would retrain it per method
+    base = DiffusionPolicy.from_pretrained(cfg.policy, use_lora=False)
     evaluated = _evaluate(base, held, seeds, cfg)
     before = evaluated["alignment"]
     # seed-to-seed noise: std of the same mean over disjoint seed sets (the base policy)
@@ -228,7 +238,7 @@ def run(cfg: DemoConfig) -> dict:
             res = best_of_n(
                 base,
                 held,
-                _reward_fn(cfg, out),
+                _reward_fn(scorer, cfg),
                 n=4,
                 num_steps=cfg.num_steps,
                 guidance_scale=cfg.guidance_scale,
@@ -237,7 +247,7 @@ def run(cfg: DemoConfig) -> dict:
             after = oracle_alignment(res.images, held).unsqueeze(0)
             parts, history = None, []
         else:
-            policy, history = _train(method, cfg, out, train_prompts)
+            policy, history = _train(method, cfg, out, train_prompts, scorer)
             evaluated = _evaluate(policy, held, seeds, cfg)
             after, parts = evaluated["alignment"], evaluated["parts"]
             grid_rows.append((method, _first_images(policy, grid_prompts, cfg)))
@@ -254,9 +264,7 @@ def run(cfg: DemoConfig) -> dict:
             "reward_first_epoch": history[0].get("reward_mean") if history else None,
             "reward_last_epoch": history[-1].get("reward_mean") if history else None,
         }
-    summary["reward_accuracy_vs_oracle"] = _reward_accuracy(
-        str(out / "reward") if cfg.reward == "train" else cfg.reward
-    )
+    summary["reward_accuracy_vs_oracle"] = _reward_accuracy(reward_path)
     main = summary["methods"][methods[0]]
     summary["oracle_alignment_after"] = main["oracle_alignment_after"]
     summary["seconds"] = round(time.perf_counter() - t0, 1)
@@ -270,11 +278,11 @@ def run(cfg: DemoConfig) -> dict:
     return summary
 
 
-def _reward_accuracy(reward: str) -> dict | None:
+def _reward_accuracy(folder: str | None) -> dict | None:
     """Held-out pairwise accuracy against the oracle per perspective (the reward folder's
-    ``world_report.json``), or None for the oracle itself / a folder without that report."""
-    path = Path(reward) / "world_report.json"
-    if reward == "oracle" or not path.is_file():
+    ``world_report.json``), or None for the oracle (no folder) / a folder without that report."""
+    path = Path(folder) / "world_report.json" if folder else None
+    if path is None or not path.is_file():
         return None
     return {k: v["accuracy"] for k, v in json.loads(path.read_text()).items()}
 
