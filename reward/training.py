@@ -795,6 +795,14 @@ class RewardScriptArguments:
         default=False,
         metadata={"help": "Retrain a perspective that OUTPUT_DIR already holds (else an error)."},
     )
+    continue_perspective: bool = field(
+        default=False,
+        metadata={
+            "help": "Train the perspective that OUTPUT_DIR already holds further, from its "
+            "saved adapter and head (a second curriculum stage, or new data), instead of from "
+            "fresh ones. Its LoRA / SkipCA / head settings are the saved ones."
+        },
+    )
     toy_n_train: int = field(default=128, metadata={"help": "Toy data: training examples."})
     toy_n_eval: int = field(default=32, metadata={"help": "Toy data: held-out examples."})
     n_fixed_scores: int = field(
@@ -861,11 +869,29 @@ def build_reward_model(
         "train_projector": script.train_projector,
     }
     others: list[str] = []
+    if script.continue_perspective and not (out / "config.json").is_file():
+        raise ValueError(
+            f"--continue_perspective: {out} holds no reward model yet; train the perspective "
+            "there first (without the flag)."
+        )
     if (out / "config.json").is_file():
         stored = LlavaRewardConfig.from_pretrained(out)
         if stored.model_type != LlavaRewardConfig.model_type:
             raise ValueError(f"{out} holds a {stored.model_type} model, not a reward model.")
         resuming = args.resume_from_checkpoint not in (None, False, "", "false", "False")
+        if script.continue_perspective:
+            if name not in stored.perspectives:
+                raise ValueError(
+                    f"--continue_perspective: {out} holds no perspective {name!r} to continue "
+                    f"(it has {', '.join(stored.perspectives)}); drop the flag to train a new one."
+                )
+            logger.info("continuing perspective %r of %s from its saved weights", name, out)
+            return LlavaRewardModel.from_pretrained(
+                out,
+                torch_dtype=dtype,
+                trust_remote_code=script.trust_remote_code,
+                is_trainable=True,
+            )
         if name in stored.perspectives and not (script.overwrite_perspective or resuming):
             raise ValueError(
                 f"{out} already holds perspective {name!r}; pass --overwrite_perspective true to "

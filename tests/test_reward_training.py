@@ -200,6 +200,32 @@ def test_toy_images_differ_by_what_is_asked():
     assert dark(marked) > 50 and dark(clean) == 0
 
 
+def test_continue_perspective_starts_from_the_saved_adapter_and_head(backbone_dir, toy, tmp_path):
+    """A second curriculum stage (``--continue_perspective``) trains the saved perspective further
+    instead of a fresh one; a folder without that perspective is refused by name."""
+    from reward.training import RewardScriptArguments, build_reward_model
+
+    train, _ = read_reward_files(toy["alignment"][0])
+    first = _model(backbone_dir, "alignment")
+    RewardTrainer(first, _args(tmp_path, "alignment", max_steps=3), train_dataset=train).train()
+    first.save_pretrained(tmp_path)
+    saved = _trainable(first)
+
+    script = RewardScriptArguments(backbone=str(backbone_dir), continue_perspective=True)
+    resumed = build_reward_model(script, _args(tmp_path, "alignment"))
+    resumed.set_trainable("alignment")
+    loaded = _trainable(resumed)
+    assert loaded.keys() == saved.keys() and len(saved) > 4
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)  # not a fresh initialisation
+    fresh = _trainable(_model(backbone_dir, "alignment", seed=1))
+    assert not all(torch.equal(saved[k], fresh[k]) for k in saved)
+
+    with pytest.raises(ValueError, match="no perspective 'safety'"):
+        build_reward_model(script, _args(tmp_path, "safety"))
+    with pytest.raises(ValueError, match="holds no reward model"):
+        build_reward_model(script, _args(tmp_path / "empty", "alignment"))
+
+
 # ----------------------------------------------------------------------------- resume
 
 
