@@ -253,3 +253,31 @@ def test_gaussian_blur_keeps_mass_and_smooths():
     k = torch.exp(-(torch.arange(-2.0, 3.0) ** 2) / 2)
     assert out[0, 4, 4].item() == pytest.approx((k[2] / k.sum()).item() ** 2, rel=1e-5)
     assert torch.equal(gaussian_blur(img, 0.0), img)
+
+
+def test_mismatch_limits_which_attributes_a_perturbation_changes(tmp_path):
+    rng = random.Random(0)
+    for scene in all_scenes()[::7]:
+        other = perturb_scene(scene, rng, 1, attributes=("background",))
+        assert other.background != scene.background
+        assert other.replace(background=scene.background) == scene
+    with pytest.raises(ValueError, match="subset"):
+        perturb_scene(all_scenes()[0], rng, 1, attributes=("size",))
+    with pytest.raises(ValueError, match="n_changes=2"):
+        perturb_scene(all_scenes()[0], rng, 2, attributes=("background",))
+
+    from reward.images import load_image, to_tensor
+
+    out = write_world_dataset(
+        tmp_path, n_pairs=6, n_unpaired=0, perspectives=["alignment"], mismatch=("background",)
+    )
+    for line in out["alignment_pairs"].read_text().splitlines():
+        rec = json.loads(line)
+        chosen, rejected = (
+            to_tensor(load_image(tmp_path / rec[k])) for k in ("chosen", "rejected")
+        )
+        s = oracle_scores(torch.stack([chosen, rejected]), [rec["prompt"]] * 2)
+        # same object (colour, shape, position all drawn right), other background
+        assert s["background"][0] > 0.9 and s["background"][1] < 0.1, rec
+        for part in ("colour", "shape", "position"):
+            assert abs(s[part][0] - s[part][1]) < 0.05, (part, rec)

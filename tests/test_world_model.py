@@ -98,3 +98,18 @@ def test_pretrain_resumes_after_a_crash_to_the_same_weights(tmp_path, monkeypatc
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "resumed" / "pipe")
     assert pipe.vae.config.scaling_factor == pytest.approx(straight["vae_scaling_factor"])
+
+
+def test_background_noise_rewrites_only_the_background_word_of_that_fraction():
+    from alignment.world.grammar import parse_caption
+    from alignment.world.pretrain import PretrainConfig, render_pool
+
+    clean_images, clean = render_pool(PretrainConfig(renders_per_caption=2))
+    images, noisy = render_pool(PretrainConfig(renders_per_caption=2, background_noise=0.5))
+    assert torch.equal(images, clean_images)  # the pictures are the same, only captions change
+    wrong = 0
+    for a, b in zip(clean, noisy, strict=True):
+        sa, sb = parse_caption(a), parse_caption(b)
+        assert sa.replace(background=sb.background) == sb
+        wrong += sa.background != sb.background
+    assert 0.4 < wrong / len(clean) < 0.6

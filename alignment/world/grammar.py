@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import product
 
@@ -190,11 +191,23 @@ def sample_scenes(n: int, seed: int, split: str = "train", split_seed: int = 0) 
     return [rng.choice(pool) for _ in range(n)]
 
 
-def perturb_scene(scene: Scene, rng: random.Random, n_changes: int = 1) -> Scene:
-    """Change ``n_changes`` distinct attributes of ``scene`` to other values (a mismatch)."""
-    if not 1 <= n_changes <= len(ATTRIBUTES):
-        raise ValueError(f"n_changes={n_changes}: must be in 1..{len(ATTRIBUTES)}.")
-    names = rng.sample(list(ATTRIBUTES), n_changes)
+def perturb_scene(
+    scene: Scene,
+    rng: random.Random,
+    n_changes: int = 1,
+    attributes: Sequence[str] | None = None,
+) -> Scene:
+    """Change ``n_changes`` distinct attributes of ``scene`` to other values (a mismatch).
+
+    ``attributes`` limits which attributes may change (default: all of :data:`ATTRIBUTES`).
+    """
+    pool = list(ATTRIBUTES) if attributes is None else list(attributes)
+    unknown = set(pool) - set(ATTRIBUTES)
+    if unknown or not pool:
+        raise ValueError(f"attributes={pool}: use a non-empty subset of {list(ATTRIBUTES)}.")
+    if not 1 <= n_changes <= len(pool):
+        raise ValueError(f"n_changes={n_changes}: must be in 1..{len(pool)}.")
+    names = rng.sample(pool, n_changes)
     changes = {}
     for name in names:
         current = getattr(scene, name)

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from alignment.world.grammar import Scene, perturb_scene, split_scenes
+from alignment.world.grammar import ATTRIBUTES, Scene, perturb_scene, split_scenes
 from alignment.world.oracle import PERSPECTIVES, oracle_scores
 from alignment.world.render import render_scene
 
@@ -66,10 +66,16 @@ class UnpairedRecord:
 Pairs = frozenset[tuple[str, str]]
 
 
-def _perturb(scene: Scene, rng: random.Random, n_changes: int, allowed: Pairs | None) -> Scene:
+def _perturb(
+    scene: Scene,
+    rng: random.Random,
+    n_changes: int,
+    allowed: Pairs | None,
+    attributes: Sequence[str] | None = None,
+) -> Scene:
     """:func:`perturb_scene`, redrawn until its (colour, shape) pair is in ``allowed``."""
     for _ in range(_MAX_TRIES):
-        shown = perturb_scene(scene, rng, n_changes)
+        shown = perturb_scene(scene, rng, n_changes, attributes)
         if allowed is None or (shown.colour, shown.shape) in allowed:
             return shown
     raise RuntimeError(f"no perturbation of {scene.caption!r} within the allowed pairs")
@@ -100,16 +106,19 @@ def _variant(
     rng: random.Random,
     size: int,
     allowed: Pairs | None = None,
+    mismatch: Sequence[str] | None = None,
 ):
     """Render a good (``bad=False``) or bad variant of ``scene`` for ``perspective``.
 
     Good and bad variants of the same call sequence share the object's geometry when the
     perspective is fidelity or safety, and the blur for alignment (same render seed). A
-    mismatch's (colour, shape) pair is kept in ``allowed`` (all pairs when None).
+    mismatch's (colour, shape) pair is kept in ``allowed`` (all pairs when None); an alignment
+    mismatch changes only attributes in ``mismatch`` (all when None).
     """
     render_seed = rng.randrange(2**31)
     if perspective == "alignment":
-        shown = _perturb(scene, rng, rng.choice((1, 1, 2)), allowed) if bad else scene
+        n_changes = min(rng.choice((1, 1, 2)), len(mismatch or ATTRIBUTES))
+        shown = _perturb(scene, rng, n_changes, allowed, mismatch) if bad else scene
         sigma = random.Random(render_seed).uniform(0.0, 1.2)
         return gaussian_blur(render_scene(shown, size, rng=render_seed), sigma)
     if perspective == "fidelity":
@@ -133,9 +142,11 @@ def make_pair(
     rng: random.Random,
     size: int = 32,
     allowed: Pairs | None = None,
+    mismatch: Sequence[str] | None = None,
 ) -> PairRecord:
     """One oracle-checked pair for ``perspective`` (see the module docstring); mismatched
-    images keep their (colour, shape) pair in ``allowed`` (any pair when None)."""
+    images keep their (colour, shape) pair in ``allowed`` (any pair when None) and change only
+    the attributes in ``mismatch`` (alignment; all when None)."""
     prompt = scene.caption
     for _ in range(_MAX_TRIES):
         if perspective == "overall":
@@ -145,9 +156,9 @@ def make_pair(
                 return PairRecord(prompt, a, b) if sa > sb else PairRecord(prompt, b, a)
             continue
         state = rng.getstate()
-        chosen = _variant(scene, perspective, False, rng, size, allowed)
+        chosen = _variant(scene, perspective, False, rng, size, allowed, mismatch)
         rng.setstate(state)  # the rejected image reuses the chosen one's render seed
-        rejected = _variant(scene, perspective, True, rng, size, allowed)
+        rejected = _variant(scene, perspective, True, rng, size, allowed, mismatch)
         if _score(chosen, prompt, perspective) > _score(rejected, prompt, perspective):
             return PairRecord(prompt, chosen, rejected)
     raise RuntimeError(f"no {perspective} pair ordered by the oracle for {prompt!r}")
@@ -185,6 +196,7 @@ def write_world_dataset(
     seed: int = 0,
     size: int = 32,
     perspectives: Sequence[str] = PERSPECTIVES,
+    mismatch: Sequence[str] | None = None,
 ) -> dict[str, Path]:
     """Write pair and unpaired manifests (+ PNGs) for each perspective into ``out_dir``.
 
@@ -195,6 +207,8 @@ def write_world_dataset(
         seed: seed of scenes, renders and variants (deterministic output).
         size: image side in pixels.
         perspectives: any of ``alignment``, ``fidelity``, ``safety``, ``overall``.
+        mismatch: the attributes an alignment mismatch may change (default: any), e.g.
+            ``("background",)`` for the first stage of the world reward's curriculum.
 
     Returns:
         ``{"<perspective>_pairs": path, "<perspective>_unpaired": path, ...}``.
@@ -213,7 +227,7 @@ def write_world_dataset(
         rng = random.Random(f"{seed}:{split}:{p_index}:{perspective}")
         pair_lines, unpaired_lines = [], []
         for i in range(n_pairs):
-            rec = make_pair(rng.choice(pool), perspective, rng, size, allowed)
+            rec = make_pair(rng.choice(pool), perspective, rng, size, allowed, mismatch)
             chosen = f"images/{perspective}/pair{i:05d}_chosen.png"
             rejected = f"images/{perspective}/pair{i:05d}_rejected.png"
             _save_png(rec.chosen, out / chosen)

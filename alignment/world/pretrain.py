@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from alignment.world.grammar import split_scenes, world_vocabulary
+from alignment.world.grammar import BACKGROUNDS, split_scenes, world_vocabulary
 from alignment.world.oracle import oracle_scores
 from alignment.world.render import render_scene
 
@@ -83,6 +83,14 @@ class PretrainConfig:
     defect_prob: float = field(
         default=0.05,
         metadata={"help": "Fraction of training renders with blotches (fidelity room)."},
+    )
+    background_noise: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction of training captions whose background word names another "
+            "background than the one drawn (noisy web captions): the model then follows the "
+            "background word only loosely, a flaw that preference fine-tuning can fix."
+        },
     )
     vae_steps: int = field(default=400, metadata={"help": "VAE optimisation steps."})
     vae_batch_size: int = field(default=32, metadata={"help": "VAE batch size."})
@@ -154,8 +162,11 @@ def build_pipeline(cfg: PretrainConfig):
 
 
 def render_pool(cfg: PretrainConfig) -> tuple[torch.Tensor, list[str]]:
-    """Renders of every train caption: ``(Tensor[M, 3, S, S] in [0, 1], captions)``."""
+    """Renders of every train caption: ``(Tensor[M, 3, S, S] in [0, 1], captions)``; a
+    ``cfg.background_noise`` fraction of the captions name a wrong background (own RNG: the
+    pictures do not depend on it)."""
     rng = random.Random(cfg.seed)
+    noise_rng = random.Random(f"{cfg.seed}:background_noise")
     images, captions = [], []
     for scene in split_scenes().train:
         for _ in range(cfg.renders_per_caption):
@@ -164,7 +175,11 @@ def render_pool(cfg: PretrainConfig) -> tuple[torch.Tensor, list[str]]:
             images.append(
                 render_scene(scene, cfg.image_size, rng=rng, defects=defects, symbol=symbol)
             )
-            captions.append(scene.caption)
+            if noise_rng.random() < cfg.background_noise:
+                wrong = [b for b in BACKGROUNDS if b != scene.background]
+                captions.append(scene.replace(background=noise_rng.choice(wrong)).caption)
+            else:
+                captions.append(scene.caption)
     return torch.stack(images), captions
 
 
