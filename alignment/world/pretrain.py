@@ -88,8 +88,9 @@ class PretrainConfig:
         default=0.0,
         metadata={
             "help": "Fraction of training captions whose background word names another "
-            "background than the one drawn (noisy web captions): the model then follows the "
-            "background word only loosely, a flaw that preference fine-tuning can fix."
+            "background than the one drawn (noisy web captions), to make a base model with a "
+            "background flaw. At 0.25 and 0.5 the 2-level model ignored the background word "
+            "altogether (alignment/world/weights/README.md)."
         },
     )
     vae_steps: int = field(default=400, metadata={"help": "VAE optimisation steps."})

@@ -5,9 +5,10 @@
 writes the world's train / held-out manifests (``alignment.world.pairs``), saves a tiny LLaVA
 backbone (hidden 64, 32-px images in 4-px patches: 64 visual tokens) pre-trained as a captioner
 of the world (:func:`pretrain_world_backbone`) into ``OUT/tiny_backbone``,
-runs the recipe once per perspective into ``OUT`` (paired data for alignment, fidelity and
-overall; unpaired for safety) and writes ``OUT/world_report.json``: each perspective's held-out
-accuracy against the oracle (the world's pairs are ordered by the oracle, so the pairwise
+runs the recipe once per stage of :data:`PLAN` into ``OUT`` (alignment: background-only pairs,
+then every mismatch, continued; paired data for fidelity and overall; unpaired for safety) and
+writes ``OUT/world_report.json``: each perspective's held-out accuracy against the oracle (and
+per stage) (the world's pairs are ordered by the oracle, so the pairwise
 accuracy on held-out captions is the agreement with it).
 """
 
