@@ -37,8 +37,9 @@ class DemoConfig:
     reward: str = field(
         default=str(WEIGHTS / "tiny-world-reward"),
         metadata={
-            "help": "LLaVA-Reward folder, 'train' (retrain on the world's pairs), or "
-            "'oracle' (the world's own alignment score, for comparison)."
+            "help": "LLaVA-Reward folder, 'train' (retrain on the world's pairs), 'oracle' "
+            "(the world's own alignment score, for comparison) or 'oracle:<part>' (one "
+            "factor of it: background, colour, shape or position; for experiments)."
         },
     )
     reward_weights: str = field(
@@ -49,6 +50,13 @@ class DemoConfig:
         default="ddpo", metadata={"help": f"One of {', '.join(METHODS)}, a comma list, or 'all'."}
     )
     epochs: int = field(default=10, metadata={"help": "DDPO epochs."})
+    ddpo_kwargs: str = field(
+        default="{}",
+        metadata={
+            "help": "JSON of further DDPOConfig fields for the DDPO run, e.g. "
+            '\'{"images_per_prompt": 4, "per_prompt_stat_tracking": true}\'.'
+        },
+    )
     learning_rate: float = field(default=3e-3, metadata={"help": "DDPO learning rate (LoRA)."})
     num_steps: int = field(default=10, metadata={"help": "DDIM steps (sampling and training)."})
     guidance_scale: float = field(default=3.0, metadata={"help": "Classifier-free guidance."})
@@ -64,7 +72,7 @@ class DemoConfig:
 def _load_reward(cfg: DemoConfig, out: Path):
     """Resolve ``cfg.reward`` once: ``(scorer, folder)``, or ``(None, None)`` for the oracle.
     ``'train'`` trains the world reward into ``out/reward`` first."""
-    if cfg.reward == "oracle":
+    if cfg.reward == "oracle" or cfg.reward.startswith("oracle:"):
         return None, None
     from reward.scorer import RewardScorer
 
@@ -77,11 +85,12 @@ def _load_reward(cfg: DemoConfig, out: Path):
 
 
 def _reward_fn(scorer, cfg: DemoConfig, differentiable: bool = False):
-    """The run's reward callable: the scorer's weighted perspectives, or the oracle's alignment."""
+    """The run's reward callable: the scorer's weighted perspectives, or the oracle's alignment
+    (``'oracle'``) or one of its parts (``'oracle:<part>'``)."""
     if scorer is None:
-        from alignment.world.oracle import oracle_alignment
+        from alignment.world.oracle import oracle_reward
 
-        return oracle_alignment
+        return oracle_reward(cfg.reward.partition(":")[2] or "alignment")
     return scorer.as_reward_fn(json.loads(cfg.reward_weights), differentiable=differentiable)
 
 
@@ -107,6 +116,24 @@ def _evaluate(policy, prompts, seeds, cfg) -> dict:
     }
 
 
+def _ddpo_overrides(cfg: DemoConfig) -> dict:
+    """``cfg.ddpo_kwargs`` parsed and checked against DDPOConfig's fields (the demo's own DDPO
+    settings below are the defaults these replace)."""
+    from dataclasses import fields
+
+    from alignment.ddpo_trainer import DDPOConfig
+
+    extra = json.loads(cfg.ddpo_kwargs)
+    known = {f.name for f in fields(DDPOConfig)}
+    unknown = sorted(set(extra) - known)
+    if unknown:
+        raise ValueError(
+            f"ddpo_kwargs: {unknown} are not DDPOConfig fields; see alignment/ddpo_trainer.py "
+            "(e.g. images_per_prompt, per_prompt_stat_tracking, kl_coef, temporal_discount)."
+        )
+    return extra
+
+
 def _train(method: str, cfg: DemoConfig, out: Path, train_prompts: list[str], scorer):
     """Fine-tune a fresh LoRA policy with ``method`` on ``scorer``'s reward (None: the oracle);
     return the tuned policy and its history."""
@@ -121,25 +148,27 @@ def _train(method: str, cfg: DemoConfig, out: Path, train_prompts: list[str], sc
     if method == "ddpo":
         from alignment.ddpo_trainer import DDPOConfig, DDPOTrainer
 
+        settings = dict(
+            common,
+            num_steps=cfg.num_steps,
+            guidance_scale=cfg.guidance_scale,
+            num_epochs=cfg.epochs,
+            sample_batch_size=16,
+            num_batches_per_epoch=2,
+            train_batch_size=16,
+            gradient_accumulation_steps=2,
+            timesteps_per_call=cfg.num_steps,
+            lora_rank=8,
+            lora_target_modules="to_q,to_k,to_v,to_out.0,conv_out",
+            learning_rate=cfg.learning_rate,
+            clip_range=1e-3,
+            save_every=0,
+            log_images_every=2,
+            export_dir=str(out / "export"),
+        )
+        settings.update(_ddpo_overrides(cfg))
         trainer = DDPOTrainer(
-            DDPOConfig(
-                **common,
-                num_steps=cfg.num_steps,
-                guidance_scale=cfg.guidance_scale,
-                num_epochs=cfg.epochs,
-                sample_batch_size=16,
-                num_batches_per_epoch=2,
-                train_batch_size=16,
-                gradient_accumulation_steps=2,
-                timesteps_per_call=cfg.num_steps,
-                lora_rank=8,
-                lora_target_modules="to_q,to_k,to_v,to_out.0,conv_out",
-                learning_rate=cfg.learning_rate,
-                clip_range=1e-3,
-                save_every=0,
-                log_images_every=2,
-                export_dir=str(out / "export"),
-            ),
+            DDPOConfig(**settings),
             reward_fn=_reward_fn(scorer, cfg),
             prompts=train_prompts,
         )

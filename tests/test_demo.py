@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from alignment.demo import DemoConfig, run
@@ -53,3 +54,25 @@ def test_demo_chain_writes_summary_report_and_a_loadable_export(tmp_path):
         generator=torch.Generator().manual_seed(0),
     ).images
     assert image.shape[-2:] == (32, 32) and torch.isfinite(image).all()
+
+
+def test_demo_reward_can_be_one_oracle_part_and_ddpo_settings_are_overridable():
+    from alignment.demo import _ddpo_overrides, _load_reward, _reward_fn
+    from alignment.world.grammar import parse_caption
+    from alignment.world.render import render_captions
+
+    caption = "a red circle at the top left on a white background"
+    image = render_captions([caption] * 2)
+    other_background = parse_caption(caption).replace(background="black").caption
+    other_colour = parse_caption(caption).replace(colour="blue").caption
+    cfg = DemoConfig(reward="oracle:background")
+    assert _load_reward(cfg, None) == (None, None)
+    scores = _reward_fn(None, cfg)(image, [other_colour, other_background])
+    assert scores[0] > 0.9 > 0.1 > scores[1]  # the wrong colour does not count, the background does
+    with pytest.raises(ValueError, match="size"):
+        _reward_fn(None, DemoConfig(reward="oracle:size"))
+
+    cfg = DemoConfig(ddpo_kwargs='{"images_per_prompt": 4, "per_prompt_stat_tracking": true}')
+    assert _ddpo_overrides(cfg) == {"images_per_prompt": 4, "per_prompt_stat_tracking": True}
+    with pytest.raises(ValueError, match="sample_size_typo"):
+        _ddpo_overrides(DemoConfig(ddpo_kwargs='{"sample_size_typo": 1}'))

@@ -147,7 +147,8 @@ def test_oracle_overall_formula_and_reward_signature(scenes, renders):
     s = oracle_scores(x, caps)
     expected = s["alignment"] ** 0.5 * s["fidelity"] ** 0.25 * s["safety"] ** 0.25
     assert torch.allclose(s["overall"], expected)
-    for perspective in ("alignment", "fidelity", "safety", "overall"):
+    parts = ("background", "colour", "shape", "position")  # each factor is a reward too
+    for perspective in ("alignment", "fidelity", "safety", "overall", *parts):
         r = oracle_reward(perspective)(x, caps)
         assert r.shape == (8,) and r.dtype == torch.float32
         assert torch.isfinite(r).all() and (r >= 0).all() and (r <= 1).all()

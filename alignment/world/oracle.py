@@ -45,6 +45,8 @@ from alignment.world.grammar import (
 from alignment.world.render import nominal_area, rgb, shape_coverage
 
 PERSPECTIVES: tuple[str, ...] = ("alignment", "fidelity", "safety", "overall")
+#: The factors of the alignment score, each usable as a reward on its own (``oracle_reward``).
+ALIGNMENT_PARTS: tuple[str, ...] = ("background", "colour", "shape", "position")
 _REF_NAMES: tuple[str, ...] = (*COLOURS, *(f"bg:{b}" for b in BACKGROUNDS), "symbol")
 _TAU = 0.1
 _SHAPE_TEMPERATURE = 0.05
@@ -237,9 +239,20 @@ def oracle_scores(
 def oracle_reward(
     perspective: str = "alignment",
 ) -> Callable[[torch.Tensor, list[str]], torch.Tensor]:
-    """A reward callable ``fn(images: Tensor[N, 3, H, W] in [0, 1], prompts) -> Tensor[N]``."""
+    """A reward callable ``fn(images: Tensor[N, 3, H, W] in [0, 1], prompts) -> Tensor[N]``:
+    one of :data:`PERSPECTIVES`, or one part of the alignment (:data:`ALIGNMENT_PARTS`, e.g.
+    ``"background"``: the oracle's score of that attribute alone, for experiments)."""
+    if perspective in ALIGNMENT_PARTS:
+
+        def part(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+            return alignment_components(images, prompts)[perspective].float()
+
+        part.__name__ = f"oracle_{perspective}"
+        return part
     if perspective not in PERSPECTIVES:
-        raise ValueError(f"perspective {perspective!r}: use one of {PERSPECTIVES}.")
+        raise ValueError(
+            f"perspective {perspective!r}: use one of {PERSPECTIVES + ALIGNMENT_PARTS}."
+        )
 
     fns = {
         "alignment": oracle_alignment,
