@@ -24,6 +24,8 @@ from pathlib import Path
 
 WEIGHTS = Path(__file__).resolve().parent / "world" / "weights"
 METHODS = ("ddpo", "dpo_online", "draft", "best_of_n")
+#: The oracle's scores reported per model: the factors of its alignment, and fidelity.
+PARTS = ("background", "colour", "shape", "position", "fidelity")
 
 
 @dataclass
@@ -109,10 +111,9 @@ def _evaluate(policy, prompts, seeds, cfg) -> dict:
         return scored[-1]["alignment"]
 
     rows = evaluate_policy(policy, alignment, prompts, seeds, cfg.num_steps, cfg.guidance_scale)
-    names = ("background", "colour", "shape", "position", "fidelity")
     return {
         "alignment": rows,
-        "parts": {k: round(float(torch.cat([p[k] for p in scored]).mean()), 4) for k in names},
+        "parts": {k: round(float(torch.cat([p[k] for p in scored]).mean()), 4) for k in PARTS},
     }
 
 
@@ -337,12 +338,11 @@ def _report(s: dict, methods: list[str]) -> str:
         f"{r['gain']:+.3f} ± {r['gain_stderr']:.3f} | {r['seconds']} |"
         for m, r in s["methods"].items()
     )
-    names = ("background", "colour", "shape", "position", "fidelity")
     parts = [("base", s["oracle_parts_before"])] + [
         (m, r["oracle_parts_after"]) for m, r in s["methods"].items() if r["oracle_parts_after"]
     ]
     part_rows = "\n".join(
-        f"| {name} | " + " | ".join(f"{p[k]:.3f}" for k in names) + " |" for name, p in parts
+        f"| {name} | " + " | ".join(f"{p[k]:.3f}" for k in PARTS) + " |" for name, p in parts
     )
     acc = s.get("reward_accuracy_vs_oracle")
     acc_line = (
@@ -366,8 +366,8 @@ noise of the mean (std over {s["config"]["noise_seed_sets"]} disjoint seed sets,
 
 Oracle parts on the same held-out prompts and seeds:
 
-| model | {" | ".join(names)} |
-|---|{"---|" * len(names)}
+| model | {" | ".join(PARTS)} |
+|---|{"---|" * len(PARTS)}
 {part_rows}
 
 ![reward curve](reward_curve.png)
