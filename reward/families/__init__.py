@@ -1,0 +1,53 @@
+"""Backbone families: how each image-text-to-text model family turns images into model inputs.
+
+A family knows three things about its backbone:
+
+1. the image inputs of a batch of PIL images, through the backbone's own (PIL) image processor
+   (:meth:`BackboneFamily.pixel_inputs`);
+2. the same inputs computed in torch from ``Tensor[N, 3, H, W]`` in ``[0, 1]`` so that gradients
+   reach the pixels (:meth:`BackboneFamily.pixel_inputs_torch`); it must agree with (1) on the same
+   image within the tolerance its tests state. Resizing reproduces PIL's separable resampling
+   (:func:`resize_pil`); with :attr:`BackboneFamily.emulate_8bit` (the default) PIL's 8-bit
+   rounding is reproduced too, with straight-through gradients, so the values are the official
+   processor's bit for bit (tests/test_families.py); without it they are about one grey level
+   away (max 0.016 in normalised units on noise images);
+3. the token ids that stand for image ``i`` in the text (:meth:`BackboneFamily.image_token_ids`),
+   i.e. the image placeholder expanded the way that family's processor expands it.
+
+Families are looked up by the backbone's ``config.model_type`` in :data:`FAMILIES`: ``llava``,
+``qwen2_vl`` / ``qwen2_5_vl`` and ``idefics3`` / ``smolvlm`` (with and without image splitting).
+One module per family (``llava``, ``qwen2_vl``, ``idefics3``); each registers its class on import.
+A new family is a :class:`BackboneFamily` subclass in a module of its own, imported here.
+"""
+
+from .base import FAMILIES, BackboneFamily, family_for, register_family
+from .idefics3 import Idefics3Family
+from .image_ops import (
+    center_crop,
+    normalize,
+    pil_resample_matrix,
+    quantize_8bit,
+    resample_kind,
+    resize_bicubic,
+    resize_pil,
+)
+from .llava import LlavaFamily
+from .qwen2_vl import Qwen2VLFamily, qwen2_vl_smart_resize
+
+__all__ = [
+    "FAMILIES",
+    "BackboneFamily",
+    "Idefics3Family",
+    "LlavaFamily",
+    "Qwen2VLFamily",
+    "center_crop",
+    "family_for",
+    "normalize",
+    "pil_resample_matrix",
+    "qwen2_vl_smart_resize",
+    "quantize_8bit",
+    "register_family",
+    "resample_kind",
+    "resize_bicubic",
+    "resize_pil",
+]
