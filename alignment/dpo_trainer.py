@@ -152,6 +152,7 @@ class DPOConfig(PolicyTrainConfig):
     output_dir: str = field(default="outputs/dpo", metadata={"help": "Run folder."})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.reward_kwargs = parse_json_kwargs(self.reward_kwargs, "reward_kwargs")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
@@ -595,8 +596,7 @@ class DPOTrainer(PolicyTrainerBase):
                     batch = self.offline_batch(self.global_step * ga + a)
                 with acc.accumulate(self.unet):
                     loss, info = self.compute_loss(*batch)
-                    acc.backward(loss)
-                    self.optimizer_step()
+                    self.backward_and_step(loss)
                 infos.append(info)
             self.global_step += 1
             record: dict[str, float] = {"step": self.global_step}

@@ -81,6 +81,7 @@ class DraftConfig(PolicyTrainConfig):
     output_dir: str = field(default="outputs/draft", metadata={"help": "Run folder."})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.reward_kwargs = parse_json_kwargs(self.reward_kwargs, "reward_kwargs")
         if self.method not in ("draft", "refl"):
             raise ValueError(f"method must be 'draft' or 'refl', got {self.method!r}.")
@@ -194,8 +195,7 @@ class DraftTrainer(PolicyTrainerBase):
                 prompts = [random.choice(self.prompts) for _ in range(cfg.train_batch_size)]
                 with acc.accumulate(self.unet):
                     loss, info = self.compute_loss(prompts)
-                    acc.backward(loss)
-                    self.optimizer_step()
+                    self.backward_and_step(loss)
                 infos.append(info)
             self.global_step += 1
             record: dict[str, float] = {"step": self.global_step}
