@@ -52,6 +52,7 @@ from alignment.ddpo import (
     ppo_clip_loss,
     ppo_stats,
 )
+from alignment.seeding import stream_generator
 from alignment.trainer_utils import (
     PolicyTrainerBase,
     TrainConfig,
@@ -289,20 +290,31 @@ class OnlineRLTrainerBase(PolicyTrainerBase):
     def use_prepared_module(self, policy: Any, module: Any) -> None:
         policy.set_forward_unet(torch.compile(module) if self.config.compile_unet else module)
 
+    def _stream_index(self, batch: int) -> int:
+        """Sampling batch ``batch`` of this process counted over every process of the epoch."""
+        acc = self.accelerator
+        return batch * acc.num_processes + acc.process_index
+
     def choose_prompts(self, batch: int) -> list[str]:
         """The prompts of sampling batch ``batch`` of this epoch: ``sample_batch_size /
-        images_per_prompt`` random prompts, each repeated ``images_per_prompt`` times."""
-        import random
-
+        images_per_prompt`` prompts drawn uniformly (with replacement) from the stream
+        ``(seed, "prompts", epoch, global batch)``, each repeated ``images_per_prompt`` times."""
         cfg = self.config
         k = cfg.images_per_prompt
-        chosen = [random.choice(self.prompts) for _ in range(cfg.sample_batch_size // k)]
-        return [p for p in chosen for _ in range(k)]
+        g = stream_generator(cfg.seed, "prompts", self.epoch, self._stream_index(batch))
+        chosen = torch.randint(len(self.prompts), (cfg.sample_batch_size // k,), generator=g)
+        return [self.prompts[i] for i in chosen.tolist() for _ in range(k)]
 
     def sample_generators(self, batch: int, size: int) -> list[torch.Generator] | None:
-        """The random generators of sampling batch ``batch`` (one per image), or None for the
-        global RNG."""
-        return None
+        """One generator per image of sampling batch ``batch``: the stream ``(seed, "sample",
+        epoch, global sample index)`` (initial noise and every step's noise), so that an image's
+        noise depends on neither the process count nor the global RNG."""
+        cfg, acc = self.config, self.accelerator
+        first = self._stream_index(batch) * size
+        return [
+            stream_generator(cfg.seed, "sample", self.epoch, first + i, device=acc.device)
+            for i in range(size)
+        ]
 
     def sample_batch(
         self, prompts: list[str], generator: list[torch.Generator] | None
