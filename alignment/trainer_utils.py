@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from reward.guards import (
@@ -200,22 +201,30 @@ def frozen_models_outside_zero3(accelerator: Any) -> Iterator[None]:
 
 
 def reduce_metrics(
-    accelerator: Any, metrics: Mapping[str, float], weight: float = 1.0
+    accelerator: Any,
+    metrics: Mapping[str, float],
+    weight: float = 1.0,
+    sum_keys: Sequence[str] = (),
 ) -> dict[str, float]:
-    """Weighted means of ``metrics`` over every process, in one all-reduce.
+    """Metrics of every process combined in one all-reduce, before logging.
 
-    ``out[k] = sum_p w_p * m_p[k] / sum_p w_p`` with ``w_p = weight`` of process ``p`` (e.g. how
-    many samples its values average over; equal weights: the plain mean). Every process must pass
-    the same keys. A single process gets its values back unchanged (as floats).
+    ``out[k] = sum_p w_p * m_p[k] / sum_p w_p`` (the weighted mean; ``w_p = weight`` of process
+    ``p``, e.g. how many samples its values average over; equal weights give the plain mean),
+    except for ``sum_keys`` (counts), which are summed: ``out[k] = sum_p m_p[k]``. Every process
+    must pass the same keys. A single process gets its values back unchanged (as floats).
     """
     keys = list(metrics)
     if accelerator.num_processes == 1:
         return {k: float(metrics[k]) for k in keys}
-    values = [float(metrics[k]) * weight for k in keys] + [float(weight)]
+    w = float(weight)
+    values = [float(metrics[k]) * (1.0 if k in sum_keys else w) for k in keys] + [w]
     t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
-    total = accelerator.reduce(t, reduction="sum").cpu()
-    w = float(total[-1])
-    return {k: float(total[i]) / w if w else float("nan") for i, k in enumerate(keys)}
+    total = accelerator.reduce(t, reduction="sum").cpu().tolist()
+    w_sum = total[-1]
+    return {
+        k: total[i] if k in sum_keys else (total[i] / w_sum if w_sum else float("nan"))
+        for i, k in enumerate(keys)
+    }
 
 
 class PolicyTrainerBase:
@@ -421,6 +430,43 @@ class PolicyTrainerBase:
         if self.accelerator.log_with:
             key = self.step_key
             self.accelerator.log({k: v for k, v in record.items() if k != key}, step=record[key])
+
+    #: metrics that are counts: summed over micro-batches and processes (others are averaged)
+    count_keys: ClassVar[tuple[str, ...]] = ("rewards/nonfinite",)
+
+    def step_record(self, infos: Sequence[Mapping[str, float]]) -> dict[str, float]:
+        """The record of the optimiser step just taken from its micro-batches' ``infos``: each
+        metric averaged over the micro-batches and then over every process (counts summed), plus
+        the learning rate and ``train/skipped_steps``."""
+        local = {
+            k: float((np.sum if k in self.count_keys else np.mean)([i[k] for i in infos]))
+            for k in infos[0]
+        }
+        record: dict[str, float] = {"step": self.global_step}
+        record.update(reduce_metrics(self.accelerator, local, sum_keys=self.count_keys))
+        record["lr"] = float(self.lr_scheduler.get_last_lr()[0])
+        record.update(self.guard_metrics())
+        return record
+
+    def log_policy_samples(
+        self, prompts: Sequence[str], num_steps: int, eta: float, guidance_scale: float
+    ) -> None:
+        """Sample ``num_log_images`` images of the current policy on the first prompts with fixed
+        seeds (0, 1, ...), score them with ``self.reward_fn`` when there is one, and log the
+        captioned grid. Every process samples (a ZeRO-3 UNet needs every rank in its forward);
+        the main one logs."""
+        acc, n = self.accelerator, self.config.num_log_images
+        chosen = [prompts[i % len(prompts)] for i in range(n)]
+        gens = [torch.Generator().manual_seed(i) for i in range(n)]
+        self.unet.eval()
+        with torch.no_grad(), acc.autocast():
+            out = self.policy.sample(chosen, num_steps, eta, guidance_scale, generator=gens)
+            images = out.images.float()
+            reward_fn = getattr(self, "reward_fn", None)
+            rewards = None if reward_fn is None else reward_fn(images, chosen)
+        if rewards is not None:
+            rewards = torch.as_tensor(rewards).float().reshape(-1).tolist()
+        self.log_sample_grid(images, chosen, rewards, self.global_step)
 
     def guard_metrics(self) -> dict[str, float]:
         """``train/skipped_steps``: optimiser steps skipped so far for a non-finite loss or
