@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -106,15 +106,20 @@ def best_of_n(
     seed: int = 0,
     batch_size: int = 16,
     keep_all: bool = False,
+    progress: bool = False,
 ) -> ScalingResult:
     """Sample ``n`` images per prompt (batched, ``batch_size`` images per call), score them with
-    ``reward_fn`` and keep the best one per prompt. See :class:`ScalingResult`."""
+    ``reward_fn`` and keep the best one per prompt (``progress``: a bar over the batches). See
+    :class:`ScalingResult`."""
+    from tqdm.auto import tqdm
+
     if n < 1:
         raise ValueError("n must be at least 1.")
     prompts = list(prompts)
     jobs = [(p, k) for p in range(len(prompts)) for k in range(n)]
     images, scores = [], []
-    for s in range(0, len(jobs), batch_size):
+    starts = range(0, len(jobs), batch_size)
+    for s in tqdm(starts, desc="best-of-N batches", disable=not progress, dynamic_ncols=True):
         chunk = jobs[s : s + batch_size]
         gens = [torch.Generator().manual_seed(_seed(seed, p, k)) for p, k in chunk]
         texts = [prompts[p] for p, _ in chunk]
@@ -182,8 +187,10 @@ def fk_steering(
     seed: int = 0,
     keep_all: bool = False,
     batch_size: int | None = None,
+    progress: bool = False,
 ) -> ScalingResult:
-    """Feynman-Kac steering with ``K = num_particles`` particles per prompt (module docstring).
+    """Feynman-Kac steering with ``K = num_particles`` particles per prompt (module docstring);
+    ``progress``: a bar over each chunk's denoising steps.
 
     The particles of up to ``max(1, batch_size // K)`` prompts run as one batch (all prompts at
     once when ``batch_size`` is None); the initial noise, step noise and resampling draws of a
@@ -215,6 +222,7 @@ def fk_steering(
             resample_end=resample_end,
             ess_threshold=ess_threshold,
             keep_all=keep_all,
+            progress=progress,
         )
         parts = []
         for c in range(0, len(prompts), per_chunk):
@@ -264,7 +272,15 @@ def fk_steering(
         "lmbda": lmbda,
     }
     reward_evals = 0
-    for i, t in enumerate(timesteps):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        list(enumerate(timesteps)),
+        desc=f"FK steering ({P} prompts)",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    for i, t in bar:
         eps = policy.predict_noise(x, t, embeds, guidance_scale, negative)
         if i in steps:
             x0 = predict_x0(policy.scheduler, eps, t, x)
@@ -327,7 +343,38 @@ class ScalingConfig:
     )
     save_all: bool = field(default=False, metadata={"help": "Also write every candidate image."})
     output_dir: str = field(default="outputs/scaling", metadata={"help": "Images + scores.json."})
-    device: str | None = field(default=None, metadata={"help": "cuda / cpu (default: auto)."})
+    device: str | None = field(
+        default=None, metadata={"help": "cuda, cuda:1, cpu (None: this process's GPU, else cpu)."}
+    )
+    progress_bar: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "n": ">= 1",
+        "max_prompts": ">= 1",
+        "num_steps": ">= 1",
+        "eta": ">= 0",
+        "guidance_scale": ">= 0",
+        "batch_size": ">= 1",
+        "lmbda": ">= 0",
+        "resample_every": ">= 1",
+        "resample_start": "[0, 1]",
+        "resample_end": "[0, 1]",
+        "ess_threshold": "(0, 1]",
+    }
+
+    def __post_init__(self) -> None:
+        from reward.guards import validate_config
+
+        validate_config(self)
+        if self.method not in ("best_of_n", "fk"):
+            raise ValueError(f"method must be 'best_of_n' or 'fk', got {self.method!r}.")
+        if self.method == "fk" and self.eta <= 0:
+            raise ValueError(f"ScalingConfig.eta = {self.eta!r}: FK steering needs eta > 0.")
+        if self.resample_start >= self.resample_end:
+            raise ValueError(
+                f"resample_start ({self.resample_start}) must be below resample_end "
+                f"({self.resample_end})."
+            )
 
 
 def run_scaling(cfg: ScalingConfig) -> dict[str, Any]:
@@ -340,19 +387,26 @@ def run_scaling(cfg: ScalingConfig) -> dict[str, Any]:
     from alignment.prompts import load_prompts
     from alignment.rewards import get_reward_fn
     from alignment.trainer_utils import parse_json_kwargs
+    from reward.guards import process_device
     from reward.images import to_pil
 
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(cfg.device) if cfg.device else process_device()
     policy = DiffusionPolicy.from_pretrained(cfg.pretrained_model, use_lora=False, device=device)
     policy.unet.requires_grad_(False).eval()
-    reward_fn = get_reward_fn(cfg.reward, **parse_json_kwargs(cfg.reward_kwargs, "reward_kwargs"))
+    kwargs = parse_json_kwargs(cfg.reward_kwargs, "reward_kwargs")
+    reward_fn = get_reward_fn(cfg.reward, device=device, **kwargs)
     prompts = load_prompts(cfg.prompts, cfg.prompt_category)[: cfg.max_prompts]
+    print(
+        f"{cfg.method}: {len(prompts)} prompts x {cfg.n} {'images' if cfg.method == 'best_of_n' else 'particles'}, "
+        f"{cfg.num_steps} steps, reward {cfg.reward!r}, on {device}."
+    )
     common = dict(
         num_steps=cfg.num_steps,
         eta=cfg.eta,
         guidance_scale=cfg.guidance_scale,
         seed=cfg.seed,
         keep_all=cfg.save_all,
+        progress=cfg.progress_bar,
     )
     if cfg.method == "best_of_n":
         res = best_of_n(policy, prompts, reward_fn, n=cfg.n, batch_size=cfg.batch_size, **common)
@@ -402,6 +456,11 @@ def run_scaling(cfg: ScalingConfig) -> dict[str, Any]:
         "prompts": records,
     }
     (out / "scores.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    print(
+        f"Wrote the best image of each of {len(prompts)} prompts (p0000.png ...) and "
+        f"scores.json to {out.resolve()} (mean best score {report['mean_best_score']:.4g}, "
+        f"mean score {report['mean_score']:.4g})."
+    )
     return report
 
 

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 
-from trl import TrlParser
-
+from alignment.recipe_utils import parse_recipe_args
 from reward.training import EvalScriptArguments, evaluate_reward_folder
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (script,) = TrlParser(EvalScriptArguments).parse_args_and_config(args=argv)
+    (script,) = parse_recipe_args(EvalScriptArguments, argv)
     results = evaluate_reward_folder(script)
     for name, metrics in results.items():
         print(f"{name}: accuracy {metrics['accuracy']:.4f} on {metrics['n_examples']} examples")
