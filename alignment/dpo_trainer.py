@@ -431,9 +431,7 @@ class DPOTrainer(PolicyTrainerBase):
         self.reward_fn = reward_fn
         if self.reward_fn is None and cfg.reward:
             with self.frozen_outside_zero3():
-                self.reward_fn = get_reward_fn(
-                    cfg.reward, device=self.reward_device(), **cfg.reward_kwargs
-                )
+                self.reward_fn = get_reward_fn(cfg.reward, **self.reward_kwargs(cfg.reward_kwargs))
         if self.reward_fn is None and (cfg.online or cfg.build_data or cfg.eval_every):
             raise ValueError(
                 "Online pairs, build_data and eval_every need a reward: set `reward` (e.g. "

@@ -156,13 +156,12 @@ def differentiable_reward_fn(
     ``RewardScorer.as_reward_fn(..., differentiable=True)``; ``"brightness"``: the mean pixel
     (a toy); anything else goes to :func:`alignment.rewards.get_reward_fn` (e.g.
     ``"package.module:function"``) and must itself be differentiable (checked at the first step).
-    ``device`` (the trainers pass ``accelerator.device``) places the reward model unless
-    ``kwargs`` name one; None: this process's device (:func:`reward.guards.process_device`).
+    ``device`` (the trainers pass ``accelerator.device``) places the reward model; None: this
+    process's device (:func:`reward.guards.process_device`).
     """
     if name == "llava_reward":
         from reward.scorer import RewardScorer
 
-        device = kwargs.get("device") or device
         dtype = kwargs.get("dtype")
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)

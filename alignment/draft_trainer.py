@@ -135,7 +135,7 @@ class DraftTrainer(PolicyTrainerBase):
         if self.reward_fn is None:
             with self.frozen_outside_zero3():
                 self.reward_fn = differentiable_reward_fn(
-                    config.reward, device=self.reward_device(), **config.reward_kwargs
+                    config.reward, **self.reward_kwargs(config.reward_kwargs)
                 )
         self.prompts = (
             list(prompts)

@@ -264,9 +264,7 @@ class OnlineRLTrainerBase(PolicyTrainerBase):
         cfg, acc = config, self.accelerator
         if reward_fn is None:
             with self.frozen_outside_zero3():
-                reward_fn = get_reward_fn(
-                    cfg.reward, device=self.reward_device(), **cfg.reward_kwargs
-                )
+                reward_fn = get_reward_fn(cfg.reward, **self.reward_kwargs(cfg.reward_kwargs))
         self.reward_fn = reward_fn
         self.prompts = (
             list(prompts) if prompts is not None else load_prompts(cfg.prompts, cfg.prompt_category)

@@ -58,10 +58,10 @@ def get_reward_fn(name: str, device: str | torch.device | None = None, **kwargs:
 
     Args:
         name: registered name, or ``"package.module:function"``.
-        device: the calling process's device (the trainers pass ``accelerator.device``): given to
-            the reward's factory when it takes a ``device`` argument (``llava_reward`` does), so
-            that each process's reward model lives on its own GPU. A ``device`` in ``kwargs``
-            (the user's ``reward_kwargs``) wins.
+        device: where the reward runs (the trainers pass ``accelerator.device``, or the user's
+            ``reward_kwargs["device"]``): given to the reward's factory only when it takes a
+            ``device`` argument (``llava_reward`` does), so that each process's reward model
+            lives on its own GPU, while rewards without one (``brightness``) are built as before.
         **kwargs: passed to the reward's factory (e.g. ``path=``, ``perspective=`` for
             ``llava_reward``; ``quality=`` for the JPEG rewards).
 
@@ -87,7 +87,7 @@ def get_reward_fn(name: str, device: str | torch.device | None = None, **kwargs:
             f"Unknown reward {name!r}. Registered: {available_rewards()}; or give "
             "'package.module:function' of your own fn(images, prompts) -> Tensor[N]."
         )
-    if device is not None and kwargs.get("device") is None and _takes_device(factory):
+    if device is not None and _takes_device(factory):
         kwargs["device"] = device
     return factory(**kwargs)
 

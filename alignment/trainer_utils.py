@@ -364,6 +364,15 @@ class PolicyTrainerBase:
         """Where this process's reward model lives: the accelerator's device."""
         return self.accelerator.device
 
+    def reward_kwargs(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The reward factory's keyword arguments: the user's, with ``device`` set to
+        :meth:`reward_device` unless they name one (the registry passes it on only to factories
+        that take a ``device``)."""
+        out = dict(kwargs)
+        if out.get("device") is None:
+            out["device"] = self.reward_device()
+        return out
+
     # ------------------------------------------------------------------------------ the step
     def backward_and_step(self, loss: torch.Tensor) -> bool | None:
         """``accelerator.backward(loss)``, then, when gradients sync, clip and step the optimizer

@@ -137,7 +137,8 @@ def poison_nonfinite(loss: torch.Tensor) -> torch.Tensor:
     A NaN loss need not give NaN gradients (a NaN written into one reward by index gets a zero
     gradient). Under DeepSpeed the engine steps inside ``backward``, and only its overflow check
     (a non-finite gradient norm, reduced over ranks) can skip the step: multiplying by NaN makes
-    every gradient of the graph NaN, so that check fires on every rank.
+    the gradient of every path that is not masked out NaN, hence the norm, so that check fires
+    on every rank.
     """
     if is_finite(loss):
         return loss
