@@ -1,5 +1,5 @@
-"""Which perspective is scored when none is named (one rule for the API, the registry and the
-command line), the README's API example run as written, and backbones that contradict a folder."""
+"""Which perspective is scored when none is named (one rule for the API, the registry, DRaFT's
+differentiable reward and the command line), the README's API example run as written, and backbones that contradict a folder."""
 
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ def test_default_perspective_rule():
 
 
 def test_api_registry_and_cli_share_the_default(folders, tmp_path, capsys):
+    from alignment.draft import differentiable_reward_fn
     from alignment.rewards import get_reward_fn
 
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -81,6 +82,8 @@ def test_api_registry_and_cli_share_the_default(folders, tmp_path, capsys):
         assert fn.perspective_weights == {expected: 1.0}
         from_registry = get_reward_fn("llava_reward", path=str(folders[folder]))
         torch.testing.assert_close(from_registry(images, PROMPTS), fn(images, PROMPTS))
+        draft_fn = differentiable_reward_fn("llava_reward", path=str(folders[folder]))
+        assert draft_fn.perspective_weights == {expected: 1.0}
         assert cli(["score", "--model", str(folders[folder]), "--prompt", PROMPTS[0], *pngs]) == 0
         assert capsys.readouterr().out.splitlines()[1].split() == ["image", expected]
 
@@ -92,6 +95,7 @@ def test_api_registry_and_cli_share_the_default(folders, tmp_path, capsys):
         lambda: scorer.rank(PROMPTS[0], pngs),
         lambda: scorer.as_reward_fn(),
         lambda: get_reward_fn("llava_reward", path=str(folders["two"])),
+        lambda: differentiable_reward_fn("llava_reward", path=str(folders["two"])),
     ):
         with pytest.raises(PerspectiveNotChosenError, match="alignment, safety"):
             call()
