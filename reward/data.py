@@ -756,6 +756,13 @@ COMMON_OPTIONS: dict[str, Any] = {
     "decode": True,
 }
 
+#: Help of the recipes' ``--on_error`` option; ``{skipped}`` names the file(s) they write.
+ON_ERROR_HELP = (
+    "Bad data records: 'skip' (each is logged and written with its index and reason to "
+    "OUTPUT_DIR/{skipped}) or 'raise' (stop at the first one, naming the file, the record index "
+    "and the problem)."
+)
+
 _COMMON_DOC = """
     Common arguments: ``image_root`` resolves relative image paths (default: the data file's
     folder); ``path_map`` maps an image path as written in the file to a local file (a dict, a
@@ -1089,6 +1096,7 @@ def write_skipped(path: PathLike, reports: Iterable[ReadReport]) -> Path | None:
 
 __all__ = [
     "COMMON_OPTIONS",
+    "ON_ERROR_HELP",
     "DATA_FORMATS",
     "FORMATS",
     "DataFormat",

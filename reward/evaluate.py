@@ -42,7 +42,7 @@ from typing import Any, Protocol
 
 import torch
 
-from reward.data import load_image_ref
+from reward.data import ON_ERROR_HELP, load_image_ref
 from reward.losses import preference_logit
 
 logger = logging.getLogger(__name__)
@@ -480,12 +480,7 @@ class EvalScriptArguments:
         default=None, metadata={"help": "Folder for relative image paths (default: the file's)."}
     )
     on_error: str = field(
-        default="skip",
-        metadata={
-            "help": "Bad data records: 'skip' (each is logged and written with its index and "
-            "reason to OUTPUT_DIR/skipped_eval.jsonl) or 'raise' (stop at the first one, naming "
-            "the file, the record index and the problem)."
-        },
+        default="skip", metadata={"help": ON_ERROR_HELP.format(skipped="skipped_eval.jsonl")}
     )
     batch_size: int = field(default=16, metadata={"help": "Scoring batch size."})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda)."})

@@ -49,7 +49,7 @@ from PIL import Image
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .data import load_image_ref, load_reward_data, write_skipped
+from .data import ON_ERROR_HELP, load_image_ref, load_reward_data, write_skipped
 from .losses import bradley_terry_loss, gpm_loss, paired_bce_loss, unpaired_bce_loss
 from .modeling import LlavaRewardModel, check_backbone
 
@@ -778,11 +778,7 @@ class RewardScriptArguments:
     )
     on_error: str = field(
         default="skip",
-        metadata={
-            "help": "Bad data records: 'skip' (each is logged and written with its index and "
-            "reason to OUTPUT_DIR/skipped_<train|eval>.jsonl) or 'raise' (stop at the first one, "
-            "naming the file, the record index and the problem)."
-        },
+        metadata={"help": ON_ERROR_HELP.format(skipped="skipped_<train|eval>.jsonl")},
     )
     lora_r: int = field(default=128, metadata={"help": "LoRA rank (paper: 128)."})
     lora_alpha: int = field(default=256, metadata={"help": "LoRA alpha (paper: 256)."})
