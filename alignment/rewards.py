@@ -156,15 +156,14 @@ def llava_reward(
     Args:
         path: a trained LLaVA-Reward folder.
         perspective: a perspective name (``"alignment"``, ``"fidelity"``, ``"safety"``,
-            ``"overall"``) or ``{perspective: weight}``; None uses the scorer's default.
+            ``"overall"``) or ``{perspective: weight}``; None: the folder's only perspective,
+            else ``overall``, else an error listing them (``reward.scorer.default_perspective``).
         device: where the reward model runs (None: the scorer's default, CUDA when available).
         dtype: its dtype (e.g. ``"bfloat16"``); None keeps the scorer's default.
     """
     from reward.scorer import RewardScorer
 
     scorer = RewardScorer.from_pretrained(path, device=device, dtype=dtype)
-    if perspective is None:
-        return scorer.as_reward_fn(differentiable=False)
     return scorer.as_reward_fn(perspective, differentiable=False)
 
 

@@ -1,7 +1,8 @@
 """Command line: ``llava-reward score --model DIR --prompt "..." a.png b.png [--perspective P] [--json]``.
 
 Prints a table of rewards (one row per image, one column per perspective), or JSON with
-``--json``. ``--perspective all`` scores every perspective the folder holds.
+``--json``. ``--perspective all`` scores every perspective the folder holds; without
+``--perspective`` the folder's only perspective, else ``overall``, else an error listing them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--perspective",
         action="append",
-        help="perspective to score (repeatable; 'all' = every one; default: overall, or the only one)",
+        help="perspective to score (repeatable; 'all' = every one; default: the folder's only "
+        "perspective, else overall)",
     )
     score.add_argument("--batch-size", type=int, default=16)
     score.add_argument(
@@ -62,9 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dtype=args.dtype,
             trust_remote_code=True if args.trust_remote_code else None,
         )
-        wanted = args.perspective or []
-        if not wanted:
-            wanted = ["overall"] if "overall" in scorer.perspectives else scorer.perspectives[:1]
+        wanted = args.perspective or [scorer.default_perspective]
         if "all" in wanted:
             wanted = scorer.perspectives
         scores = scorer.score_perspectives(args.prompt, args.images, wanted, args.batch_size)

@@ -140,6 +140,37 @@ def _is_local(path: str) -> bool:
     return os.path.isdir(path)
 
 
+class BackboneMismatchError(ValueError):
+    """A backbone that contradicts the one an existing reward folder was built on."""
+
+
+def _backbone_key(reference: str, folder: Path) -> str:
+    """A backbone reference in comparable form: the resolved folder for a local path (as
+    ``from_pretrained`` finds it: as written, then relative to the reward folder), else the id."""
+    for candidate in (Path(reference).expanduser(), folder / reference):
+        if candidate.is_dir():
+            return str(candidate.resolve())
+    return reference
+
+
+def check_backbone(folder: str | os.PathLike, backbone: str | os.PathLike | None) -> None:
+    """Raise :class:`BackboneMismatchError` when the reward folder ``folder`` exists and its
+    config names a backbone other than ``backbone`` (all perspectives of a folder share one
+    frozen backbone, so a second one would silently be ignored or mixed in)."""
+    path = Path(folder)
+    if backbone is None or not (path / "config.json").is_file():
+        return
+    stored = json.loads((path / "config.json").read_text()).get("backbone")
+    if not stored or _backbone_key(str(backbone), path) == _backbone_key(stored, path):
+        return
+    raise BackboneMismatchError(
+        f"{path} holds a reward model on the backbone {stored!r}, and {str(backbone)!r} is "
+        "another one (all perspectives of a folder share one frozen backbone). To add to this "
+        f"folder use its backbone (leave --backbone out of recipes/train_reward.py); to build on "
+        f"{str(backbone)!r}, choose a new output folder."
+    )
+
+
 def load_backbone(
     backbone: str | os.PathLike,
     torch_dtype: torch.dtype | None = None,
@@ -571,6 +602,8 @@ class LlavaRewardModel(PreTrainedModel):
         existing = {}
         if (out / "config.json").is_file():
             existing = json.loads((out / "config.json").read_text()).get("perspectives", {}) or {}
+            if not save_backbone and set(existing) - set(names):  # perspectives stay beside ours
+                check_backbone(out, self.config.backbone)
         merged = dict(existing)
         merged.update({n: self.config.perspectives[n] for n in names})
         config["perspectives"] = merged
