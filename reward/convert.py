@@ -142,7 +142,8 @@ def map_adapter_keys(
             path = path.removeprefix("base_model.model.")
             if old and path.startswith(old):
                 path = f"{prefix}.{path[len(old) :]}"
-        if path is None or not isinstance(modules.get(path), nn.Linear):
+        in_decoder = path is not None and path.startswith(prefix + ".")
+        if not in_decoder or not isinstance(modules.get(path), nn.Linear):
             nowhere.append(key)
             continue
         mapped[f"base_model.model.{path}.{match.group(2)}.weight"] = value

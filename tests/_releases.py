@@ -124,7 +124,12 @@ def _merged_backbone(backbone: Path, release: Path, kind: str):
     """A fresh backbone with the release's LoRA merged by hand (``W += alpha / r * B A``) and its
     projector copied by hand."""
     base = load_backbone(str(backbone)).eval()
-    lora = torch.load(release / "lora" / "adapter_model.bin", weights_only=True)
+    if (release / "lora" / "adapter_model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        lora = load_file(str(release / "lora" / "adapter_model.safetensors"))
+    else:
+        lora = torch.load(release / "lora" / "adapter_model.bin", weights_only=True)
     heads = torch.load(release / "pytorch_model.bin", weights_only=True)
     prefix = OFFICIAL_LORA[kind][0].split("{i}")[0]
     layers = base.get_decoder().layers
@@ -139,7 +144,9 @@ def _merged_backbone(backbone: Path, release: Path, kind: str):
         key_prefix, module_path, _ = OFFICIAL_PROJECTOR[kind]
         projector = base.get_submodule(module_path)
         for key, value in heads.items():
-            if key.startswith(key_prefix):
+            if kind == "qwen2_5_vl" and re.match(r"visual\.merger\.\d", key):  # merger.0.*
+                projector.get_parameter("mlp." + key[len("visual.merger.") :]).copy_(value)
+            elif key.startswith(key_prefix):
                 projector.get_parameter(key[len(key_prefix) :]).copy_(value)
     return base, heads
 
