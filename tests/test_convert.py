@@ -8,7 +8,7 @@ rewards are compared with a reference written out by hand in ``_releases.referen
 the LoRA merged into a fresh backbone, the projector copied, the input ids built by the official
 string rules (Qwen: no system turn; Phi: chunks with their own BOS; LLaVA-NeXT: the Vicuna turn cut
 before ``ASSISTANT:``), SkipCA and the value head as torch ops. These references were not written by
-the official code itself (see tests/fixtures/README.md).
+the official code itself (README: "The paper's backbones and the released weights" says why).
 """
 
 from __future__ import annotations

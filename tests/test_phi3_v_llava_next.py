@@ -26,7 +26,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from reward import LlavaRewardModel, RewardScorer
-from reward.families.phi3_v import Phi3VConfig, Phi3VForConditionalGeneration
+from reward.families.phi3_v import Phi3VConfig
 from reward.modeling import load_backbone
 from reward.processing import RewardProcessor
 from reward.testing import save_tiny_backbone, tiny_phi3_v
