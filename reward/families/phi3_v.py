@@ -359,8 +359,8 @@ class Phi3VImageProcessor(BaseImageProcessor):
         self.crop_size = int(crop_size)
         self.image_mean = list(image_mean if image_mean is not None else OPENAI_CLIP_MEAN)
         self.image_std = list(image_std if image_std is not None else OPENAI_CLIP_STD)
-        g = self.crop_size // 28
-        self.num_img_tokens = int(num_img_tokens if num_img_tokens is not None else g * g)
+        # the official folder's tokens per crop (144); informational: counts come from the model
+        self.num_img_tokens = num_img_tokens
         self.do_convert_rgb = do_convert_rgb
 
     def hd_image(self, image: Image.Image) -> Image.Image:
