@@ -3,6 +3,10 @@
 Prints a table of rewards (one row per image, one column per perspective), or JSON with
 ``--json``. ``--perspective all`` scores every perspective the folder holds; without
 ``--perspective`` the folder's only perspective, else ``overall``, else an error listing them.
+
+``llava-reward import-official SRC --backbone ID_OR_FOLDER --perspective NAME --output OUT`` turns a
+released LLaVA-Reward folder (``reward_config.yaml``, ``lora/``, ``pytorch_model.bin``) into a
+perspective of the project folder OUT (:func:`reward.convert.import_official`).
 """
 
 from __future__ import annotations
@@ -50,11 +54,41 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow the backbone's own code from its folder/hub repo (e.g. Phi-3.5-vision)",
     )
+    imp = sub.add_parser(
+        "import-official",
+        help="import a released LLaVA-Reward folder (smz8599/LLaVA-Reward) as a perspective",
+    )
+    imp.add_argument(
+        "src", help="the release folder (reward_config.yaml, lora/, pytorch_model.bin)"
+    )
+    imp.add_argument(
+        "--backbone",
+        required=True,
+        help="hub id or folder of the release's backbone (e.g. microsoft/Phi-3.5-vision-instruct)",
+    )
+    imp.add_argument("--perspective", required=True, help="name of the imported perspective")
+    imp.add_argument(
+        "--output", required=True, help="project reward folder (created, or extended if it exists)"
+    )
     return parser
+
+
+def _import_official(args: argparse.Namespace) -> int:
+    from .convert import ReleaseFormatError, import_official
+
+    try:
+        out = import_official(args.src, args.backbone, args.perspective, args.output)
+    except (ReleaseFormatError, FileNotFoundError, ValueError, OSError) as err:
+        print(f"llava-reward: error: {err}", file=sys.stderr)
+        return 2
+    print(f"imported {args.src} as perspective {args.perspective!r} into {out}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "import-official":
+        return _import_official(args)
     from .scorer import RewardScorer  # heavy imports after argument parsing
 
     try:
