@@ -153,6 +153,9 @@ class RewardProcessor:
 
     def sequence_ids(self, caption: str, image_ids: list[int]) -> list[int]:
         """Token ids of one (image, caption) turn, truncated by the module's rule."""
+        family_rule = getattr(self.family, "sequence_ids", None)
+        if family_rule is not None:  # a family whose official text rule is its own (phi3_v, ...)
+            return family_rule(caption, image_ids, self.max_length, self.chat_template)
         caption_ids = self._encode(caption)
         fixed = len(self._prefix) + len(image_ids) + len(self._middle) + len(self._suffix)
         if self.max_length is not None:

@@ -318,7 +318,7 @@ def _reward_script(**kw):
 
 
 def _eval_script(**kw):
-    from reward.training import EvalScriptArguments
+    from reward.evaluate import EvalScriptArguments
 
     return EvalScriptArguments(model_dir="m", data_file=["d.json"], **kw)
 
@@ -376,8 +376,6 @@ def test_configs_accept_their_defaults_and_the_edges_of_each_range():
     _dpo(eta=0.0, images_per_prompt=2)
     _draft(eta=0.0)
     _scaling(ess_threshold=1.0, resample_start=0.0, method="best_of_n", eta=0.0)
-    with pytest.raises(ValueError, match="FK steering needs eta > 0"):
-        _scaling(method="fk", eta=0.0)
     _reward_script(lora_dropout=0.0, eval_split=0.0)
 
 
@@ -396,7 +394,7 @@ def test_recipe_refuses_a_bad_value_from_the_command_line():
 
 def test_recipe_help_lists_config_says_what_no_flags_do_and_states_defaults_once():
     from alignment.recipe_utils import RecipeParser
-    from reward.training import EvalScriptArguments
+    from reward.evaluate import EvalScriptArguments
 
     text = " ".join(RecipeParser(DDPOConfig).format_help().split())
     assert "--config FILE.yaml YAML file of option values" in text

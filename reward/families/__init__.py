@@ -15,8 +15,9 @@ A family knows three things about its backbone:
    i.e. the image placeholder expanded the way that family's processor expands it.
 
 Families are looked up by the backbone's ``config.model_type`` in :data:`FAMILIES`: ``llava``,
-``qwen2_vl`` / ``qwen2_5_vl`` and ``idefics3`` / ``smolvlm`` (with and without image splitting).
-One module per family (``llava``, ``qwen2_vl``, ``idefics3``); each registers its class on import.
+``qwen2_vl`` / ``qwen2_5_vl``, ``idefics3`` / ``smolvlm`` (with and without image splitting) and
+``llava_next`` (LLaVA-1.6, anyres) and ``phi3_v`` (Phi-3.5-vision, native port). One module per
+family (``llava``, ``llava_next``, ``qwen2_vl``, ``idefics3``, ``phi3_v``); each registers its class on import.
 A new family is a :class:`BackboneFamily` subclass in a module of its own, imported here.
 """
 
@@ -32,6 +33,8 @@ from .image_ops import (
     resize_pil,
 )
 from .llava import LlavaFamily
+from .llava_next import LlavaNextFamily
+from .phi3_v import Phi3VFamily
 from .qwen2_vl import Qwen2VLFamily, qwen2_vl_smart_resize
 
 __all__ = [
@@ -39,6 +42,8 @@ __all__ = [
     "BackboneFamily",
     "Idefics3Family",
     "LlavaFamily",
+    "LlavaNextFamily",
+    "Phi3VFamily",
     "Qwen2VLFamily",
     "center_crop",
     "family_for",
