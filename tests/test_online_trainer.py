@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _tiny_sd import saved_tiny_pipeline
+from _tiny_sd import saved_tiny_pipeline, tiny_ddpo_config
 
 import alignment.online_trainer as online_trainer
 from alignment.ddpo_trainer import DDPOConfig, DDPOTrainer
@@ -24,40 +24,19 @@ from alignment.trainer_utils import reduce_metrics
 PROMPTS = ["a cat", "a dog", "a red circle"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def _config(out: Path, **kw) -> DDPOConfig:
+    """One optimiser step per train batch, all 3 timesteps in one call, one epoch."""
     base = dict(
-        pretrained_model=str(saved_tiny_pipeline()),
-        output_dir=str(out),
-        reward="brightness",
-        num_steps=3,
-        guidance_scale=2.0,
-        sample_batch_size=2,
-        num_batches_per_epoch=2,
-        train_batch_size=2,
         gradient_accumulation_steps=1,
         timesteps_per_call=3,
-        lora_rank=4,
         learning_rate=3e-2,
         clip_range=1e-4,
-        stat_min_count=2,
         num_epochs=1,
-        save_every=0,
-        log_with="none",
-        log_images_every=0,
-        progress_bar=False,
-        seed=3,
     )
-    base.update(kw)
-    return DDPOConfig(**base)
+    return tiny_ddpo_config(out, **{**base, **kw})
 
 
 # ----------------------------------------------------------------------------- PPO clip
