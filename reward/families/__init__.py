@@ -12,7 +12,10 @@ A family knows three things about its backbone:
    processor's bit for bit (tests/test_families.py); without it they are about one grey level
    away (max 0.016 in normalised units on noise images);
 3. the token ids that stand for image ``i`` in the text (:meth:`BackboneFamily.image_token_ids`),
-   i.e. the image placeholder expanded the way that family's processor expands it.
+   i.e. the image placeholder expanded the way that family's processor expands it;
+4. the ids of one (image, caption) turn, equal to the official processor's (the sequence hook:
+   :meth:`BackboneFamily.render_turn` and :meth:`BackboneFamily.encode_turn`, described in
+   :mod:`reward.families.base`).
 
 Families are looked up by the backbone's ``config.model_type`` in :data:`FAMILIES`: ``llava``,
 ``qwen2_vl`` / ``qwen2_5_vl`` and ``idefics3`` / ``smolvlm`` (with and without image splitting).
@@ -20,7 +23,14 @@ One module per family (``llava``, ``qwen2_vl``, ``idefics3``); each registers it
 A new family is a :class:`BackboneFamily` subclass in a module of its own, imported here.
 """
 
-from .base import FAMILIES, BackboneFamily, family_for, register_family
+from .base import (
+    FAMILIES,
+    BackboneFamily,
+    EncodedTurn,
+    TurnText,
+    family_for,
+    register_family,
+)
 from .idefics3 import Idefics3Family
 from .image_ops import (
     center_crop,
@@ -37,9 +47,11 @@ from .qwen2_vl import Qwen2VLFamily, qwen2_vl_smart_resize
 __all__ = [
     "FAMILIES",
     "BackboneFamily",
+    "EncodedTurn",
     "Idefics3Family",
     "LlavaFamily",
     "Qwen2VLFamily",
+    "TurnText",
     "center_crop",
     "family_for",
     "normalize",

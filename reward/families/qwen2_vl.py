@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import BackboneFamily, register_family
+from .base import BackboneFamily, TurnText, register_family
 from .image_ops import (
     _rescale_normalize,
     _size_get,
@@ -38,6 +38,17 @@ class Qwen2VLFamily(BackboneFamily):
     projector = "visual.merger"
     template_image_text = "<|vision_start|><|image_pad|><|vision_end|>"
     pixel_keys = ("pixel_values", "image_grid_thw")
+
+    def render_turn(self, chat_template: str | None) -> TurnText:
+        """The template's user turn without the default system turn that Qwen2-VL's template
+        writes before it: the official LLaVA-Reward input is
+        ``<|im_start|>user\n<|vision_start|><|image_pad|>...<|vision_end|>{caption}<|im_end|>``
+        (no system turn, no BOS; SPEC section 6)."""
+        turn = super().render_turn(chat_template)
+        user = turn.before.find("<|im_start|>user")
+        if user > 0:
+            turn = TurnText(turn.before[user:], turn.between, turn.after)
+        return turn
 
     def _token_id(self, attr: str, token: str) -> int:
         token_id = getattr(self.model_config, attr, None)
