@@ -18,8 +18,9 @@ A family knows three things about its backbone:
    :mod:`reward.families.base`).
 
 Families are looked up by the backbone's ``config.model_type`` in :data:`FAMILIES`: ``llava``,
-``qwen2_vl`` / ``qwen2_5_vl`` and ``idefics3`` / ``smolvlm`` (with and without image splitting).
-One module per family (``llava``, ``qwen2_vl``, ``idefics3``); each registers its class on import.
+``qwen2_vl`` / ``qwen2_5_vl``, ``qwen3_vl`` and ``idefics3`` / ``smolvlm`` (with and without image
+splitting). One module per family (``llava``, ``qwen2_vl``, ``qwen3_vl``, ``idefics3``); each
+registers its class on import.
 A new family is a :class:`BackboneFamily` subclass in a module of its own, imported here.
 """
 
@@ -43,6 +44,7 @@ from .image_ops import (
 )
 from .llava import LlavaFamily
 from .qwen2_vl import Qwen2VLFamily, qwen2_vl_smart_resize
+from .qwen3_vl import Qwen3VLFamily
 
 __all__ = [
     "FAMILIES",
@@ -51,6 +53,7 @@ __all__ = [
     "Idefics3Family",
     "LlavaFamily",
     "Qwen2VLFamily",
+    "Qwen3VLFamily",
     "TurnText",
     "center_crop",
     "family_for",
