@@ -28,6 +28,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
 from .families import BackboneFamily, EncodedTurn, family_for
+from .images import check_image_batch
 
 PROCESSOR_FILE = "reward_processor.json"
 #: tokenizers without a ``model_max_length`` report ``VERY_LARGE_INTEGER`` (1e30): not a limit.
@@ -49,6 +50,8 @@ class RewardProcessor:
         chat_template: str | None = None,
         max_length: int | None = None,
         padding_side: str = "left",
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
     ):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -66,6 +69,7 @@ class RewardProcessor:
         self.pad_token_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
+        self.family.set_pixel_budget(min_pixels, max_pixels)
         self._turn = self.family.render_turn(chat_template)
         #: truncation counts of the calls inside :meth:`collect_truncations` (None: warn per call)
         self._truncations: list[int] | None = None
@@ -232,8 +236,7 @@ class RewardProcessor:
 
     def from_tensors(self, prompts: Sequence[str], images: torch.Tensor) -> dict:
         """Model inputs for ``images: Tensor[N, 3, H, W]`` in ``[0, 1]``, differentiable in the pixels."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be Tensor[N, 3, H, W], got shape {tuple(images.shape)}.")
+        check_image_batch(images)
         if len(prompts) != images.shape[0]:
             raise ValueError(
                 f"got {len(prompts)} prompts for {images.shape[0]} images; pass one each."

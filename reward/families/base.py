@@ -93,6 +93,20 @@ class BackboneFamily:
         self.tokenizer = tokenizer
         self.model_config = model_config
 
+    def pixel_budget(self) -> tuple[int, int] | None:
+        """``(min_pixels, max_pixels)`` of a dynamic-resolution image processor, None for a family
+        with a fixed input resolution."""
+        return None
+
+    def set_pixel_budget(self, min_pixels: int | None, max_pixels: int | None) -> None:
+        """Set the image area range (pixels) an image is resized into; None keeps that bound."""
+        if min_pixels is None and max_pixels is None:
+            return
+        raise ValueError(
+            f"min_pixels/max_pixels apply to dynamic-resolution backbones (Qwen2-VL, Qwen2.5-VL, "
+            f"Qwen3-VL); {type(self).__name__} resizes every image to a fixed size. Leave them unset."
+        )
+
     @property
     def image_token_id(self) -> int:
         cfg = self.model_config
@@ -119,9 +133,26 @@ class BackboneFamily:
             f"{', '.join(sorted(n for f in FAMILIES.values() for n in f.model_types if f.has_torch_preprocessing()))}."
         )
 
+    #: the image-processor options :meth:`pixel_inputs_torch` reproduces; it refuses a processor
+    #: that sets any other (``image_ops.check_torch_options``).
+    torch_options: ClassVar[frozenset[str]] = frozenset()
+
     @classmethod
     def has_torch_preprocessing(cls) -> bool:
         return cls.pixel_inputs_torch is not BackboneFamily.pixel_inputs_torch
+
+    def supports_torch_preprocessing(self) -> bool:
+        """Whether :meth:`pixel_inputs_torch` can reproduce this image processor (the family has a
+        torch path and the processor sets no option outside :attr:`torch_options`)."""
+        from .image_ops import check_torch_options
+
+        if not self.has_torch_preprocessing():
+            return False
+        try:
+            check_torch_options(self.image_processor, self.torch_options, type(self).__name__)
+        except ValueError:
+            return False
+        return True
 
     def image_token_ids(self, pixel_inputs: dict[str, torch.Tensor], index: int) -> list[int]:
         """The token ids that stand for image ``index`` of ``pixel_inputs`` in the text."""
