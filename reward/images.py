@@ -109,7 +109,7 @@ def check_image_batch(images: torch.Tensor, name: str = "images") -> None:
     bad = (~torch.isfinite(x)) | (x < -RANGE_TOLERANCE) | (x > 1.0 + RANGE_TOLERANCE)
     if bool(bad.any()):
         first = int(bad.flatten(1).any(1).nonzero()[0])
-        _check_values(x[first], f"{name} #{first}")
+        _check_values(x[first], f"#{first} of {name}")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

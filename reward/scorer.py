@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from .images import ImageInputError, ImageLike, load_images
+from .images import ImageInputError, ImageLike, check_image_batch, load_images
 from .losses import pairwise_probability
 from .modeling import LlavaRewardModel
 
@@ -187,6 +187,7 @@ class RewardScorer:
     ) -> torch.Tensor:
         """``sum_p w_p r_p(images)``, ``images [N, 3, H, W]`` in ``[0, 1]`` -> ``[N]``, with a graph
         to the pixels (the backbone's preprocessing runs in torch)."""
+        check_image_batch(images)  # before the float32 cast: names a wrong dtype as such
         prompts = self._prompts_for(prompts, images.shape[0])
         inputs = self.processor.from_tensors(prompts, images.to(self.device, torch.float32))
         inputs = self._inputs_to_device(inputs)
