@@ -214,3 +214,17 @@ def test_max_length_from_config_to_folder_scorer_and_cli(llava_dir, tmp_path, ca
     model.config.max_length = 40
     model.save_pretrained(tmp_path / "rm40")
     assert RewardScorer.from_pretrained(tmp_path / "rm40", device="cpu").processor.max_length == 40
+
+
+def test_qwen3_vl_takes_the_same_budget(tmp_path):
+    backbone = save_tiny_backbone("qwen3_vl", tmp_path / "qwen3", tokenizer="bytelevel")
+    model = LlavaRewardModel.from_backbone(backbone, lora_config=LORA, max_pixels=28 * 28)
+    assert model.processor.family.pixel_budget() == (784, 784)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 74, 3), dtype=np.uint8))
+    h, w = qwen2_vl_smart_resize(90, 74, 14, 784, 784)
+    inputs = model.processor(["a dog"], [image])
+    assert _n_image_tokens(inputs, model) == h * w // 14**2 == 2
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    assert torch.equal(
+        model.processor.family.pixel_inputs_torch(x)["image_grid_thw"], inputs["image_grid_thw"]
+    )
