@@ -1,7 +1,12 @@
 """Command line: ``llava-reward score --model DIR --prompt "..." a.png b.png [--perspective P] [--json]``.
 
 Prints a table of rewards (one row per image, one column per perspective), or JSON with
-``--json``. ``--perspective all`` scores every perspective the folder holds.
+``--json``. ``--perspective all`` scores every perspective the folder holds; without
+``--perspective`` the folder's only perspective, else ``overall``, else an error listing them.
+
+``llava-reward import-official SRC --backbone ID_OR_FOLDER --perspective NAME --output OUT`` turns a
+released LLaVA-Reward folder (``reward_config.yaml``, ``lora/``, ``pytorch_model.bin``) into a
+perspective of the project folder OUT (:func:`reward.convert.import_official`).
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--perspective",
         action="append",
-        help="perspective to score (repeatable; 'all' = every one; default: overall, or the only one)",
+        help="perspective to score (repeatable; 'all' = every one; default: the folder's only "
+        "perspective, else overall)",
     )
     score.add_argument("--batch-size", type=int, default=16)
     score.add_argument(
@@ -68,11 +74,41 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow the backbone's own code from its folder/hub repo (e.g. Phi-3.5-vision)",
     )
+    imp = sub.add_parser(
+        "import-official",
+        help="import a released LLaVA-Reward folder (smz8599/LLaVA-Reward) as a perspective",
+    )
+    imp.add_argument(
+        "src", help="the release folder (reward_config.yaml, lora/, pytorch_model.bin)"
+    )
+    imp.add_argument(
+        "--backbone",
+        required=True,
+        help="hub id or folder of the release's backbone (e.g. microsoft/Phi-3.5-vision-instruct)",
+    )
+    imp.add_argument("--perspective", required=True, help="name of the imported perspective")
+    imp.add_argument(
+        "--output", required=True, help="project reward folder (created, or extended if it exists)"
+    )
     return parser
+
+
+def _import_official(args: argparse.Namespace) -> int:
+    from .convert import ReleaseFormatError, import_official
+
+    try:
+        out = import_official(args.src, args.backbone, args.perspective, args.output)
+    except (ReleaseFormatError, FileNotFoundError, ValueError, OSError) as err:
+        print(f"llava-reward: error: {err}", file=sys.stderr)
+        return 2
+    print(f"imported {args.src} as perspective {args.perspective!r} into {out}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "import-official":
+        return _import_official(args)
     from .scorer import RewardScorer  # heavy imports after argument parsing
 
     try:
@@ -85,9 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             min_pixels=args.min_pixels,
             max_pixels=args.max_pixels,
         )
-        wanted = args.perspective or []
-        if not wanted:
-            wanted = ["overall"] if "overall" in scorer.perspectives else scorer.perspectives[:1]
+        wanted = args.perspective or [scorer.default_perspective]
         if "all" in wanted:
             wanted = scorer.perspectives
         scores = scorer.score_perspectives(args.prompt, args.images, wanted, args.batch_size)

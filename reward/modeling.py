@@ -78,14 +78,17 @@ def masked_skip_cross_attention(
 class RewardHead(nn.Module):
     """SkipCA (optional) + RMSNorm + linear head for one perspective, kept in float32."""
 
-    def __init__(self, hidden_size: int, head_dim: int = 1, skipca: bool = True):
+    def __init__(
+        self, hidden_size: int, head_dim: int = 1, skipca: bool = True, norm_eps: float = 1e-6
+    ):
         super().__init__()
         self.skipca = skipca
         if skipca:
             self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
             self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
             self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-            self.norm = nn.RMSNorm(hidden_size, eps=1e-6)
+            # the official code: eps 1e-5 for Phi-3 and Llama backbones, 1e-6 for Qwen
+            self.norm = nn.RMSNorm(hidden_size, eps=norm_eps)
         self.score = nn.Linear(hidden_size, head_dim, bias=False)
         self.reset_parameters()
 
@@ -184,6 +187,37 @@ def _drop_lm_head(model: torch.nn.Module) -> torch.nn.Module:
 
 def _is_local(path: str) -> bool:
     return os.path.isdir(path)
+
+
+class BackboneMismatchError(ValueError):
+    """A backbone that contradicts the one an existing reward folder was built on."""
+
+
+def _backbone_key(reference: str, folder: Path) -> str:
+    """A backbone reference in comparable form: the resolved folder for a local path (as
+    ``from_pretrained`` finds it: as written, then relative to the reward folder), else the id."""
+    for candidate in (Path(reference).expanduser(), folder / reference):
+        if candidate.is_dir():
+            return str(candidate.resolve())
+    return reference
+
+
+def check_backbone(folder: str | os.PathLike, backbone: str | os.PathLike | None) -> None:
+    """Raise :class:`BackboneMismatchError` when the reward folder ``folder`` exists and its
+    config names a backbone other than ``backbone`` (all perspectives of a folder share one
+    frozen backbone, so a second one would silently be ignored or mixed in)."""
+    path = Path(folder)
+    if backbone is None or not (path / "config.json").is_file():
+        return
+    stored = json.loads((path / "config.json").read_text()).get("backbone")
+    if not stored or _backbone_key(str(backbone), path) == _backbone_key(stored, path):
+        return
+    raise BackboneMismatchError(
+        f"{path} holds a reward model on the backbone {stored!r}, and {str(backbone)!r} is "
+        "another one (all perspectives of a folder share one frozen backbone). To add to this "
+        f"folder use its backbone (leave --backbone out of recipes/train_reward.py); to build on "
+        f"{str(backbone)!r}, choose a new output folder."
+    )
 
 
 def load_backbone(
@@ -384,7 +418,10 @@ class LlavaRewardModel(PreTrainedModel):
             else:
                 self.backbone = get_peft_model(self.backbone, peft_config, adapter_name=name)
         head = RewardHead(
-            self.config.hidden_size, spec.get("head_dim", 1), spec.get("skipca", True)
+            self.config.hidden_size,
+            spec.get("head_dim", 1),
+            spec.get("skipca", True),
+            spec.get("norm_eps", 1e-6),
         )
         self.heads[name] = head.to(next(iter(self._base.parameters())).device)
         self._keep_trainable_fp32(name)
@@ -416,9 +453,12 @@ class LlavaRewardModel(PreTrainedModel):
         head_dim: int = 1,
         lora: dict | LoraConfig | None = None,
         train_projector: bool = True,
+        norm_eps: float = 1e-6,
         **lora_kwargs: Any,
     ) -> None:
-        """Add a perspective: a LoRA adapter (+ projector copy), its SkipCA and its head."""
+        """Add a perspective: a LoRA adapter (+ projector copy), its SkipCA and its head.
+
+        ``norm_eps``: SkipCA's RMSNorm epsilon (1e-6; the official Phi-3 / Llama heads use 1e-5)."""
         if not re.fullmatch(r"[A-Za-z0-9_\-]+", name) or name == "default":
             raise ValueError(
                 f"perspective name {name!r} must be letters, digits, '_' or '-' (and not 'default')."
@@ -437,6 +477,8 @@ class LlavaRewardModel(PreTrainedModel):
             "lora": _lora_dict(lora),
             "train_projector": bool(train_projector and self.family.projector),
         }
+        if norm_eps != 1e-6:
+            spec["norm_eps"] = norm_eps
         self._build_perspective(name, spec)
         perspectives = dict(self.config.perspectives)
         perspectives[name] = spec
@@ -650,6 +692,8 @@ class LlavaRewardModel(PreTrainedModel):
         existing = {}
         if (out / "config.json").is_file():
             existing = json.loads((out / "config.json").read_text()).get("perspectives", {}) or {}
+            if not save_backbone and set(existing) - set(names):  # perspectives stay beside ours
+                check_backbone(out, self.config.backbone)
         merged = dict(existing)
         merged.update({n: self.config.perspectives[n] for n in names})
         config["perspectives"] = merged
@@ -791,7 +835,12 @@ class LlavaRewardModel(PreTrainedModel):
                         adapter_name=name,
                         is_trainable=is_trainable,
                     )
-            head = RewardHead(config.hidden_size, spec.get("head_dim", 1), spec.get("skipca", True))
+            head = RewardHead(
+                config.hidden_size,
+                spec.get("head_dim", 1),
+                spec.get("skipca", True),
+                spec.get("norm_eps", 1e-6),
+            )
             head.load_state_dict(load_file(str(path / HEADS_DIR / f"{name}.safetensors")))
             model.heads[name] = head.to(next(iter(base.parameters())).device)
             model.config.perspectives = {**model.config.perspectives, name: spec}

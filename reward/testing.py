@@ -734,3 +734,149 @@ def phi35_vision_shaped_llava(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size}
     )
     return model, tok, ip
+
+
+# ------------------------------------------------------------------------------ Phi-3.5-vision
+
+
+PHI3_V_SPECIAL = [
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<|endoftext|>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",
+]
+
+#: Phi-3.5-vision's chat template (``<|role|>\n{content}<|end|>\n`` per message).
+PHI3_V_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|' + message['role'] + '|>' + '\\n' + message['content'] + "
+    "'<|end|>\\n' }}{% endfor %}{% if add_generation_prompt and messages[-1]['role'] != "
+    "'assistant' %}{{- '<|assistant|>\\n' -}}{% endif %}"
+)
+
+
+def tiny_phi3_v(
+    hidden: int = 32,
+    layers: int = 2,
+    vision_hidden: int = 16,
+    crop: int = 28,
+    patch: int = 7,
+    num_crops: int = 4,
+    seed: int = 0,
+):
+    """A tiny Phi-3.5-vision (:class:`reward.families.phi3_v.Phi3VForConditionalGeneration`): a
+    ``crop``-px CLIP of ``patch``-px patches (``(crop / 2 patch)^2`` tokens per crop), up to
+    ``num_crops`` sub-crops, a Phi3 language model, a SentencePiece-kind tokenizer with the Phi-3
+    template (EOS ``<|end|>``) and :class:`Phi3VImageProcessor`."""
+    from transformers import CLIPVisionConfig, Phi3Config
+
+    from .families.phi3_v import Phi3VConfig, Phi3VForConditionalGeneration, Phi3VImageProcessor
+
+    tokenizer = sentencepiece_tokenizer(
+        PHI3_V_SPECIAL,
+        legacy=True,  # Phi-3's tokenizer.json: a Prepend("▁") normaliser per text segment
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="<|end|>",
+        pad_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = PHI3_V_CHAT_TEMPLATE
+    text = Phi3Config(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer) + 1,  # + the image placeholder row
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=crop,
+        patch_size=patch,
+        projection_dim=vision_hidden,
+        hidden_act="quick_gelu",
+    )
+    config = Phi3VConfig(text_config=text.to_dict(), vision_config=vision.to_dict())
+    torch.manual_seed(seed)
+    model = Phi3VForConditionalGeneration(config).eval()
+    with torch.no_grad():  # non-zero separators (they start at zero)
+        model.model.multi_modal_projector.glb_GN.normal_()
+        model.model.multi_modal_projector.sub_GN.normal_()
+    image_processor = Phi3VImageProcessor(num_crops=num_crops, crop_size=crop)
+    return model, tokenizer, image_processor
+
+
+TINY_BUILDERS["phi3_v"] = tiny_phi3_v
+
+
+#: The LLaVA-1.6 Vicuna chat template: llava-1.5's (images first, then text; ``ASSISTANT:`` as the
+#: generation prompt).
+LLAVA_NEXT_VICUNA_CHAT_TEMPLATE = LLAVA_15_CHAT_TEMPLATE
+
+
+def tiny_llava_next(
+    hidden: int = 32,
+    layers: int = 2,
+    tile: int = 28,
+    patch: int = 7,
+    pinpoints: tuple[tuple[int, int], ...] = ((28, 56), (56, 28), (56, 56)),
+    seed: int = 0,
+):
+    """A tiny LLaVA-NeXT (CLIP of ``tile`` px with ``patch`` px patches + Llama), its
+    SentencePiece-kind tokenizer with the Vicuna template and ``LlavaNextImageProcessorPil``
+    (anyres over ``pinpoints``)."""
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers.models.llava_next.image_processing_pil_llava_next import (
+        LlavaNextImageProcessorPil,
+    )
+
+    tokenizer = sentencepiece_tokenizer(
+        LLAVA_SPECIAL,
+        legacy=True,  # llava-hf's tokenizer.json: a Prepend("▁") normaliser per text segment
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        image_token="<image>",
+    )
+    tokenizer.chat_template = LLAVA_NEXT_VICUNA_CHAT_TEMPLATE
+    grid = [list(p) for p in pinpoints]
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            image_size=tile,
+            patch_size=patch,
+            projection_dim=hidden,
+        ),
+        text_config=_tiny_llama_config(tokenizer, hidden, layers),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=grid,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    with torch.no_grad():  # the row separator starts random in transformers; keep it seeded
+        model.model.image_newline.normal_()
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": tile},
+        crop_size={"height": tile, "width": tile},
+        image_grid_pinpoints=grid,
+    )
+    return model, tokenizer, image_processor
+
+
+TINY_BUILDERS["llava_next"] = tiny_llava_next

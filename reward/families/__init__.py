@@ -18,9 +18,10 @@ A family knows three things about its backbone:
    :mod:`reward.families.base`).
 
 Families are looked up by the backbone's ``config.model_type`` in :data:`FAMILIES`: ``llava``,
-``qwen2_vl`` / ``qwen2_5_vl``, ``qwen3_vl`` and ``idefics3`` / ``smolvlm`` (with and without image
-splitting). One module per family (``llava``, ``qwen2_vl``, ``qwen3_vl``, ``idefics3``); each
-registers its class on import.
+``qwen2_vl`` / ``qwen2_5_vl``, ``qwen3_vl``, ``idefics3`` / ``smolvlm`` (with and without image
+splitting), ``llava_next`` (LLaVA-1.6, anyres) and ``phi3_v`` (Phi-3.5-vision, native port). One
+module per family (``llava``, ``llava_next``, ``qwen2_vl``, ``qwen3_vl``, ``idefics3``,
+``phi3_v``); each registers its class on import.
 A new family is a :class:`BackboneFamily` subclass in a module of its own, imported here.
 """
 
@@ -43,6 +44,8 @@ from .image_ops import (
     resize_pil,
 )
 from .llava import LlavaFamily
+from .llava_next import LlavaNextFamily
+from .phi3_v import Phi3VFamily
 from .qwen2_vl import Qwen2VLFamily, qwen2_vl_smart_resize
 from .qwen3_vl import Qwen3VLFamily
 
@@ -52,6 +55,8 @@ __all__ = [
     "EncodedTurn",
     "Idefics3Family",
     "LlavaFamily",
+    "LlavaNextFamily",
+    "Phi3VFamily",
     "Qwen2VLFamily",
     "Qwen3VLFamily",
     "TurnText",

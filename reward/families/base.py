@@ -29,6 +29,8 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
+from .sequence import encode_text, span_tokens
+
 #: stands for the caption while the chat template is rendered (private-use characters, which no
 #: template transforms), so the template is rendered once, not once per caption.
 CAPTION_MARKER = "\ue000CAPTION\ue000"
@@ -205,30 +207,16 @@ class BackboneFamily:
         img = self.template_image_text
         text = turn.before + img + turn.between + caption + turn.after
         img_start = len(turn.before)
-        img_end = img_start + len(img)
-        cap_start = img_end + len(turn.between)
-        cap_end = cap_start + len(caption)
+        cap_start = img_start + len(img) + len(turn.between)
         add_special = not (tok.bos_token and text.startswith(tok.bos_token))
-        if not getattr(tok, "is_fast", False):
-            raise ValueError(
-                f"{type(tok).__name__} is a slow tokenizer: LLaVA-Reward needs a fast (tokenizers) "
-                "tokenizer, whose offsets locate the caption's tokens. Load the backbone's fast one."
-            )
-        enc = tok(text, add_special_tokens=add_special, return_offsets_mapping=True)
-        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-        spans = [(i, s, e) for i, (s, e) in enumerate(offsets) if e > s]
-        image_pos = [i for i, s, e in spans if s >= img_start and e <= img_end]
-        if not image_pos:
+        ids, offsets = encode_text(tok, text, add_special_tokens=add_special)
+        i0, i1 = span_tokens(offsets, img_start, img_start + len(img))
+        if i0 == i1:
             raise ValueError(
                 f"the image placeholder {img!r} did not tokenise to tokens of its own in {text!r}; "
                 "it must be a special token of the tokenizer."
             )
-        i0, i1 = image_pos[0], image_pos[-1] + 1
-        caption_pos = [i for i, s, e in spans if e > cap_start and s < cap_end]
-        if caption_pos:
-            c0, c1 = caption_pos[0], caption_pos[-1] + 1
-        else:  # an empty caption: where it would be
-            c0 = c1 = next((i for i, s, _ in spans if s >= cap_end), len(ids))
+        c0, c1 = span_tokens(offsets, cap_start, cap_start + len(caption))
         shift = len(image_ids) - (i1 - i0)
         return EncodedTurn(ids[:i0] + list(image_ids) + ids[i1:], c0 + shift, c1 + shift)
 
