@@ -50,6 +50,26 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--dtype", default=None, help="float32, bfloat16 ... (default: bf16 on GPU)")
     score.add_argument("--json", action="store_true", help="print JSON instead of a table")
     score.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="token budget per sequence; longer captions are cut from their end "
+        "(default: the saved one, else the backbone's context)",
+    )
+    score.add_argument(
+        "--min-pixels",
+        type=int,
+        default=None,
+        help="Qwen2/2.5/3-VL: smallest image area in pixels (default: the saved processor's)",
+    )
+    score.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="Qwen2/2.5/3-VL: largest image area in pixels, i.e. the visual-token budget "
+        "(default: the saved processor's)",
+    )
+    score.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="allow the backbone's own code from its folder/hub repo (e.g. Phi-3.5-vision)",
@@ -97,6 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=args.device,
             dtype=args.dtype,
             trust_remote_code=True if args.trust_remote_code else None,
+            max_length=args.max_length,
+            min_pixels=args.min_pixels,
+            max_pixels=args.max_pixels,
         )
         wanted = args.perspective or [scorer.default_perspective]
         if "all" in wanted:

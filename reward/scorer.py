@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from .guards import process_device
-from .images import ImageInputError, ImageLike, load_images
+from .images import ImageInputError, ImageLike, check_image_batch, load_images
 from .losses import pairwise_probability
 from .modeling import LlavaRewardModel
 
@@ -101,7 +101,11 @@ class RewardScorer:
         dtype: torch.dtype | str | None = None,
         **kwargs,
     ) -> RewardScorer:
-        """Load a reward folder written by ``LlavaRewardModel.save_pretrained`` / the recipes."""
+        """Load a reward folder written by ``LlavaRewardModel.save_pretrained`` / the recipes.
+
+        ``kwargs`` go to :meth:`LlavaRewardModel.from_pretrained`: e.g. ``max_length`` (the token
+        budget; default the saved one, else the backbone's context), ``min_pixels`` /
+        ``max_pixels`` (Qwen's image area range; default the saved one)."""
         dev, dt = default_device_dtype(device, dtype)
         model = LlavaRewardModel.from_pretrained(path, torch_dtype=dt, **kwargs)
         return cls(model, dev, dt)
@@ -172,18 +176,19 @@ class RewardScorer:
         lengths = [len(self.processor._encode(p)) for p in prompts]
         order = sorted(range(n), key=lambda i: lengths[i])
         results: dict[str, list[torch.Tensor | None]] = {p: [None] * n for p in perspectives}
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            inputs = self._inputs_to_device(
-                self.processor([prompts[i] for i in idx], [pil[i] for i in idx])
-            )
-            batch = self.model.forward_perspectives(
-                **inputs, perspectives=perspectives, mixed=self.mixed_adapters
-            )
-            for p in perspectives:
-                rewards = batch[p].float().cpu()
-                for j, i in enumerate(idx):
-                    results[p][i] = rewards[j]
+        with self.processor.collect_truncations():  # one warning per call, naming the count
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                inputs = self._inputs_to_device(
+                    self.processor([prompts[i] for i in idx], [pil[i] for i in idx])
+                )
+                batch = self.model.forward_perspectives(
+                    **inputs, perspectives=perspectives, mixed=self.mixed_adapters
+                )
+                for p in perspectives:
+                    rewards = batch[p].float().cpu()
+                    for j, i in enumerate(idx):
+                        results[p][i] = rewards[j]
         return {p: torch.stack(v) for p, v in results.items()}
 
     def compare(
@@ -225,6 +230,7 @@ class RewardScorer:
     ) -> torch.Tensor:
         """``sum_p w_p r_p(images)``, ``images [N, 3, H, W]`` in ``[0, 1]`` -> ``[N]``, with a graph
         to the pixels (the backbone's preprocessing runs in torch)."""
+        check_image_batch(images)  # before the float32 cast: names a wrong dtype as such
         prompts = self._prompts_for(prompts, images.shape[0])
         inputs = self.processor.from_tensors(prompts, images.to(self.device, torch.float32))
         inputs = self._inputs_to_device(inputs)
@@ -247,9 +253,14 @@ class RewardScorer:
         image preprocessing is written in torch). Otherwise the images are scored frozen, in batches.
         """
         weights = self._weights(perspective_or_weights)
-        torch_path = self.processor.family.has_torch_preprocessing()
+        # frozen scores through the torch preprocessing when it reproduces the processor exactly
+        torch_path = self.processor.family.supports_torch_preprocessing()
 
         def reward_fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+            with self.processor.collect_truncations():  # one warning per call
+                return _reward(images, prompts)
+
+        def _reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
             if differentiable:
                 return self.differentiable_rewards(images, prompts, weights)
             out = []

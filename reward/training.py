@@ -892,7 +892,22 @@ class RewardScriptArguments:
         default=1, metadata={"help": "Head width: 1 (bt / paired_bce / unpaired) or 2 (gpm)."}
     )
     max_length: int | None = field(
-        default=None, metadata={"help": "Token budget per sequence (captions are cut to fit)."}
+        default=None,
+        metadata={
+            "help": "Token budget per sequence; longer captions are cut from their end "
+            "(default: the backbone's context)."
+        },
+    )
+    min_pixels: int | None = field(
+        default=None,
+        metadata={"help": "Qwen2/2.5/3-VL: smallest image area (default: the processor's own)."},
+    )
+    max_pixels: int | None = field(
+        default=None,
+        metadata={
+            "help": "Qwen2/2.5/3-VL: largest image area, the visual-token budget (default: the "
+            "processor's own)."
+        },
     )
     overwrite_perspective: bool = field(
         default=False,
@@ -920,6 +935,8 @@ class RewardScriptArguments:
         "lora_dropout": "[0, 1)",
         "head_dim": "[1, 2]",
         "max_length": ">= 1",
+        "min_pixels": ">= 1",
+        "max_pixels": ">= 1",
         "toy_n_train": ">= 1",
         "toy_n_eval": ">= 1",
         "n_fixed_scores": ">= 0",
@@ -1046,6 +1063,8 @@ def build_reward_model(
         head_dim=script.head_dim,
         train_projector=script.train_projector,
         max_length=script.max_length,
+        min_pixels=script.min_pixels,
+        max_pixels=script.max_pixels,
         torch_dtype=dtype,
         trust_remote_code=script.trust_remote_code,
     )

@@ -29,7 +29,6 @@ from .image_ops import (
     resample_kind,
     resize_pil,
 )
-from .sequence import cut_caption, encode_with_caption
 
 #: the processor options the differentiable path reproduces; any other truthy ``do_*`` option of
 #: the image processor is refused by name.
@@ -82,49 +81,10 @@ class LlavaNextFamily(BackboneFamily):
         return [self.image_token_id] * self.num_image_tokens(h, w)
 
     # ------------------------------------------------------------------ text
-    def sequence_ids(
-        self,
-        caption: str,
-        image_ids: list[int],
-        max_length: int | None,
-        chat_template: str | None = None,
-    ) -> list[int]:
-        """``[BOS] USER: <image>\\n{caption}</s>`` (the template cut after the caption + EOS),
-        tokenised as one text, ``<image>`` expanded to ``image_ids``; the caption cut from its
-        end to fit ``max_length``."""
-        tok = self.tokenizer
-        marker = "\ue000CAPTION\ue000"
-        template = chat_template or getattr(tok, "chat_template", None)
-        before = "USER: <image>\n"
-        if template:
-            messages = [
-                {
-                    "role": "user",
-                    "content": [{"type": "text", "text": marker}, {"type": "image"}],
-                }
-            ]
-            rendered = tok.apply_chat_template(
-                messages, chat_template=template, tokenize=False, add_generation_prompt=True
-            )
-            if marker in rendered and self.template_image_text in rendered:
-                before = rendered.split(marker, 1)[0]
-        ids, caption_positions = encode_with_caption(
-            tok, before, caption, tok.eos_token, add_special_tokens=True
-        )
-        if ids.count(self.image_token_id) != 1:
-            raise ValueError(
-                f"the rendered prompt {before!r} must hold exactly one {self.template_image_text}."
-            )
-        if max_length is not None:
-            fixed = len(ids) - 1 + len(image_ids) - len(caption_positions)
-            if fixed > max_length:
-                raise ValueError(
-                    f"max_length={max_length} is too small: the image and the template alone "
-                    f"need {fixed} tokens. Raise max_length (or use fewer grid pinpoints)."
-                )
-            ids = cut_caption(ids, caption_positions, len(ids) - 1 + len(image_ids) - max_length)
-        at = ids.index(self.image_token_id)
-        return ids[:at] + image_ids + ids[at + 1 :]
+    # The sequence is the base rule (reward.families.base): the Vicuna template's user turn
+    # ``USER: <image>\n{caption}`` + EOS, tokenised whole with BOS, ``<image>`` expanded; the
+    # official code renders ``[text, image]`` with the generation prompt and cuts " ASSISTANT:",
+    # the same text, since the template writes the images first.
 
     # ------------------------------------------------------------------ pixels in torch
     def _check_options(self) -> None:

@@ -57,9 +57,9 @@ from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .base import BackboneFamily, register_family
+from .base import BackboneFamily, EncodedTurn, TurnText, register_family
 from .image_ops import normalize, quantize_8bit, resize_pil
-from .sequence import cut_caption, encode_with_caption
+from .sequence import encode_text, span_tokens
 
 #: CLIP ViT-L/14 at 336 px, the vision tower of Phi-3-vision / Phi-3.5-vision (the official code
 #: builds it from constants; its config.json only names ``openai/clip-vit-large-patch14-336``).
@@ -462,31 +462,23 @@ class Phi3VFamily(BackboneFamily):
                 before = rendered.split(marker, 1)[0]
         return before + "{caption}" + tok.eos_token
 
-    def sequence_ids(
-        self,
-        caption: str,
-        image_ids: list[int],
-        max_length: int | None,
-        chat_template: str | None = None,
-    ) -> list[int]:
-        """The official ids: each chunk around ``<|image_1|>`` tokenised with its special tokens
-        (BOS), the image run between them; the caption cut from its end to fit ``max_length``."""
-        before_caption, after_caption = self.prompt_text(chat_template).split("{caption}")
-        first, second_before = before_caption.split(IMAGE_TAG, 1)
-        head = self.tokenizer(first)["input_ids"]
-        tail, caption_positions = encode_with_caption(
-            self.tokenizer, second_before, caption, after_caption, add_special_tokens=True
+    def render_turn(self, chat_template: str | None) -> TurnText:
+        """The official prompt cut around ``<|image_1|>`` and the caption (:meth:`prompt_text`):
+        ``before`` = ``<|user|>\n``, ``between`` = ``\n``, ``after`` = EOS."""
+        before_caption, after = self.prompt_text(chat_template).split("{caption}")
+        before, between = before_caption.split(IMAGE_TAG, 1)
+        return TurnText(before, between, after)
+
+    def encode_turn(self, turn: TurnText, caption: str, image_ids: list[int]) -> EncodedTurn:
+        """The official ids: each text chunk around ``<|image_1|>`` tokenised on its own with its
+        special tokens (so a second BOS follows the image run), the image run between them."""
+        head, _ = encode_text(self.tokenizer, turn.before, add_special_tokens=True)
+        tail, offsets = encode_text(
+            self.tokenizer, turn.between + caption + turn.after, add_special_tokens=True
         )
-        if max_length is not None:
-            total = len(head) + len(image_ids) + len(tail)
-            fixed = total - len(caption_positions)
-            if fixed > max_length:
-                raise ValueError(
-                    f"max_length={max_length} is too small: the image and the template alone "
-                    f"need {fixed} tokens. Raise max_length (or lower num_crops)."
-                )
-            tail = cut_caption(tail, caption_positions, total - max_length)
-        return head + image_ids + tail
+        c0, c1 = span_tokens(offsets, len(turn.between), len(turn.between) + len(caption))
+        shift = len(head) + len(image_ids)
+        return EncodedTurn(head + list(image_ids) + tail, c0 + shift, c1 + shift)
 
     def pixel_inputs(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
         out = self.image_processor(images=list(images), return_tensors="pt")

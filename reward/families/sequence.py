@@ -1,9 +1,10 @@
-"""Token ids of a rendered (image, caption) turn with the caption tokenised in context.
+"""Token ids of a rendered text with their character offsets, and the tokens of a span of it.
 
-The families whose official processor tokenises the whole rendered text at once (LLaVA-NeXT,
-Phi-3.5-vision's chunks) encode ``before + caption + after`` in one call and locate the caption's
-tokens by their character offsets, so that truncation can cut the caption from its end without
-re-tokenising the template around it.
+The sequence hook (:mod:`reward.families.base`) tokenises a whole rendered turn in one call, as
+the official processors do, and then needs to know which tokens are the caption's (truncation cuts
+them from their end) and which are the image placeholder's (replaced by the expansion): both are
+found by the tokens' character offsets. Phi-3.5-vision tokenises each text chunk around its image
+in a call of its own; it uses the same two functions per chunk.
 """
 
 from __future__ import annotations
@@ -11,28 +12,29 @@ from __future__ import annotations
 from typing import Any
 
 
-def encode_with_caption(
-    tokenizer: Any, before: str, caption: str, after: str, add_special_tokens: bool
-) -> tuple[list[int], list[int]]:
-    """``(ids, caption_positions)`` of ``before + caption + after`` tokenised in one call.
-
-    ``caption_positions`` are the indices in ``ids`` of the tokens whose characters overlap the
-    caption (``[len(before), len(before) + len(caption))``). Needs a fast tokenizer (offsets).
-    """
-    text = before + caption + after
+def encode_text(
+    tokenizer: Any, text: str, add_special_tokens: bool
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """``(ids, offsets)`` of ``text`` tokenised in one call; ``offsets[i]`` is token ``i``'s
+    ``(start, end)`` in ``text`` (``(0, 0)`` for tokens the post-processor adds, such as BOS).
+    Needs a fast (tokenizers) tokenizer."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"{type(tokenizer).__name__} is a slow tokenizer: LLaVA-Reward needs a fast "
+            "(tokenizers) tokenizer, whose offsets locate the caption's tokens. Load the "
+            "backbone's fast tokenizer."
+        )
     enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-    start, end = len(before), len(before) + len(caption)
-    positions = [
-        i for i, (lo, hi) in enumerate(enc["offset_mapping"]) if hi > lo and lo < end and hi > start
-    ]
-    return list(enc["input_ids"]), positions
+    return list(enc["input_ids"]), [(int(lo), int(hi)) for lo, hi in enc["offset_mapping"]]
 
 
-def cut_caption(ids: list[int], caption_positions: list[int], excess: int) -> list[int]:
-    """``ids`` without the last ``excess`` caption tokens (the caption is cut from its end)."""
-    if excess <= 0:
-        return ids
-    if excess > len(caption_positions):
-        raise ValueError(f"cannot cut {excess} tokens from a caption of {len(caption_positions)}.")
-    drop = set(caption_positions[-excess:])
-    return [t for i, t in enumerate(ids) if i not in drop]
+def span_tokens(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
+    """``(first, last + 1)``: the tokens whose characters overlap ``text[start:end]``.
+
+    For an empty span, ``(i, i)`` with ``i`` the first token that starts at or after ``end`` (where
+    the span's tokens would be). Tokens without characters (BOS) never count."""
+    inside = [i for i, (lo, hi) in enumerate(offsets) if hi > lo and lo < end and hi > start]
+    if inside:
+        return inside[0], inside[-1] + 1
+    after = next((i for i, (lo, hi) in enumerate(offsets) if hi > lo and lo >= end), len(offsets))
+    return after, after
