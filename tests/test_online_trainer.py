@@ -358,6 +358,29 @@ def test_configs_accept_their_defaults_and_the_edges_of_each_range():
     _reward_script(lora_dropout=0.0, eval_split=0.0)
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ddpo_tiny",
+        "ddpo_sd15_llava_reward",
+        "dpo_tiny",
+        "dpo_sd15_pickapic",
+        "dpo_sd15_online_llava_reward",
+        "draft_tiny",
+        "draft_sd15_llava_reward",
+    ],
+)
+def test_every_shipped_policy_config_passes_the_range_checks(name):
+    from alignment.dpo_trainer import DPOConfig
+    from alignment.draft_trainer import DraftConfig
+    from alignment.recipe_utils import RecipeParser
+
+    cls = {"ddpo": DDPOConfig, "dpo": DPOConfig, "draft": DraftConfig}[name.split("_")[0]]
+    path = Path(__file__).resolve().parents[1] / "recipes" / "configs" / f"{name}.yaml"
+    (cfg,) = RecipeParser(cls).parse_args_and_config(["--config", str(path)])
+    assert cfg.max_consecutive_skips == 3 and cfg.learning_rate > 0
+
+
 def test_recipe_refuses_a_bad_value_from_the_command_line():
     import sys
 
