@@ -184,6 +184,14 @@ class DDPOConfig:
         default=None,
         metadata={"help": "'latest' (newest checkpoint in output_dir, if any) or a checkpoint."},
     )
+    resume_weights_only: bool = field(
+        default=False,
+        metadata={
+            "help": "With resume_from: restore only the trained weights and the trainer state "
+            "(step, statistics, history) with a fresh optimiser; resumes a DeepSpeed checkpoint "
+            "on another number of processes or ZeRO stage."
+        },
+    )
     export_dir: str | None = field(
         default=None, metadata={"help": "Write the tuned pipeline (LoRA merged + LoRA file) here."}
     )
@@ -292,6 +300,7 @@ class DDPOTrainer:
         from alignment.policy import DiffusionPolicy
         from alignment.prompts import load_prompts
         from alignment.rewards import get_reward_fn
+        from reward.distributed import process_group_kwargs
 
         self.config = cfg = config
         self.output_dir = Path(cfg.output_dir)
@@ -311,6 +320,7 @@ class DDPOTrainer:
             * math.ceil(
                 cfg.num_train_timesteps / min(cfg.num_train_timesteps, cfg.timesteps_per_call)
             ),
+            kwargs_handlers=process_group_kwargs(),  # gloo for DeepSpeed on CPUs
         )
         acc = self.accelerator
         self.is_deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
@@ -417,7 +427,12 @@ class DDPOTrainer:
         fresh). Returns whether a checkpoint was loaded."""
         from alignment.checkpointing import resume_if_requested
 
-        loaded = resume_if_requested(self.accelerator, self.output_dir, self.config.resume_from)
+        loaded = resume_if_requested(
+            self.accelerator,
+            self.output_dir,
+            self.config.resume_from,
+            weights_only=self.config.resume_weights_only,
+        )
         if loaded is None:
             return False
         path, state = loaded

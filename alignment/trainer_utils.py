@@ -80,6 +80,14 @@ class PolicyTrainConfig:
         default=None,
         metadata={"help": "'latest' (newest checkpoint in output_dir, if any) or a checkpoint."},
     )
+    resume_weights_only: bool = field(
+        default=False,
+        metadata={
+            "help": "With resume_from: restore only the trained weights and the trainer state "
+            "(step, statistics, history) with a fresh optimiser; resumes a DeepSpeed checkpoint "
+            "on another number of processes or ZeRO stage."
+        },
+    )
     export_dir: str | None = field(
         default=None, metadata={"help": "Write the tuned pipeline (LoRA merged + LoRA file) here."}
     )
@@ -132,6 +140,7 @@ class PolicyTrainerBase:
         from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
         from alignment.policy import DiffusionPolicy
+        from reward.distributed import process_group_kwargs
 
         self.config = cfg = config
         self.output_dir = Path(cfg.output_dir)
@@ -145,6 +154,7 @@ class PolicyTrainerBase:
                 project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
             ),
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            kwargs_handlers=process_group_kwargs(),  # gloo for DeepSpeed on CPUs
         )
         self.is_deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         set_seed(cfg.seed, device_specific=True)
@@ -280,7 +290,12 @@ class PolicyTrainerBase:
         fresh). Returns whether a checkpoint was loaded."""
         from alignment.checkpointing import resume_if_requested
 
-        loaded = resume_if_requested(self.accelerator, self.output_dir, self.config.resume_from)
+        loaded = resume_if_requested(
+            self.accelerator,
+            self.output_dir,
+            self.config.resume_from,
+            weights_only=self.config.resume_weights_only,
+        )
         if loaded is None:
             return False
         path, state = loaded
