@@ -200,6 +200,7 @@ class PolicyTrainerBase:
         acc.register_for_checkpointing(scheduler)
         policy.set_forward_unet(self.unet)
         self.global_step = 0
+        self.samples_seen = 0  # samples drawn so far by all processes together
         self.history: list[dict[str, float]] = []
 
     def frozen_outside_zero3(self) -> Any:
@@ -266,6 +267,7 @@ class PolicyTrainerBase:
     def trainer_state(self) -> dict[str, Any]:
         return {
             "global_step": self.global_step,
+            "samples_seen": self.samples_seen,
             "history": self.history,
             "config": asdict(self.config),
         }
@@ -273,6 +275,24 @@ class PolicyTrainerBase:
     def load_trainer_state(self, state: dict[str, Any]) -> None:
         self.global_step = int(state["global_step"])
         self.history = list(state.get("history", []))
+        cfg, acc = self.config, self.accelerator
+        # checkpoints from before the counter: the position this launch's batch size implies
+        per_step = cfg.gradient_accumulation_steps * cfg.train_batch_size * acc.num_processes
+        self.samples_seen = int(state.get("samples_seen", self.global_step * per_step))
+
+    def next_sample_ids(self) -> list[int]:
+        """The global sample indices of this process's next micro-batch (``train_batch_size``).
+
+        The processes take consecutive slices of one global stream (``samples_seen + rank * B``,
+        ...) and ``samples_seen`` advances by ``num_processes * B``: the position is counted in
+        samples, so a run resumed on another number of processes continues at the same sample.
+        Trainers key their data order and noise by these indices (:mod:`alignment.seeding`).
+        Call on every process once per micro-batch.
+        """
+        acc, b = self.accelerator, self.config.train_batch_size
+        start = self.samples_seen + acc.process_index * b
+        self.samples_seen += acc.num_processes * b
+        return list(range(start, start + b))
 
     def save_checkpoint(self) -> Path:
         from alignment.checkpointing import save_checkpoint
