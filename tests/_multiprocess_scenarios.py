@@ -268,23 +268,27 @@ def weights_sha(named: dict[str, Any]) -> str:
 
 def weights_record(model: Any) -> dict[str, Any]:
     """The trainable weights of ``model`` gathered whole (call on every process): their
-    :func:`weights_sha`, count and sum of ``|lora_B|`` (LoRA B starts at zero: > 0 once trained);
-    under ZeRO-3 also the parameter elements this process holds against the model's total, and
-    those of its largest parameter."""
+    :func:`weights_sha`, count and sum of ``|lora_B|`` (LoRA B starts at zero: > 0 once trained).
+    Under ZeRO-3 also how it is partitioned: the number of persistent parameters (kept whole),
+    the elements held whole right now (0 when every parameter is released), this process's
+    shard elements against the model's total, and those of its largest parameter."""
     import deepspeed
 
     model = getattr(model, "module", model)
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    with deepspeed.zero.GatheredParameters(list(named.values()), modifier_rank=None):
-        sha = weights_sha(named)
-        lora_b = sum(float(p.detach().abs().sum()) for n, p in named.items() if "lora_B" in n)
-    out: dict[str, Any] = {"sha": sha, "n": len(named), "lora_b_abs": lora_b}
+    out: dict[str, Any] = {}
     params = list(model.parameters())
-    if params and all(hasattr(p, "ds_tensor") for p in params):
+    if params and all(hasattr(p, "ds_tensor") for p in params):  # ZeRO-3, between forwards
+        out["persistent"] = sum(bool(getattr(p, "ds_persist", False)) for p in params)
+        out["held_whole"] = int(sum(p.data.numel() for p in params))  # 0: all released
         out["local_elements"] = int(sum(p.ds_tensor.numel() for p in params))
         out["total_elements"] = int(sum(p.ds_numel for p in params))
         big = max(params, key=lambda p: p.ds_numel)
         out["largest"] = [int(big.ds_tensor.numel()), int(big.ds_numel)]
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with deepspeed.zero.GatheredParameters(list(named.values()), modifier_rank=None):
+        out["sha"] = weights_sha(named)
+        out["lora_b_abs"] = sum(float(p.abs().sum()) for n, p in named.items() if "lora_B" in n)
+    out["n"] = len(named)
     return out
 
 
