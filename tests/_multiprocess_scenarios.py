@@ -287,7 +287,9 @@ def weights_record(model: Any) -> dict[str, Any]:
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     with deepspeed.zero.GatheredParameters(list(named.values()), modifier_rank=None):
         out["sha"] = weights_sha(named)
-        out["lora_b_abs"] = sum(float(p.abs().sum()) for n, p in named.items() if "lora_B" in n)
+        out["lora_b_abs"] = sum(
+            float(p.detach().abs().sum()) for n, p in named.items() if "lora_B" in n
+        )
     out["n"] = len(named)
     return out
 
