@@ -41,13 +41,19 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from alignment.dpo import LOSS_TYPES, diffusion_dpo_loss, per_image_error
-from alignment.trainer_utils import PolicyTrainConfig, PolicyTrainerBase, parse_json_kwargs
+from alignment.trainer_utils import (
+    PolicyTrainConfig,
+    PolicyTrainerBase,
+    parse_json_kwargs,
+    reduce_metrics,
+)
+from reward.guards import NonFiniteError
 
 
 @dataclass
@@ -78,7 +84,8 @@ class DPOConfig(PolicyTrainConfig):
         default=False,
         metadata={
             "help": "If `data` does not exist, first write it as a pair manifest of the initial "
-            "policy's samples ranked by `reward` (tiny runs and tests)."
+            "policy's samples ranked by `reward` (tiny runs and tests); a relative `data` path "
+            "is then taken under output_dir."
         },
     )
     build_data_offset: float = field(
@@ -154,14 +161,31 @@ class DPOConfig(PolicyTrainConfig):
     tracker_project: str = field(default="diffusion-dpo", metadata={"help": "Tracker project."})
     output_dir: str = field(default="outputs/dpo", metadata={"help": "Run folder."})
 
+    RANGES: ClassVar[dict[str, str]] = {
+        "max_pairs": ">= 1",
+        "resolution": ">= 8",
+        "build_data_offset": ">= 0",
+        "images_per_prompt": ">= 2",
+        "prompts_per_refresh": ">= 1",
+        "refresh_every": ">= 1",
+        "reward_margin": ">= 0",
+        "num_steps": ">= 1",
+        "eta": ">= 0",
+        "guidance_scale": ">= 0",
+        "sample_batch_size": ">= 1",
+        "beta": "> 0",
+        "eval_every": ">= 0",
+        "eval_prompts": ">= 1",
+        "eval_seeds": ">= 1",
+    }
+
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.reward_kwargs = parse_json_kwargs(self.reward_kwargs, "reward_kwargs")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
         if self.pairing not in ("best_worst", "margin"):
             raise ValueError(f"pairing must be 'best_worst' or 'margin', got {self.pairing!r}.")
-        if self.images_per_prompt < 2:
-            raise ValueError("images_per_prompt must be at least 2 to form a pair.")
 
     @property
     def online(self) -> bool:
@@ -178,19 +202,23 @@ def select_pairs(
 
     ``best_worst``: ``(argmax, argmin)`` per prompt; ``margin``: every ``(i, j)`` with
     ``r_i - r_j > margin``. Either way a pair is kept only if its gap exceeds ``margin`` (so exact
-    ties are never pairs).
+    ties are never pairs). Non-finite rewards (NaN, inf) never enter a pair.
     """
     out: list[tuple[int, int, int]] = []
     r = rewards.detach().float().cpu()
+    finite = torch.isfinite(r)
     for p in range(r.shape[0]):
         if pairing == "best_worst":
-            i, j = int(r[p].argmax()), int(r[p].argmin())
+            if not finite[p].any():
+                continue
+            i = int(torch.where(finite[p], r[p], float("-inf")).argmax())
+            j = int(torch.where(finite[p], r[p], float("inf")).argmin())
             if r[p, i] - r[p, j] > margin:
                 out.append((p, i, j))
         elif pairing == "margin":
             for i in range(r.shape[1]):
                 for j in range(r.shape[1]):
-                    if r[p, i] - r[p, j] > margin:
+                    if finite[p, i] and finite[p, j] and r[p, i] - r[p, j] > margin:
                         out.append((p, i, j))
         else:
             raise ValueError(f"unknown pairing {pairing!r}")
@@ -431,7 +459,8 @@ class DPOTrainer(PolicyTrainerBase):
     Args:
         config: the run's settings.
         policy: an existing :class:`~alignment.policy.DiffusionPolicy` (default: built).
-        reward_fn: a reward callable (default: ``get_reward_fn(config.reward, **reward_kwargs)``).
+        reward_fn: a reward callable (default: ``get_reward_fn(config.reward,
+            device=accelerator.device, **reward_kwargs)``).
         prompts: prompts for online pairs / build_data / evaluation (default: ``config.prompts``).
         dataset: an offline paired dataset (default: read from ``config.data``).
     """
@@ -452,7 +481,7 @@ class DPOTrainer(PolicyTrainerBase):
         self.reward_fn = reward_fn
         if self.reward_fn is None and cfg.reward:
             with self.frozen_outside_zero3():
-                self.reward_fn = get_reward_fn(cfg.reward, **cfg.reward_kwargs)
+                self.reward_fn = get_reward_fn(cfg.reward, **self.reward_kwargs(cfg.reward_kwargs))
         if self.reward_fn is None and (cfg.online or cfg.build_data or cfg.eval_every):
             raise ValueError(
                 "Online pairs, build_data and eval_every need a reward: set `reward` (e.g. "
@@ -468,11 +497,16 @@ class DPOTrainer(PolicyTrainerBase):
         self.dataset = dataset
         self._buffer: dict[str, Any] | None = None
         self._orders: dict[int, torch.Tensor] = {}
+        #: the preference file; with build_data a relative path lies under output_dir
+        self.data_path = cfg.data
+        if cfg.build_data and not cfg.online and not Path(cfg.data).is_absolute():
+            self.data_path = str(self.output_dir / cfg.data)
         if not cfg.online and self.dataset is None:
-            if cfg.build_data and not Path(cfg.data).exists():
+            if cfg.build_data and not Path(self.data_path).exists():
+                acc.print(f"Building the pair manifest {self.data_path} from the policy.")
                 # every process samples its share (the UNet may be sharded: ZeRO-3)
                 build_pair_manifest(
-                    cfg.data,
+                    self.data_path,
                     self.policy,
                     self.prompts,
                     self.reward_fn,
@@ -488,7 +522,7 @@ class DPOTrainer(PolicyTrainerBase):
                     accelerator=acc,
                 )
             self.dataset = load_pair_dataset(
-                cfg.data, cfg.data_format, cfg.image_root, cfg.max_pairs
+                self.data_path, cfg.data_format, cfg.image_root, cfg.max_pairs
             )
 
     # ------------------------------------------------------------------------------ data
@@ -552,24 +586,41 @@ class DPOTrainer(PolicyTrainerBase):
             autocast=acc.autocast,
             prompt_ids=slots,
         )
-        pairs = select_pairs(res["rewards"], cfg.pairing, cfg.reward_margin)
-        if not pairs:  # every image scored the same: fall back to best-vs-worst without margin
-            pairs = select_pairs(res["rewards"], "best_worst", float("-inf"))
-        p, i, j = (torch.tensor(x) for x in zip(*pairs))
         r = res["rewards"]
-        self._buffer = {
-            "prompts": [prompts[k] for k in p.tolist()],
-            "latents_w": res["latents"][p, i].to(acc.device),
-            "latents_l": res["latents"][p, j].to(acc.device),
+        pairs = select_pairs(r, cfg.pairing, cfg.reward_margin)
+        if not pairs:  # every image scored the same: fall back to best-vs-worst without margin
+            pairs = select_pairs(r, "best_worst", float("-inf"))
+        # statistics over every process: the rewards gathered, the pairs' means weighted by count
+        all_r = acc.gather(r.to(acc.device)).cpu()
+        finite = all_r[torch.isfinite(all_r)]
+        stats = {
+            "online/reward_mean": float(finite.mean()) if finite.numel() else float("nan"),
+            "online/reward_std": float(finite.std()) if finite.numel() > 1 else float("nan"),
+            "rewards/nonfinite": float(all_r.numel() - finite.numel()),
         }
-        return {
-            "online/reward_mean": float(r.mean()),
-            "online/reward_std": float(r.std()),
-            "online/reward_chosen": float(r[p, i].mean()),
-            "online/reward_rejected": float(r[p, j].mean()),
-            "online/reward_margin": float((r[p, i] - r[p, j]).mean()),
-            "online/num_pairs": float(len(pairs)),
-        }
+        local = {"online/reward_chosen": 0.0, "online/reward_rejected": 0.0}
+        if pairs:
+            p, i, j = (torch.tensor(x) for x in zip(*pairs))
+            local = {
+                "online/reward_chosen": float(r[p, i].mean()),
+                "online/reward_rejected": float(r[p, j].mean()),
+            }
+            self._buffer = {
+                "prompts": [prompts[k] for k in p.tolist()],
+                "latents_w": res["latents"][p, i].to(acc.device),
+                "latents_l": res["latents"][p, j].to(acc.device),
+            }
+        elif self._buffer is None:
+            raise NonFiniteError(
+                f"No online pair: every reward of the {len(prompts)} prompts sampled at step "
+                f"{self.global_step} is non-finite (or all are equal). Check the reward."
+            )
+        local = reduce_metrics(acc, local, weight=len(pairs))
+        local["online/reward_margin"] = (
+            local["online/reward_chosen"] - local["online/reward_rejected"]
+        )
+        count = reduce_metrics(acc, {"online/num_pairs": len(pairs)}, sum_keys=["online/num_pairs"])
+        return {**stats, **local, **count}
 
     def online_batch(
         self, sample_ids: Sequence[int]
@@ -657,7 +708,7 @@ class DPOTrainer(PolicyTrainerBase):
                 cfg.guidance_scale,
                 cfg.eta,
             )
-        return float(r.mean())
+        return float(r[torch.isfinite(r)].mean())
 
     def train(self) -> list[dict[str, float]]:
         """Run (or resume) training; checkpoint, log, export. Returns the per-step history."""
@@ -684,21 +735,18 @@ class DPOTrainer(PolicyTrainerBase):
                 batch = self.online_batch(ids) if cfg.online else self.offline_batch(ids)
                 with acc.accumulate(self.unet):
                     loss, info = self.compute_loss(*batch, sample_ids=ids)
-                    acc.backward(loss)
-                    self.optimizer_step()
+                    self.backward_and_step(loss)
                 infos.append(info)
             self.global_step += 1
-            record: dict[str, float] = {"step": self.global_step}
-            for k in infos[0]:
-                v = torch.tensor(float(np.mean([i[k] for i in infos])), device=acc.device)
-                record[k] = float(acc.reduce(v, reduction="mean"))
-            record["lr"] = float(self.lr_scheduler.get_last_lr()[0])
+            record = self.step_record(infos)
             record.update(online_stats)
             online_stats = {}
             if cfg.eval_every and self.global_step % cfg.eval_every == 0:
                 record["eval/reward_mean"] = self.evaluate()
             if self.global_step % cfg.log_every == 0 or "eval/reward_mean" in record:
                 self.log(record)
+            if cfg.log_images_every and self.global_step % cfg.log_images_every == 0:
+                self.log_policy_samples(self.prompts, cfg.num_steps, cfg.eta, cfg.guidance_scale)
             bar.set_postfix(loss=f"{record['loss']:.4g}", acc=f"{record['implicit_acc']:.2f}")
             if self.should_save():
                 self.save_checkpoint()

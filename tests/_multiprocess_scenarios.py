@@ -161,15 +161,26 @@ def scenario_argv(
 
 
 def _wrap(owner: Any, attr: str, record: Any, draws: list, patches: list) -> None:
+    """Replace ``owner.attr`` by a wrapper that appends ``record(args, kwargs, result)`` to
+    ``draws``; ``patches`` gets what :func:`_restore` needs."""
     original = getattr(owner, attr)
+    own = attr in vars(owner)  # else inherited: restoring deletes the wrapper
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         result = original(*args, **kwargs)
         draws.append(record(args, kwargs, result))
         return result
 
-    patches.append((owner, attr, original))
+    patches.append((owner, attr, original if own else None))
     setattr(owner, attr, wrapper)
+
+
+def _restore(patches: list) -> None:
+    for owner, attr, original in reversed(patches):
+        if original is None:
+            delattr(owner, attr)
+        else:
+            setattr(owner, attr, original)
 
 
 def _floats(t: Any) -> list[float]:
@@ -247,8 +258,7 @@ def recording() -> Iterator[tuple[list, list]]:
     try:
         yield draws, trainers
     finally:
-        for owner, attr, original in reversed(patches):
-            setattr(owner, attr, original)
+        _restore(patches)
 
 
 def _model_of(trainer: Any) -> Any:
