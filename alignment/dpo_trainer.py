@@ -16,8 +16,12 @@ Pairs come from one of two sources:
   ``reward_margin`` (``pairing: margin``). The sampled clean latents are used directly (no VAE
   round trip). The pair buffer is not checkpointed: a resumed run samples fresh pairs first.
 
-Offline pairs are read as a deterministic stream over shuffled epochs indexed by the optimiser
-step, so a resumed run continues with the pairs the uninterrupted run would have used.
+Offline pairs are read as one deterministic stream over shuffled epochs, indexed by the global
+sample position (the processes take consecutive slices; the trainer state counts the samples
+drawn), and each pair's noise and timestep come from a stream keyed by that position
+(:mod:`alignment.seeding`): a resumed run continues with the pairs the uninterrupted run would
+have used, on any number of processes. ``build_data`` samples on every process (its share of the
+prompts) and the main process writes the manifest.
 Diffusion-DPO assumes the UNet denoises its own images (a pre-trained model); on a randomly
 initialised UNet the implicit accuracy rises without the samples following the preference.
 
@@ -34,7 +38,6 @@ seeds. Checkpoints, resume and export are the shared ones (:mod:`alignment.train
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,21 +237,27 @@ def sample_ranked(
     batch_size: int = 16,
     generator_seed: int | None = None,
     autocast: Any = None,
+    prompt_ids: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Sample ``N = images_per_prompt`` images for each of ``P`` prompts and score them.
 
     Returns ``{"latents": [P, N, C, h, w] (clean x_0), "images": [P, N, 3, H, W],
     "rewards": [P, N]}``. With ``generator_seed`` image ``n`` of prompt ``p`` is seeded with
-    ``generator_seed + p * N + n``.
+    ``generator_seed + prompt_ids[p] * N + n`` (``prompt_ids`` default ``0 .. P - 1``; a process
+    sampling its share of a larger prompt list passes the prompts' global indices, so the images
+    do not depend on how the list was shared out).
     """
-    flat = [p for p in prompts for _ in range(images_per_prompt)]
+    n_img = images_per_prompt
+    ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
+    flat = [p for p in prompts for _ in range(n_img)]
+    seeds = [ids[p] * n_img + n for p in range(len(prompts)) for n in range(n_img)]
     lat, imgs, rews = [], [], []
     for s in range(0, len(flat), batch_size):
         chunk = flat[s : s + batch_size]
         gens = None
         if generator_seed is not None:
             gens = [
-                torch.Generator().manual_seed(generator_seed + s + k) for k in range(len(chunk))
+                torch.Generator().manual_seed(generator_seed + k) for k in seeds[s : s + batch_size]
             ]
         ctx = autocast() if autocast is not None else torch.autocast("cpu", enabled=False)
         with ctx:
@@ -280,6 +289,7 @@ def build_pair_manifest(
     seed: int = 0,
     batch_size: int = 16,
     brightness_offset: float = 0.0,
+    accelerator: Any = None,
 ) -> Path:
     """Write a pair manifest (JSONL ``{prompt, chosen, rejected, id, reward_chosen,
     reward_rejected}``, PNG images in ``images/`` next to it) of ``policy``'s own samples ranked
@@ -288,39 +298,82 @@ def build_pair_manifest(
 
     ``brightness_offset = a > 0`` adds a uniform random offset in ``[-a, a]`` to every sampled
     image (clamped to [0, 1]) before it is scored: a photometric augmentation that widens the
-    spread of simple properties (a tiny random pipeline's images all have a mean near 0.5)."""
-    from reward.images import to_pil
+    spread of simple properties (a tiny random pipeline's images all have a mean near 0.5).
 
+    With ``accelerator`` (call it on every process then) each process samples its share of the
+    prompts (``prompts[rank::P]``, padded so that every process makes the same number of UNet
+    calls, as DeepSpeed ZeRO-3 needs); image ``n`` of prompt ``p`` is seeded by ``(seed, p, n)``
+    alone, so the manifest is the one a single process writes. The pairs and their PNG bytes are
+    gathered, and the main process writes the files.
+    """
+    rank, world = (
+        (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+    )
     path = Path(path)
-    img_dir = path.parent / "images"
-    img_dir.mkdir(parents=True, exist_ok=True)
+    n_img = images_per_prompt
+    ids = list(range(rank, len(prompts), world))
+    real = len(ids)
+    ids += [ids[0] if ids else 0] * (-(-len(prompts) // world) - real)  # pad: same UNet calls
     res = sample_ranked(
         policy,
-        prompts,
+        [prompts[p] for p in ids],
         reward_fn,
-        images_per_prompt,
+        n_img,
         num_steps,
         eta,
         guidance_scale,
         batch_size,
         generator_seed=seed,
+        prompt_ids=ids,
     )
-    if brightness_offset > 0:
+    ids = ids[:real]
+    res = {k: v[:real] for k, v in res.items()}
+    if brightness_offset > 0 and ids:
         g = torch.Generator().manual_seed(seed)
-        shape = res["images"].shape[:2]
-        off = (torch.rand(shape, generator=g) * 2 - 1) * brightness_offset
-        res["images"] = (res["images"] + off[..., None, None, None]).clamp(0, 1)
+        off = (torch.rand((len(prompts), n_img), generator=g) * 2 - 1) * brightness_offset
+        res["images"] = (res["images"] + off[ids][..., None, None, None]).clamp(0, 1)
         flat = res["images"].flatten(0, 1)
-        prompts_flat = [p for p in prompts for _ in range(shape[1])]
-        res["rewards"] = torch.as_tensor(reward_fn(flat, prompts_flat), dtype=torch.float32)
-        res["rewards"] = res["rewards"].reshape(shape)
+        prompts_flat = [prompts[p] for p in ids for _ in range(n_img)]
+        rewards = torch.as_tensor(reward_fn(flat, prompts_flat), dtype=torch.float32)
+        res["rewards"] = rewards.reshape(real, n_img)
+    found = []  # (global prompt, chosen, rejected, PNG bytes of both, rewards)
+    for p, i, j in select_pairs(res["rewards"], pairing, margin) if ids else []:
+        pngs = [_png_bytes(res["images"][p, n]) for n in (i, j)]
+        found.append((ids[p], i, j, pngs, float(res["rewards"][p, i]), float(res["rewards"][p, j])))
+    if accelerator is not None and world > 1:
+        from accelerate.utils import gather_object
+
+        found = gather_object(found)  # every process gets all of them
+    if not found:
+        raise ValueError("No pair has a reward gap above the margin: nothing to write.")
+    if accelerator is None or accelerator.is_main_process:
+        _write_manifest(path, prompts, sorted(found, key=lambda x: x[:3]))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return path
+
+
+def _png_bytes(image: torch.Tensor) -> bytes:
+    import io
+
+    from reward.images import to_pil
+
+    buf = io.BytesIO()
+    to_pil(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_manifest(path: Path, prompts: Sequence[str], found: list) -> None:
+    """The manifest and images of :func:`build_pair_manifest` (written atomically)."""
+    img_dir = path.parent / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
     lines = []
-    for k, (p, i, j) in enumerate(select_pairs(res["rewards"], pairing, margin)):
+    for k, (p, i, j, pngs, r_chosen, r_rejected) in enumerate(found):
         names = []
-        for n in (i, j):
+        for n, data in zip((i, j), pngs):
             name = f"p{p:04d}_{n:02d}.png"
             if not (img_dir / name).exists():
-                to_pil(res["images"][p, n]).save(img_dir / name)
+                (img_dir / name).write_bytes(data)
             names.append(f"images/{name}")
         lines.append(
             {
@@ -328,16 +381,13 @@ def build_pair_manifest(
                 "prompt": prompts[p],
                 "chosen": names[0],
                 "rejected": names[1],
-                "reward_chosen": float(res["rewards"][p, i]),
-                "reward_rejected": float(res["rewards"][p, j]),
+                "reward_chosen": r_chosen,
+                "reward_rejected": r_rejected,
             }
         )
-    if not lines:
-        raise ValueError("No pair has a reward gap above the margin: nothing to write.")
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
     tmp.replace(path)
-    return path
 
 
 def load_pair_dataset(
@@ -453,25 +503,24 @@ class DPOTrainer(PolicyTrainerBase):
             self.data_path = str(self.output_dir / cfg.data)
         if not cfg.online and self.dataset is None:
             if cfg.build_data and not Path(self.data_path).exists():
-                if acc.is_main_process:
-                    Path(self.data_path).parent.mkdir(parents=True, exist_ok=True)
-                    acc.print(f"Building the pair manifest {self.data_path} from the policy.")
-                    build_pair_manifest(
-                        self.data_path,
-                        self.policy,
-                        self.prompts,
-                        self.reward_fn,
-                        cfg.images_per_prompt,
-                        cfg.pairing,
-                        cfg.reward_margin,
-                        cfg.num_steps,
-                        cfg.eta,
-                        cfg.guidance_scale,
-                        cfg.seed,
-                        cfg.sample_batch_size,
-                        cfg.build_data_offset,
-                    )
-                acc.wait_for_everyone()
+                acc.print(f"Building the pair manifest {self.data_path} from the policy.")
+                # every process samples its share (the UNet may be sharded: ZeRO-3)
+                build_pair_manifest(
+                    self.data_path,
+                    self.policy,
+                    self.prompts,
+                    self.reward_fn,
+                    cfg.images_per_prompt,
+                    cfg.pairing,
+                    cfg.reward_margin,
+                    cfg.num_steps,
+                    cfg.eta,
+                    cfg.guidance_scale,
+                    cfg.seed,
+                    cfg.sample_batch_size,
+                    cfg.build_data_offset,
+                    accelerator=acc,
+                )
             self.dataset = load_pair_dataset(
                 self.data_path, cfg.data_format, cfg.image_root, cfg.max_pairs
             )
@@ -479,17 +528,20 @@ class DPOTrainer(PolicyTrainerBase):
     # ------------------------------------------------------------------------------ data
     def _order(self, epoch: int) -> torch.Tensor:
         if epoch not in self._orders:
-            g = torch.Generator().manual_seed(self.config.seed + epoch)
+            from alignment.seeding import stream_generator
+
+            g = stream_generator(self.config.seed, "dpo_order", epoch)
             self._orders = {epoch: torch.randperm(len(self.dataset), generator=g)}
         return self._orders[epoch]
 
-    def offline_batch(self, micro_step: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-        """Micro-batch ``micro_step`` of this process: a deterministic stream over shuffled
-        epochs (so a resumed run continues where it stopped)."""
-        cfg, acc = self.config, self.accelerator
-        b, n = cfg.train_batch_size, len(self.dataset)
-        start = (micro_step * acc.num_processes + acc.process_index) * b
-        idx = [int(self._order(k // n)[k % n]) for k in range(start, start + b)]
+    def offline_batch(
+        self, sample_ids: Sequence[int]
+    ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """The pairs at global stream positions ``sample_ids``: position ``k`` is pair
+        ``order_e[k % n]`` of epoch ``e = k // n``, each epoch a fresh shuffle of the ``n``
+        pairs (:func:`alignment.seeding.stream_generator` ``(seed, "dpo_order", e)``)."""
+        acc, n = self.accelerator, len(self.dataset)
+        idx = [int(self._order(k // n)[k % n]) for k in sample_ids]
         rows = self.dataset[idx] if len(set(idx)) == len(idx) else None
         if rows is None:  # tiny data sets: a batch may wrap to the next epoch
             rows = {"prompt": [], "chosen": [], "rejected": []}
@@ -506,9 +558,20 @@ class DPOTrainer(PolicyTrainerBase):
         return list(rows["prompt"]), lat_w, lat_l
 
     def refresh_pairs(self) -> dict[str, float]:
-        """Sample and rank fresh online pairs from the current policy; returns their stats."""
+        """Sample and rank fresh online pairs from the current policy; returns their stats.
+
+        Prompt slot ``j`` of this refresh (``rank * prompts_per_refresh + i`` over all
+        processes) and its images are drawn from streams keyed by ``(seed, step, j)``."""
+        from alignment.seeding import stream_generator, stream_seed
+
         cfg, acc = self.config, self.accelerator
-        prompts = [random.choice(self.prompts) for _ in range(cfg.prompts_per_refresh)]
+        k = cfg.prompts_per_refresh
+        slots = range(acc.process_index * k, (acc.process_index + 1) * k)
+        step = self.global_step
+        gens = [stream_generator(cfg.seed, "dpo_online_prompt", step, j) for j in slots]
+        prompts = [
+            self.prompts[int(torch.randint(len(self.prompts), (), generator=g))] for g in gens
+        ]
         self.unet.eval()
         res = sample_ranked(
             self.policy,
@@ -519,7 +582,9 @@ class DPOTrainer(PolicyTrainerBase):
             cfg.eta,
             cfg.guidance_scale,
             cfg.sample_batch_size,
+            generator_seed=stream_seed(cfg.seed, "dpo_online_noise", self.global_step),
             autocast=acc.autocast,
+            prompt_ids=slots,
         )
         r = res["rewards"]
         pairs = select_pairs(r, cfg.pairing, cfg.reward_margin)
@@ -557,23 +622,49 @@ class DPOTrainer(PolicyTrainerBase):
         count = reduce_metrics(acc, {"online/num_pairs": len(pairs)}, sum_keys=["online/num_pairs"])
         return {**stats, **local, **count}
 
-    def online_batch(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    def online_batch(
+        self, sample_ids: Sequence[int]
+    ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """Pairs of this process's buffer, drawn with replacement (one stream per position)."""
+        from alignment.seeding import stream_generator
+
         buf = self._buffer
         n = len(buf["prompts"])
-        idx = torch.randint(0, n, (self.config.train_batch_size,)).tolist()
+        seed = self.config.seed
+        idx = [
+            int(torch.randint(n, (), generator=stream_generator(seed, "dpo_online_batch", k)))
+            for k in sample_ids
+        ]
         return [buf["prompts"][k] for k in idx], buf["latents_w"][idx], buf["latents_l"][idx]
 
     # ------------------------------------------------------------------------------ loss
     def compute_loss(
-        self, prompts: list[str], lat_w: torch.Tensor, lat_l: torch.Tensor
+        self,
+        prompts: list[str],
+        lat_w: torch.Tensor,
+        lat_l: torch.Tensor,
+        sample_ids: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Diffusion-DPO loss of one micro-batch of pairs (shared noise and timestep per pair)."""
+        """Diffusion-DPO loss of one micro-batch of pairs (shared noise and timestep per pair).
+
+        With ``sample_ids`` (the pairs' global stream positions) pair ``k``'s noise and timestep
+        come from the stream ``(seed, "dpo_noise", k)``, whatever process draws it; without, from
+        the global torch RNG."""
         cfg, acc, policy = self.config, self.accelerator, self.policy
         sched = policy.scheduler
         b = lat_w.shape[0]
         embeds = policy.encode_prompts(prompts)
-        noise = torch.randn_like(lat_w)
-        t = torch.randint(0, sched.config.num_train_timesteps, (b,), device=lat_w.device)
+        n_train = sched.config.num_train_timesteps
+        if sample_ids is None:
+            noise = torch.randn_like(lat_w)
+            t = torch.randint(0, n_train, (b,), device=lat_w.device)
+        else:
+            from alignment.seeding import stream_generator
+
+            gens = [stream_generator(cfg.seed, "dpo_noise", k) for k in sample_ids]
+            noise = torch.stack([torch.randn(lat_w.shape[1:], generator=g) for g in gens])
+            t = torch.stack([torch.randint(0, n_train, (), generator=g) for g in gens])
+            noise, t = noise.to(lat_w.device, lat_w.dtype), t.to(lat_w.device)
         x0 = torch.cat([lat_w, lat_l])
         noise2, t2, emb2 = torch.cat([noise, noise]), torch.cat([t, t]), torch.cat([embeds, embeds])
         x_t = sched.add_noise(x0, noise2, t2)
@@ -639,13 +730,11 @@ class DPOTrainer(PolicyTrainerBase):
                 online_stats = self.refresh_pairs()
             self.unet.train()
             infos = []
-            for a in range(ga):
-                if cfg.online:
-                    batch = self.online_batch()
-                else:
-                    batch = self.offline_batch(self.global_step * ga + a)
+            for _a in range(ga):
+                ids = self.next_sample_ids()
+                batch = self.online_batch(ids) if cfg.online else self.offline_batch(ids)
                 with acc.accumulate(self.unet):
-                    loss, info = self.compute_loss(*batch)
+                    loss, info = self.compute_loss(*batch, sample_ids=ids)
                     self.backward_and_step(loss)
                 infos.append(info)
             self.global_step += 1

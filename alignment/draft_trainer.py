@@ -6,11 +6,17 @@ random prompts are sampled with a graph through the last ``K = grad_steps`` DDIM
 differentiable reward and the loss (``-r`` or ``relu(margin - r)``) back-propagated into the LoRA
 (or full UNet) weights. Checkpoints, resume, logging and export are the shared ones
 (:mod:`alignment.trainer_utils`, :mod:`alignment.checkpointing`, :mod:`alignment.export`).
+
+Randomness comes from :mod:`alignment.seeding` streams, not from the process: the prompt and the
+initial noise of global sample ``k`` (the processes take consecutive slices of one stream whose
+position the trainer state counts) are keyed by ``k``, so a run resumed on another number of
+processes continues with the samples the uninterrupted run would have drawn; ReFL's stop step is
+keyed by ``(optimiser step, micro-batch)`` and therefore the same on every process (under
+DeepSpeed ZeRO-3 every process must make the same number of UNet calls).
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -144,11 +150,42 @@ class DraftTrainer(PolicyTrainerBase):
         )
         self._checked = False
 
-    def compute_loss(self, prompts: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
+    def next_batch(self) -> tuple[list[str], list[torch.Generator]]:
+        """This process's next micro-batch: the prompts and initial-noise generators of its
+        global samples (:meth:`next_sample_ids`). Call on every process once per micro-batch."""
+        from alignment.seeding import stream_generator
+
+        cfg = self.config
+        prompts, gens = [], []
+        for k in self.next_sample_ids():
+            g = stream_generator(cfg.seed, "draft_prompt", k)
+            prompts.append(self.prompts[int(torch.randint(len(self.prompts), (), generator=g))])
+            gens.append(stream_generator(cfg.seed, "draft_noise", k))  # CPU: same on any device
+        return prompts, gens
+
+    def refl_stop_step(self, micro_batch: int) -> int:
+        """ReFL's stop step for micro-batch ``micro_batch`` of the current optimiser step:
+        uniform in the window, from the stream ``(seed, "refl_stop", step, micro_batch)``,
+        the same on every process."""
+        from alignment.seeding import stream_generator
+
+        lo, hi = self.config.refl_window()
+        g = stream_generator(self.config.seed, "refl_stop", self.global_step, micro_batch)
+        return lo + int(torch.randint(hi - lo, (), generator=g))
+
+    def compute_loss(
+        self,
+        prompts: list[str],
+        generator: list[torch.Generator] | None = None,
+        stop_step: int | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one micro-batch: sample ``prompts`` with a graph (initial noise from
+        ``generator``, default the global RNG), score, :func:`reward_loss`. ReFL stops at
+        ``stop_step`` (default: :meth:`refl_stop_step` ``(0)``)."""
         cfg, acc = self.config, self.accelerator
         stop = None
         if cfg.method == "refl":
-            stop = random.randrange(*cfg.refl_window())
+            stop = stop_step if stop_step is not None else self.refl_stop_step(0)
         with acc.autocast():
             out = sample_with_grad(
                 self.policy,
@@ -157,6 +194,7 @@ class DraftTrainer(PolicyTrainerBase):
                 cfg.grad_steps,
                 cfg.eta,
                 cfg.guidance_scale,
+                generator=generator,
                 use_checkpoint=cfg.checkpoint_unet,
                 stop_step=stop,
             )
@@ -215,10 +253,11 @@ class DraftTrainer(PolicyTrainerBase):
         for _ in bar:
             self.unet.train()
             infos = []
-            for _a in range(cfg.gradient_accumulation_steps):
-                prompts = [random.choice(self.prompts) for _ in range(cfg.train_batch_size)]
+            for a in range(cfg.gradient_accumulation_steps):
+                prompts, gens = self.next_batch()
+                stop = self.refl_stop_step(a) if cfg.method == "refl" else None
                 with acc.accumulate(self.unet):
-                    loss, info = self.compute_loss(prompts)
+                    loss, info = self.compute_loss(prompts, gens, stop)
                     self.backward_and_step(loss)
                 infos.append(info)
             self.global_step += 1

@@ -101,6 +101,14 @@ class TrainConfig:
         default=None,
         metadata={"help": "'latest' (newest checkpoint in output_dir, if any) or a checkpoint."},
     )
+    resume_weights_only: bool = field(
+        default=False,
+        metadata={
+            "help": "With resume_from: restore only the trained weights and the trainer state "
+            "(step, statistics, history) with a fresh optimiser; resumes a DeepSpeed checkpoint "
+            "on another number of processes or ZeRO stage."
+        },
+    )
     export_dir: str | None = field(
         default=None, metadata={"help": "Write the tuned pipeline (LoRA merged + LoRA file) here."}
     )
@@ -256,6 +264,8 @@ class PolicyTrainerBase:
         from accelerate import Accelerator
         from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
+        from reward.distributed import process_group_kwargs
+
         self.config = cfg = config
         self.output_dir = Path(cfg.output_dir)
         log_with = None if cfg.log_with == "none" else cfg.log_with
@@ -268,6 +278,7 @@ class PolicyTrainerBase:
                 project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
             ),
             gradient_accumulation_steps=accumulation_steps or cfg.gradient_accumulation_steps,
+            kwargs_handlers=process_group_kwargs(),  # gloo for DeepSpeed on CPUs
         )
         self.is_deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         set_seed(cfg.seed, device_specific=True)
@@ -304,6 +315,7 @@ class PolicyTrainerBase:
         acc.register_for_checkpointing(scheduler)
         self.use_prepared_module(policy, self.unet)
         self.global_step = 0
+        self.samples_seen = 0  # samples drawn so far by all processes together
         self.history: list[dict[str, float]] = []
         self.guard = StepGuard(cfg.max_consecutive_skips)
 
@@ -536,6 +548,7 @@ class PolicyTrainerBase:
     def trainer_state(self) -> dict[str, Any]:
         return {
             "global_step": self.global_step,
+            "samples_seen": self.samples_seen,
             "history": self.history,
             "guard": self.guard.state_dict(),
             "config": asdict(self.config),
@@ -545,6 +558,24 @@ class PolicyTrainerBase:
         self.global_step = int(state["global_step"])
         self.history = list(state.get("history", []))
         self.guard.load_state_dict(state.get("guard", {}))
+        cfg, acc = self.config, self.accelerator
+        # checkpoints from before the counter: the position this launch's batch size implies
+        per_step = cfg.gradient_accumulation_steps * cfg.train_batch_size * acc.num_processes
+        self.samples_seen = int(state.get("samples_seen", self.global_step * per_step))
+
+    def next_sample_ids(self) -> list[int]:
+        """The global sample indices of this process's next micro-batch (``train_batch_size``).
+
+        The processes take consecutive slices of one global stream (``samples_seen + rank * B``,
+        ...) and ``samples_seen`` advances by ``num_processes * B``: the position is counted in
+        samples, so a run resumed on another number of processes continues at the same sample.
+        Trainers key their data order and noise by these indices (:mod:`alignment.seeding`).
+        Call on every process once per micro-batch.
+        """
+        acc, b = self.accelerator, self.config.train_batch_size
+        start = self.samples_seen + acc.process_index * b
+        self.samples_seen += acc.num_processes * b
+        return list(range(start, start + b))
 
     def save_checkpoint(self) -> Path:
         """Write a checkpoint (every process). Weights that are not finite are never written, so
@@ -573,7 +604,12 @@ class PolicyTrainerBase:
         fresh). Returns whether a checkpoint was loaded."""
         from alignment.checkpointing import resume_if_requested
 
-        loaded = resume_if_requested(self.accelerator, self.output_dir, self.config.resume_from)
+        loaded = resume_if_requested(
+            self.accelerator,
+            self.output_dir,
+            self.config.resume_from,
+            weights_only=self.config.resume_weights_only,
+        )
         if loaded is None:
             return False
         path, state = loaded

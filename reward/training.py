@@ -50,6 +50,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .data import ON_ERROR_HELP, load_image_ref, load_reward_data, write_skipped
+from .distributed import cpu_deepspeed_backend
 from .guards import (
     NonFiniteError,
     StepGuard,
@@ -160,6 +161,8 @@ class RewardTrainingArguments(TrainingArguments):
             self.bf16 = bool(_cuda() and torch.cuda.is_bf16_supported()) and not self.use_cpu
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = _cuda() and not self.use_cpu
+        if self.ddp_backend is None:  # gloo for DeepSpeed on CPUs (reward.distributed)
+            self.ddp_backend = cpu_deepspeed_backend()
         super().__post_init__()
 
 
