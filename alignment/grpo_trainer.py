@@ -585,7 +585,14 @@ class GRPOTrainer(OnlineRLTrainerBase):
         return {"eval/reward_mean": mean, "eval/reward_std": std}
 
     def maybe_resume(self) -> bool:
+        """The base's resume; a weights-only resume (which restores no accelerate state) reads
+        the checkpoint's EMA too. A fresh run evaluates the base policy first."""
+        from alignment.checkpointing import resolve_checkpoint
+
+        cfg = self.config
         loaded = super().maybe_resume()
+        if loaded and cfg.resume_weights_only and self.ema is not None:
+            self._load_ema([], str(resolve_checkpoint(self.output_dir, cfg.resume_from)))
         if not loaded and self.config.eval_every:
             base = self.evaluate()
             self._initial_eval = {f"{k}_initial": v for k, v in base.items()}
