@@ -465,7 +465,10 @@ class GRPOTrainer(OnlineRLTrainerBase):
         stepped = super().backward_and_step(loss)
         every = self.config.ema_update_every
         if stepped and self.ema is not None and (self.global_step + 1) % every == 0:
-            with self.gathered():
+            # the parameters are gathered here; EMAModel.step's own ZeRO-3 branch is kept off
+            # (it names a `deepspeed` that diffusers imports only if ZeRO-3 was already on when
+            # diffusers.training_utils was first imported)
+            with self.gathered(), self.frozen_outside_zero3():
                 self.ema.step(self.trainable)
         return stepped
 

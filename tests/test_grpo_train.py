@@ -154,3 +154,48 @@ def test_export_generates_in_plain_diffusers_merged_and_as_a_lora_file(tmp_path,
     base.load_lora_weights(export)
     assert (generate(base) - want).abs().max() < 1e-4
     assert (before - want).abs().max() > 1e-2  # the tuned policy differs from the base
+
+
+@pytest.mark.slow
+def test_accelerate_launch_zero3_recipe_and_its_export_in_plain_diffusers(tmp_path):
+    """The acceptance command (ZeRO-3; ZeRO-2 runs in tests/test_multiprocess.py on two ranks):
+    `accelerate launch --config_file recipes/accelerate/zero3.yaml recipes/grpo_sd3.py --config
+    recipes/configs/grpo_tiny.yaml --output_dir OUT --export_dir OUT/export`, shortened to two
+    epochs; the checkpoint holds DeepSpeed's files and the EMA, the export generates in plain
+    diffusers, merged and as a LoRA file."""
+    import os
+    import subprocess
+    import sys
+
+    from diffusers import StableDiffusion3Pipeline
+
+    from alignment.tiny_flow import tiny_sd3_pipeline
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(root / ".cache" / "torch_extensions"))
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MPLBACKEND="Agg", WANDB_DISABLED="true")
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", "recipes/accelerate/zero3.yaml", "--num_cpu_threads_per_process", "1",
+        "recipes/grpo_sd3.py", "--config", "recipes/configs/grpo_tiny.yaml",
+        "--output_dir", str(out), "--export_dir", str(out / "export"),
+        "--num_epochs", "2", "--num_steps", "3", "--eval_num_steps", "3", "--eval_every", "1",
+        "--save_every", "1", "--progress_bar", "false", "--log_with", "none",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    history = json.loads((out / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [0, 1] and "eval/reward_mean" in history[1]
+    ckpt = out / "checkpoints" / "checkpoint-000002"
+    assert (ckpt / "latest").is_file() and (ckpt / "ema.safetensors").is_file()
+    kw = dict(num_inference_steps=3, guidance_scale=3.0, output_type="pt", max_sequence_length=16)
+    gen = torch.Generator().manual_seed(0)
+    merged = StableDiffusion3Pipeline.from_pretrained(out / "export")("a cat", generator=gen, **kw)
+    base = tiny_sd3_pipeline()
+    base.load_lora_weights(out / "export")
+    gen = torch.Generator().manual_seed(0)
+    lora = base("a cat", generator=gen, **kw)
+    assert merged.images.shape == (1, 3, 32, 32) and torch.isfinite(merged.images).all()
+    assert (merged.images - lora.images).abs().max() < 1e-4
