@@ -5,7 +5,10 @@ SD3, resume, the offline manifest path, the tiny config through the recipe and D
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -360,6 +363,107 @@ def test_offline_manifest_of_flow_samples_trains(tmp_path):
     torch.testing.assert_close(lat_w[:1], vae_latents(vae, pix))
     h = trainer.train()
     assert len(h) == 1 and math.isfinite(h[0]["loss"])
+
+
+def test_tiny_config_runs_through_the_recipe(tmp_path):
+    sys.path.insert(0, str(ROOT / "recipes"))
+    try:
+        from dpo_sd15 import main
+    finally:
+        sys.path.remove(str(ROOT / "recipes"))
+    out = tmp_path / "out"
+    h = main(
+        [
+            "--config",
+            str(ROOT / "recipes" / "configs" / "dpo_sd3_tiny.yaml"),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "4",
+            "--eval_every",
+            "2",
+            "--save_every",
+            "4",
+            "--log_images_every",
+            "4",
+            "--progress_bar",
+            "false",
+        ]
+    )
+    evals = [r["eval/reward_mean"] for r in h if "eval/reward_mean" in r]
+    assert [r["step"] for r in h] == [0, 1, 2, 3, 4] and len(evals) == 3
+    assert h[1]["loss"] == pytest.approx(math.log(2.0), abs=1e-6)  # step 1: policy = reference
+    assert h[1]["online/num_pairs"] == 4 and h[1]["online/reward_margin"] > 0
+    assert (out / "checkpoints" / "checkpoint-000004" / "trainer_state.json").is_file()
+    assert (out / "history.json").is_file() and list((out / "samples").glob("*.png"))
+
+
+def test_real_flow_config_parses():
+    from trl import TrlParser
+
+    (cfg,) = TrlParser(DPOConfig).parse_args_and_config(
+        args=["--config", str(ROOT / "recipes" / "configs" / "dpo_sd35m_online_pickscore.yaml")]
+    )
+    assert (cfg.beta, cfg.timestep_sampling, cfg.noise_level, cfg.lora_alpha) == (
+        100,
+        "logit_normal",
+        0.7,
+        64,
+    )
+    assert cfg.export_dir is None
+
+
+@pytest.mark.slow
+def test_flow_dpo_under_deepspeed_zero2(tmp_path):
+    """The tiny flow config through ``accelerate launch`` with DeepSpeed ZeRO-2 (one CPU
+    process): the transformer's LoRA is what the engine trains and checkpoints."""
+    from _launch import free_port, launch_env
+    from safetensors.torch import load_file
+
+    out = tmp_path / "zero2"
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "recipes/accelerate/zero2.yaml",
+        "--main_process_port",
+        str(free_port()),
+        "--num_cpu_threads_per_process",
+        "1",
+        "recipes/dpo_sd15.py",
+        "--config",
+        "recipes/configs/dpo_sd3_tiny.yaml",
+        "--pretrained_model",
+        str(_tiny_sd3_folder()),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "2",
+        "--save_every",
+        "2",
+        "--eval_every",
+        "0",
+        "--log_images_every",
+        "0",
+        "--log_with",
+        "none",
+        "--progress_bar",
+        "false",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ckpt = out / "checkpoints" / "checkpoint-000002"
+    assert (ckpt / "trainer_state.json").is_file()
+    # the engine's ZeRO-2 optimiser state, and the transformer's LoRA weights it trained
+    assert (ckpt / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()
+    lora = load_file(ckpt / "trainable.safetensors")
+    assert len(lora) == 30 and all(k.startswith("transformer_blocks.") for k in lora)
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+    h = json.loads((out / "history.json").read_text())
+    assert [r["step"] for r in h] == [1, 2] and h[0]["loss"] == pytest.approx(math.log(2.0))
 
 
 def test_flow_config_checks():
