@@ -163,28 +163,27 @@ def test_accelerate_launch_zero3_recipe_and_its_export_in_plain_diffusers(tmp_pa
     recipes/configs/grpo_tiny.yaml --output_dir OUT --export_dir OUT/export`, shortened to two
     epochs; the checkpoint holds DeepSpeed's files and the EMA, the export generates in plain
     diffusers, merged and as a LoRA file."""
-    import os
     import subprocess
     import sys
 
+    from _launch import ROOT, free_port, launch_env
     from diffusers import StableDiffusion3Pipeline
 
     from alignment.tiny_flow import tiny_sd3_pipeline
 
-    root = Path(__file__).resolve().parents[1]
     out = tmp_path / "out"
-    env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(root / ".cache" / "torch_extensions"))
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MPLBACKEND="Agg", WANDB_DISABLED="true")
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", "recipes/accelerate/zero3.yaml", "--num_cpu_threads_per_process", "1",
+        "--main_process_port", str(free_port()),
         "recipes/grpo_sd3.py", "--config", "recipes/configs/grpo_tiny.yaml",
         "--output_dir", str(out), "--export_dir", str(out / "export"),
         "--num_epochs", "2", "--num_steps", "3", "--eval_num_steps", "3", "--eval_every", "1",
         "--save_every", "1", "--progress_bar", "false", "--log_with", "none",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     history = json.loads((out / "history.json").read_text())
     assert [r["epoch"] for r in history] == [0, 1] and "eval/reward_mean" in history[1]
