@@ -1,6 +1,7 @@
 """Export a tuned policy as a diffusers pipeline folder (shared by every trainer).
 
-``export_policy(policy, export_dir, unet_state_dict=None)`` writes
+``export_policy(policy, export_dir, state_dict=None, overrides=None)`` writes, for a
+:class:`~alignment.policy.DiffusionPolicy` (SD 1.x / 2.x):
 
 - ``export_dir/``: a complete ``StableDiffusionPipeline`` folder whose UNet is the tuned one (LoRA
   merged into the weights), so ``StableDiffusionPipeline.from_pretrained(export_dir)`` works;
@@ -12,13 +13,22 @@
   model restores every adapted module, whatever the targets (attention, ``conv_out``, resnet convs,
   ``proj_in/out``, the time embedding) and the scale ``lora_alpha / r``.
 
+and the same for a :class:`~alignment.flow_policy.FlowPolicy` (SD 3.x, FLUX): a complete
+``StableDiffusion3Pipeline`` / ``FluxPipeline`` folder with the tuned ``transformer/`` (LoRA
+merged) and the adapter file (``transformer.<module>.lora_A/lora_B.weight``, written by the
+pipeline's own ``save_lora_weights``), which that pipeline's ``load_lora_weights`` reads. Its frozen
+parts (VAE, text encoders) are written as they are (a bf16 run writes bf16: no float32 copy of
+T5-XXL), the merged transformer in the dtype of the policy's transformer.
+
 The LoRA state dict is deliberately *not* passed through diffusers'
 ``convert_state_dict_to_diffusers``: its PEFT -> diffusers table renames only the attention
 projections (``to_q.lora_A`` -> ``to_q.lora.down``), so a target list with any other module gave
 a file of two key formats of which ``load_lora_weights`` kept only the unrenamed ones. The
 loaders read peft's own keys (with the metadata's ``lora_alpha``) directly.
 
-The folder is written to ``export_dir.tmp`` first and renamed into place.
+``overrides`` (parameter name -> tensor) replace entries of the state before the export: the GRPO
+trainer passes its EMA weights. The folder is written to ``export_dir.tmp`` first and renamed into
+place.
 """
 
 from __future__ import annotations
@@ -32,74 +42,96 @@ from typing import Any
 import torch
 
 
-def build_tuned_unet(policy: Any, unet_state_dict: dict[str, torch.Tensor] | None = None):
-    """A fresh float32 CPU copy of the policy's UNet (with its LoRA adapter, if any) carrying
-    ``unet_state_dict`` (default: the policy's current weights).
+def trained_module(policy: Any) -> torch.nn.Module:
+    """The module a trainer tunes: a flow policy's ``transformer``, else the ``unet``."""
+    return policy.transformer if hasattr(policy, "transformer") else policy.unet
 
-    Pass the full state dict gathered by the trainer (``accelerator.get_state_dict(unet)``) when
-    the live UNet is sharded (DeepSpeed ZeRO-3); keys may carry a ``module.`` prefix.
+
+def build_tuned_module(
+    policy: Any,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    overrides: dict[str, torch.Tensor] | None = None,
+) -> torch.nn.Module:
+    """A fresh float32 CPU copy of the policy's UNet or transformer (with its LoRA adapter, if
+    any) carrying ``state_dict`` (default: the policy's current weights) with ``overrides``
+    replacing entries by name.
+
+    Pass the full state dict gathered by the trainer (``accelerator.get_state_dict(module)``) when
+    the live module is sharded (DeepSpeed ZeRO-3); keys may carry a ``module.`` prefix.
     """
-    from diffusers import UNet2DConditionModel
-
-    if unet_state_dict is None:
-        unet_state_dict = policy.unet.state_dict()
-    state = {
-        k.removeprefix("module."): v.detach().float().cpu() for k, v in unet_state_dict.items()
-    }
-    unet = UNet2DConditionModel.from_config(policy.unet.config)
+    live = trained_module(policy)
+    if state_dict is None:
+        state_dict = live.state_dict()
+    state = {k.removeprefix("module."): v.detach().float().cpu() for k, v in state_dict.items()}
+    for name, value in (overrides or {}).items():
+        if name not in state:
+            raise KeyError(f"Override {name!r} is not a weight of the {type(live).__name__}.")
+        state[name] = value.detach().float().cpu()
+    module = type(live).from_config(live.config)
     if policy.lora_config is not None:
-        unet.add_adapter(copy.deepcopy(policy.lora_config))
-    missing, unexpected = unet.load_state_dict(state, strict=False)
+        module.add_adapter(copy.deepcopy(policy.lora_config))
+    missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(
-            f"The UNet state does not match the policy's UNet: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}. Pass the full state dict (e.g. "
-            "accelerator.get_state_dict(unet), with stage3_gather_16bit_weights_on_model_save "
+            f"The state does not match the policy's {type(live).__name__}: missing "
+            f"{missing[:5]}, unexpected {unexpected[:5]}. Pass the full state dict (e.g. "
+            "accelerator.get_state_dict(module), with stage3_gather_16bit_weights_on_model_save "
             "under ZeRO-3)."
         )
-    return unet.eval()
+    return module.eval()
+
+
+def _pipeline(policy: Any, tuned: torch.nn.Module) -> Any:
+    """The export's pipeline: the policy's components with the tuned module."""
+    if not hasattr(policy, "transformer"):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=copy.deepcopy(policy.vae).float().cpu(),
+            text_encoder=copy.deepcopy(policy.text_encoder).float().cpu(),
+            tokenizer=policy.tokenizer,
+            unet=tuned,
+            scheduler=policy.pipeline.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    components = dict(policy.pipeline.components)
+    components["transformer"] = tuned.to(policy.transformer.dtype)
+    return type(policy.pipeline)(**components)
 
 
 def export_policy(
     policy: Any,
     export_dir: str | os.PathLike,
-    unet_state_dict: dict[str, torch.Tensor] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    overrides: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the tuned policy to ``export_dir`` (see the module docstring); returns the folder.
 
-    Call on the main process only (gather ``unet_state_dict`` on every process first).
+    Call on the main process only (gather ``state_dict`` on every process first).
     """
-    from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
     export_dir = Path(export_dir)
     tmp = export_dir.with_name(export_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    unet = build_tuned_unet(policy, unet_state_dict)
+    tuned = build_tuned_module(policy, state_dict, overrides)
     lora_layers = metadata = None
     if policy.lora_config is not None:
-        lora_layers = get_peft_model_state_dict(unet)
-        metadata = unet.peft_config["default"].to_dict()
-        unet.fuse_lora()
-        unet.unload_lora()
-    pipe = StableDiffusionPipeline(
-        vae=copy.deepcopy(policy.vae).float().cpu(),
-        text_encoder=copy.deepcopy(policy.text_encoder).float().cpu(),
-        tokenizer=policy.tokenizer,
-        unet=unet,
-        scheduler=policy.pipeline.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+        lora_layers = get_peft_model_state_dict(tuned)
+        metadata = tuned.peft_config["default"].to_dict()
+        tuned.fuse_lora()
+        tuned.unload_lora()
+    pipe = _pipeline(policy, tuned)
     pipe.save_pretrained(tmp, safe_serialization=True)
     if lora_layers is not None:
-        StableDiffusionPipeline.save_lora_weights(
+        prefix = "transformer" if hasattr(policy, "transformer") else "unet"
+        type(pipe).save_lora_weights(
             tmp,
-            unet_lora_layers=lora_layers,
             safe_serialization=True,
-            unet_lora_adapter_metadata=metadata,
+            **{f"{prefix}_lora_layers": lora_layers, f"{prefix}_lora_adapter_metadata": metadata},
         )
     if export_dir.exists():
         shutil.rmtree(export_dir)
@@ -108,11 +140,16 @@ def export_policy(
 
 
 def export_from_accelerator(
-    accelerator: Any, unet: Any, policy: Any, export_dir: str | os.PathLike
+    accelerator: Any,
+    module: Any,
+    policy: Any,
+    export_dir: str | os.PathLike,
+    overrides: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Gather the (possibly DeepSpeed-wrapped) ``unet`` on every process and export ``policy``
-    from the main one (:func:`export_policy`); call on every process."""
-    state = accelerator.get_state_dict(unet)
+    """Gather the (possibly DeepSpeed-wrapped) trained ``module`` on every process and export
+    ``policy`` from the main one (:func:`export_policy`, ``overrides`` e.g. EMA weights); call
+    on every process."""
+    state = accelerator.get_state_dict(module)
     if accelerator.is_main_process:
-        export_policy(policy, export_dir, state)
+        export_policy(policy, export_dir, state, overrides)
     accelerator.wait_for_everyone()

@@ -28,7 +28,8 @@ One epoch of :class:`OnlineRLTrainerBase`:
 A subclass supplies the policy-specific parts as small methods: :meth:`sample_batch` (the sampling
 call and the transitions to store), :meth:`step_distribution` / :meth:`transition_log_prob` (the
 log-prob of a stored transition), :meth:`kl_to_reference`, :meth:`advantage_rule`,
-:meth:`timestep_order` / :meth:`timestep_weights`, and :meth:`build_policy` /
+:meth:`timestep_order` / :meth:`timestep_weights`, :meth:`choose_prompts` (how images form
+groups), :meth:`epoch_metrics` (e.g. a held-out evaluation), and :meth:`build_policy` /
 :meth:`trained_module` / :meth:`use_prepared_module` for another policy class.
 """
 
@@ -173,11 +174,7 @@ class OnlineRLConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.reward_kwargs = parse_json_kwargs(self.reward_kwargs, "reward_kwargs")
-        if self.sample_batch_size % self.images_per_prompt:
-            raise ValueError(
-                f"images_per_prompt ({self.images_per_prompt}) must divide "
-                f"sample_batch_size ({self.sample_batch_size})."
-            )
+        self.check_groups()
         n = self.sample_batch_size * self.num_batches_per_epoch
         if n % self.train_batch_size:
             raise ValueError(
@@ -188,6 +185,16 @@ class OnlineRLConfig(TrainConfig):
             raise ValueError(
                 f"The {n // self.train_batch_size} train batches per epoch must be a multiple of "
                 f"gradient_accumulation_steps ({self.gradient_accumulation_steps})."
+            )
+
+    def check_groups(self) -> None:
+        """The images of one prompt lie in one sampling batch: ``images_per_prompt`` divides
+        ``sample_batch_size`` (a trainer whose groups span batches and processes, GRPO,
+        replaces this check)."""
+        if self.sample_batch_size % self.images_per_prompt:
+            raise ValueError(
+                f"images_per_prompt ({self.images_per_prompt}) must divide "
+                f"sample_batch_size ({self.sample_batch_size})."
             )
 
     @property
@@ -273,6 +280,7 @@ class OnlineRLTrainerBase(PolicyTrainerBase):
             raise ValueError("No prompts to train on.")
         self.stat_tracker = PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count)
         self.epoch = 0
+        self.sampling_batch = 0  # the batch of the epoch being sampled (see sample_epoch)
         self._pool = (
             ThreadPoolExecutor(max_workers=1, initializer=set_thread_device, initargs=(acc.device,))
             if cfg.async_reward
@@ -374,6 +382,11 @@ class OnlineRLTrainerBase(PolicyTrainerBase):
             return self.stat_tracker.update(prompts, rewards)
         return (rewards - rewards.mean()) / (rewards.std() + 1e-6)
 
+    def epoch_metrics(self) -> dict[str, float]:
+        """Further metrics of the epoch just trained (called on every process after its update,
+        before the record is logged), e.g. a held-out evaluation; default none."""
+        return {}
+
     # ------------------------------------------------------------------------------ epoch parts
     def sample_epoch(self) -> tuple[dict[str, Any], dict[str, float]]:
         """Sample one epoch (rewards possibly overlapping sampling). Returns the samples
@@ -386,6 +399,7 @@ class OnlineRLTrainerBase(PolicyTrainerBase):
         first_images = None
         t0 = time.perf_counter()
         for b in self.pbar(range(cfg.num_batches_per_epoch), desc="sampling", leave=False):
+            self.sampling_batch = b  # for sample_batch hooks that key streams by the batch
             prompts = self.choose_prompts(b)
             with torch.no_grad(), acc.autocast():
                 images, stored = self.sample_batch(prompts, self.sample_generators(b, len(prompts)))
@@ -536,6 +550,7 @@ class OnlineRLTrainerBase(PolicyTrainerBase):
                 t0 = time.perf_counter()
                 train_info = self.train_on_samples(samples, adv)
                 timings["time/training"] = time.perf_counter() - t0
+                extra = self.epoch_metrics()
                 record = {
                     "epoch": self.epoch,
                     "reward_mean": float(finite.mean()) if finite.size else float("nan"),
@@ -545,6 +560,7 @@ class OnlineRLTrainerBase(PolicyTrainerBase):
                     **timings,
                     "rewards/nonfinite": float(all_rewards.size - finite.size),
                     **self.guard_metrics(),
+                    **extra,
                 }
                 self.log(record)
                 if cfg.log_images_every and self.epoch % cfg.log_images_every == 0:

@@ -305,6 +305,7 @@ class DiffusionPolicy:
         prompt_embeds: torch.Tensor | None = None,
         grad: bool | int = False,
         height: int | None = None,
+        sde_steps: Sequence[int] | None = None,
     ) -> SampleOutput:
         """DDIM sampling with the log-prob of every step (see :class:`SampleOutput`).
 
@@ -320,6 +321,9 @@ class DiffusionPolicy:
             grad: False (no graph), True (graph through all steps and the decoder) or an int K
                 (graph through the last K steps only).
             height: image size (default: the UNet's sample size times the VAE factor).
+            sde_steps: the step indices sampled at ``eta`` (a window as in Flow-GRPO-Fast, see
+                :func:`alignment.flow.sde_window`); the others are deterministic DDIM steps
+                (``eta = 0``, log-prob 0). None: every step at ``eta``.
         """
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -336,12 +340,20 @@ class DiffusionPolicy:
             )
         latents = latents * self.scheduler.init_noise_sigma
         grad_steps = num_steps if grad is True else int(grad)
+        sde = set(range(num_steps)) if sde_steps is None else {int(i) for i in sde_steps}
+        if any(not 0 <= i < num_steps for i in sde):
+            raise ValueError(f"sde_steps {sorted(sde)} must lie in [0, {num_steps}).")
         all_latents, all_log_probs = [latents.detach()], []
         for i, t in enumerate(timesteps):
             with torch.set_grad_enabled(i >= num_steps - grad_steps):
                 eps = self.predict_noise(latents, t, embeds, guidance_scale, negative)
                 latents, log_prob = ddim_step_with_logprob(
-                    self.scheduler, eps, t, latents, eta=eta, generator=generator
+                    self.scheduler,
+                    eps,
+                    t,
+                    latents,
+                    eta=eta if i in sde else 0.0,
+                    generator=generator,
                 )
             all_latents.append(latents.detach())
             all_log_probs.append(log_prob.detach())
@@ -383,16 +395,23 @@ class DiffusionPolicy:
         eta: float = 1.0,
         num_steps: int | None = None,
         negative_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        return_stats: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Log-prob ``[B]`` of the stored transitions ``latents -> next_latents`` under the current
         UNet (CFG as in sampling). Gradients flow when grad mode is on.
 
         Args:
             latents, next_latents: ``[B, C, h, w]``; timesteps: ``[B]`` (one per sample);
             embeds: ``[B, L, D]``; num_steps: the DDIM step count used when sampling (defaults to
-            the scheduler's current one).
+            the scheduler's current one); return_stats: also return the step's ``mean`` and
+            ``std`` from the same forward pass (for a KL penalty), as
+            :meth:`alignment.flow_policy.FlowPolicy.log_prob` does.
+
+        Returns:
+            ``log_prob`` or ``(log_prob [B], mean [B, C, h, w], std [B, 1, 1, 1])``.
         """
         mean, std = self.step_distribution(
             latents, timesteps, embeds, guidance_scale, eta, num_steps, negative_embeds
         )
-        return gaussian_log_prob(next_latents, mean, std)
+        log_prob = gaussian_log_prob(next_latents, mean, std)
+        return (log_prob, mean, std) if return_stats else log_prob

@@ -7,11 +7,14 @@
 # diffusers, trl or deepspeed; ../shared does not travel):
 #   printf '/.whl/\n/.gpuref/\n' >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 safetensors huggingface_hub
+#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 safetensors huggingface_hub \
+#       bitsandbytes          # 8-bit AdamW for the GRPO memory variant (skipped without it)
 #   python3 -m pip wheel --no-deps -w .whl deepspeed==0.19.8 trl==1.16.0
 #   mkdir -p .gpuref && cp ../shared/bench-reference/gpu_anchors.py .gpuref/
 # Then: run(command="bash bench/gpu.sh 1", carry=[".whl", ".gpuref"], timeout_s=570), and
-#       "bash bench/gpu.sh 2" for the training benches, if device time is left.
+#       "bash bench/gpu.sh 2" for the training benches, "bash bench/gpu.sh 3" for Flow-GRPO on an
+#       SD3.5-M-shaped pipeline (checked here only at a toy size: bench/grpo.py --gpu --toy), if
+#       device time is left.
 set -uo pipefail
 stage=${1:-1}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -25,6 +28,8 @@ if [ "$stage" = 1 ]; then
     run 150 python3 .gpuref/gpu_anchors.py "$out/gpu_anchors.json"      # the baseline, same call
     run 120 python3 bench/score.py --gpu                                  # target >= 110 images/s
     run 200 python3 bench/score.py --gpu --compile
+elif [ "$stage" = 3 ]; then
+    run 420 python3 bench/grpo.py --gpu --samples 16 --train_batch 4      # peak GiB: memory < 24
 else
     run 240 python3 bench/ddpo.py --gpu --compile --samples 256           # >= 5.5 img/s, <= 180 s
     run 120 python3 bench/dpo.py                                          # >= 30 pairs/s

@@ -120,6 +120,26 @@ SCENARIOS: dict[str, tuple[str, str, dict[str, str]]] = {
             "eval_every": "0",
         },
     ),
+    "grpo": (  # groups of 4 over 2 ranks x 2 images: each group spans both ranks
+        "grpo_sd3",
+        "grpo_tiny.yaml",
+        {
+            **POLICY,
+            "pretrained_model": "tiny-sd3",
+            "num_steps": "2",
+            "eval_num_steps": "2",
+            "sample_batch_size": "2",
+            "num_batches_per_epoch": "2",
+            "images_per_prompt": "4",
+            "train_batch_size": "2",
+            "gradient_accumulation_steps": "2",
+            "timesteps_per_call": "2",
+            "num_epochs": "1",
+            "eval_every": "1",
+            "num_eval_images": "3",  # shared 2 + 1 (padded to equal transformer calls)
+            "log_images_every": "0",
+        },
+    ),
     "reward": (
         "train_reward",
         "reward_tiny.yaml",
@@ -195,6 +215,7 @@ def recording() -> Iterator[tuple[list, list]]:
     import alignment.dpo_trainer as dpo
     from alignment.ddpo_trainer import DDPOTrainer
     from alignment.draft_trainer import DraftTrainer
+    from alignment.grpo_trainer import GRPOTrainer
     from reward.training import RewardTrainer
 
     draws: list[dict[str, Any]] = []
@@ -232,16 +253,31 @@ def recording() -> Iterator[tuple[list, list]]:
             "pixels": round(float(inputs["pixel_values"].float().sum()), 3),
         }
 
+    def grpo_advantages(args, kwargs, result):
+        _, prompts, rewards = args[:3]
+        adv, gathered = result
+        return {
+            "group_prompts": list(prompts),
+            "advantages": [round(float(a), 6) for a in adv.cpu()],
+            "gathered_rewards": [float(r) for r in gathered],
+        }
+
+    def grpo_eval(args, kwargs, result):
+        return {"eval": round(result["eval/reward_mean"], 6)}
+
     def capture(args, kwargs, result):
         trainers.append(args[0])
         return {"trained": type(args[0]).__name__}
 
     _wrap(DDPOTrainer, "sample_epoch", ddpo_epoch, draws, patches)
+    _wrap(GRPOTrainer, "sample_epoch", ddpo_epoch, draws, patches)
+    _wrap(GRPOTrainer, "compute_advantages", grpo_advantages, draws, patches)
+    _wrap(GRPOTrainer, "evaluate", grpo_eval, draws, patches)
     _wrap(dpo.DPOTrainer, "compute_loss", dpo_loss, draws, patches)
     _wrap(dpo, "sample_ranked", dpo_sampled, draws, patches)
     _wrap(DraftTrainer, "compute_loss", draft_loss, draws, patches)
     _wrap(RewardTrainer, "compute_loss", reward_loss, draws, patches)
-    for cls in (DDPOTrainer, dpo.DPOTrainer, DraftTrainer, RewardTrainer):
+    for cls in (DDPOTrainer, GRPOTrainer, dpo.DPOTrainer, DraftTrainer, RewardTrainer):
         _wrap(cls, "train", capture, draws, patches)
 
     def loaded(args, kwargs, result):

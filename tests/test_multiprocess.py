@@ -1,6 +1,7 @@
 """Two processes on the CPU: plain DDP (gloo) and DeepSpeed ZeRO-2 / ZeRO-3 (gloo with the real
-world size, :mod:`reward.distributed`) for DDPO, Diffusion-DPO (``build_data`` then offline, and
-online), DRaFT-1, ReFL and reward training; and resuming on another number of processes.
+world size, :mod:`reward.distributed`) for DDPO, Flow-GRPO (groups spanning the ranks),
+Diffusion-DPO (``build_data`` then offline, and online), DRaFT-1, ReFL and reward training; and
+resuming on another number of processes.
 
 Process start-up is most of the cost, so one ``torchrun`` launch per backend runs every scenario
 in sequence through the recipes' ``main`` (``tests/_multiprocess_scenarios.py``); module fixtures
@@ -34,7 +35,7 @@ pytestmark = [
 ]
 
 DRIVER = ROOT / "tests" / "_multiprocess_scenarios.py"
-ALL = list(SCENARIOS)  # ddpo, dpo_build, dpo_online, draft, refl, reward
+ALL = list(SCENARIOS)  # ddpo, dpo_build, dpo_online, draft, refl, grpo, reward
 ZERO = {"zero2": "zero2.json", "zero3": "zero3_partition_all.json"}
 
 
@@ -98,6 +99,10 @@ def runs(tmp_path_factory) -> dict:
             "dpo_build", root / "one_dpo_build", *args, gradient_accumulation_steps=2
         ),
         "draft": run_scenario("draft", root / "one_draft", *args, gradient_accumulation_steps=2),
+        # the 8 images two ranks sample in 2 batches of 2 each: one process, 4 batches of 2
+        "grpo": run_scenario(
+            "grpo", root / "one_grpo", *args, num_batches_per_epoch=4, gradient_accumulation_steps=4
+        ),
     }
     specs = [f"{n}:ddp=1,label=ddp_{n}" for n in ALL]
     specs += [  # 1 -> 2
@@ -145,6 +150,10 @@ def _check_two_ranks(records: dict, name: str, scenario: str, folder: Path, deep
     # the ranks drew different things
     if scenario == "ddpo":
         assert _calls(r0, "noise") != _calls(r1, "noise")
+    elif scenario == "grpo":  # different noise, the same groups (each spans both ranks)
+        assert _calls(r0, "noise") != _calls(r1, "noise")
+        (p0,), (p1,) = _calls(r0, "group_prompts"), _calls(r1, "group_prompts")
+        assert p0[:2] == p1[:2] and p0[2:] == p1[2:] and p0[0] == p0[1]
     elif scenario.startswith("dpo"):
         ids0, ids1 = _calls(r0, "ids"), _calls(r1, "ids")
         assert ids0 == [[0]] and ids1 == [[1]]  # consecutive slices of one pair stream
@@ -193,7 +202,7 @@ def test_two_ranks(runs, backend, scenario):
             assert 2 * local == whole, w
 
 
-@pytest.mark.parametrize("scenario", ["ddpo", "dpo_build", "dpo_online", "draft", "refl"])
+@pytest.mark.parametrize("scenario", ["ddpo", "dpo_build", "dpo_online", "draft", "refl", "grpo"])
 def test_the_backends_train_the_same_weights(runs, scenario):
     """Same streams, same global batch: DDP, ZeRO-2 and ZeRO-3 end with the same weights (up to
     the order of float reductions; measured relative differences <= 2e-6)."""
@@ -222,6 +231,31 @@ def test_one_process_and_two_draw_the_same_samples(runs, scenario):
         assert _calls(one, "prompts") == _calls(two[0], "prompts") + _calls(two[1], "prompts")
     got, want = one["weights"]["lora_b_abs"], two[0]["weights"]["lora_b_abs"]
     assert got == pytest.approx(want, rel=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["ddp", *ZERO])
+def test_groups_spanning_ranks_get_the_advantages_one_process_computes(runs, backend):
+    """GRPO's groups of 4 over two ranks of 2 images per batch: every group holds two images of
+    each rank. The rewards are gathered before the group statistics, so the two ranks'
+    advantages are those one process computes on the same 8 images (rank 0 holds images 0, 1,
+    4, 5 of the epoch, rank 1 images 2, 3, 6, 7), and those are the group formula by hand."""
+    from alignment.flow import group_advantages
+
+    one = runs["one"]["grpo"]
+    r0, r1 = runs["two"][f"{backend}_grpo"]
+    (a,), (b,) = _calls(r0, "advantages"), _calls(r1, "advantages")
+    (whole,) = _calls(one, "advantages")
+    assert [a[0], a[1], b[0], b[1], a[2], a[3], b[2], b[3]] == pytest.approx(whole, abs=2e-6)
+    (g0,), (g1,) = _calls(r0, "gathered_rewards"), _calls(r1, "gathered_rewards")
+    assert g0 == g1  # both ranks normalised the same gathered rewards
+    (rewards,), (prompts,) = _calls(one, "gathered_rewards"), _calls(one, "group_prompts")
+    assert [g0[i] for i in (0, 1, 4, 5, 2, 3, 6, 7)] == pytest.approx(rewards, abs=1e-7)
+    by_hand = group_advantages(torch.tensor(rewards), prompts, global_std=True)
+    assert whole == pytest.approx(by_hand.tolist(), abs=2e-6)
+    assert len(set(prompts)) == 2 and max(abs(x) for x in whole) > 0.5
+    # the base policy's held-out evaluation (3 prompts shared 2 + 1) equals one process's
+    assert _calls(r0, "eval")[0] == _calls(r1, "eval")[0]
+    assert _calls(r0, "eval")[0] == pytest.approx(_calls(one, "eval")[0], abs=1e-6)
 
 
 def test_ddp_runs_resume_on_another_number_of_processes(runs):

@@ -266,6 +266,12 @@ def test_async_reward_worker_thread_sets_the_device_before_scoring(tmp_path, mon
 # ----------------------------------------------------------------------------- config ranges
 
 
+def _grpo(**kw):
+    from alignment.grpo_trainer import GRPOConfig
+
+    return GRPOConfig(**kw)
+
+
 def _scaling(**kw):
     from alignment.scaling import ScalingConfig
 
@@ -327,6 +333,12 @@ BAD = [
     (_draft, "reward_scale", 0.0, "> 0"),
     (_draft, "learning_rate", -1e-4, "> 0"),
     (_draft, "max_grad_norm", -1.0, "> 0"),
+    (_grpo, "noise_level", 0.0, "> 0"),
+    (_grpo, "images_per_prompt", 1, ">= 2"),
+    (_grpo, "ema_decay", 1.0, "[0, 1)"),
+    (_grpo, "sde_window_size", -1, ">= 0"),
+    (_grpo, "eval_num_steps", 0, ">= 1"),
+    (_grpo, "kl_coef", -0.04, ">= 0"),
     (_scaling, "n", 0, ">= 1"),
     (_scaling, "ess_threshold", 0.0, "(0, 1]"),
     (_scaling, "resample_start", 1.5, "[0, 1]"),
@@ -368,17 +380,25 @@ def test_configs_accept_their_defaults_and_the_edges_of_each_range():
         "dpo_sd15_online_llava_reward",
         "draft_tiny",
         "draft_sd15_llava_reward",
+        "grpo_tiny",
+        "grpo_sd35m_llava_reward",
+        "grpo_sd35m_pickscore_style",
+        "grpo_flux_llava_reward",
     ],
 )
 def test_every_shipped_policy_config_passes_the_range_checks(name):
     from alignment.dpo_trainer import DPOConfig
     from alignment.draft_trainer import DraftConfig
+    from alignment.grpo_trainer import GRPOConfig
     from alignment.recipe_utils import RecipeParser
 
-    cls = {"ddpo": DDPOConfig, "dpo": DPOConfig, "draft": DraftConfig}[name.split("_")[0]]
+    kinds = {"ddpo": DDPOConfig, "dpo": DPOConfig, "draft": DraftConfig, "grpo": GRPOConfig}
+    cls = kinds[name.split("_")[0]]
     path = Path(__file__).resolve().parents[1] / "recipes" / "configs" / f"{name}.yaml"
     (cfg,) = RecipeParser(cls).parse_args_and_config(["--config", str(path)])
     assert cfg.max_consecutive_skips == 3 and cfg.learning_rate > 0
+    if cls is GRPOConfig:  # complete groups on one process (and so on any count)
+        assert (cfg.sample_batch_size * cfg.num_batches_per_epoch) % cfg.images_per_prompt == 0
 
 
 def test_recipe_refuses_a_bad_value_from_the_command_line():
