@@ -475,8 +475,8 @@ def test_full_unet_dpo_keeps_a_frozen_reference_copy(tmp_path):
     )
     trainer = DPOTrainer(cfg, prompts=["a cat", "a dog"])
     policy = trainer.policy
-    assert policy._ref_unet is not None and not any(
-        p.requires_grad for p in policy._ref_unet.parameters()
+    assert policy.reference_model is not None and not any(
+        p.requires_grad for p in policy.reference_model.parameters()
     )
     x = torch.randn(1, 4, 16, 16)
     emb = policy.encode_prompts(["a cat"])
