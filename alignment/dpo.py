@@ -24,10 +24,35 @@ loss. The implicit accuracy is the fraction of pairs with ``logits > 0``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+
+
+def denoising_target(
+    scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet is trained to output at ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``.
+
+    By the scheduler's ``config.prediction_type``: ``"epsilon"``: ``eps``; ``"v_prediction"``:
+    ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0``; ``"sample"``: ``x0``. ``abar_t`` is
+    ``scheduler.alphas_cumprod[t]`` per sample.
+
+    Shapes: ``x0, noise [B, C, h, w]``, ``timesteps [B]`` -> ``[B, C, h, w]`` (float32).
+    """
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise.float()
+    if kind == "sample":
+        return x0.float()
+    if kind != "v_prediction":
+        raise ValueError(f"Unsupported prediction_type {kind!r}: epsilon, v_prediction or sample.")
+    abar = scheduler.alphas_cumprod.to(x0.device)[timesteps.long()].float()
+    abar = abar.reshape(abar.shape + (1,) * (x0.ndim - abar.ndim))
+    return abar.sqrt() * noise.float() - (1 - abar).sqrt() * x0.float()
 
 
 def per_image_error(target: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
@@ -84,4 +109,10 @@ def diffusion_dpo_loss(
     return losses.mean(), accuracy
 
 
-__all__ = ["LOSS_TYPES", "diffusion_dpo_loss", "dpo_logits", "per_image_error"]
+__all__ = [
+    "LOSS_TYPES",
+    "denoising_target",
+    "diffusion_dpo_loss",
+    "dpo_logits",
+    "per_image_error",
+]

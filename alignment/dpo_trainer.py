@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from alignment.dpo import LOSS_TYPES, diffusion_dpo_loss, per_image_error
+from alignment.dpo import LOSS_TYPES, denoising_target, diffusion_dpo_loss, per_image_error
 from alignment.trainer_utils import PolicyTrainConfig, PolicyTrainerBase, parse_json_kwargs
 
 
@@ -526,13 +526,7 @@ class DPOTrainer(PolicyTrainerBase):
         x0 = torch.cat([lat_w, lat_l])
         noise2, t2, emb2 = torch.cat([noise, noise]), torch.cat([t, t]), torch.cat([embeds, embeds])
         x_t = sched.add_noise(x0, noise2, t2)
-        kind = sched.config.prediction_type
-        if kind == "epsilon":
-            target = noise2
-        elif kind == "v_prediction":
-            target = sched.get_velocity(x0, noise2, t2)
-        else:
-            raise ValueError(f"Diffusion-DPO supports epsilon / v_prediction models, not {kind!r}.")
+        target = denoising_target(sched, x0, noise2, t2)
         with acc.autocast():
             err = per_image_error(target, policy.predict_noise(x_t, t2, emb2, 1.0))
         with torch.no_grad(), acc.autocast(), policy.reference():
