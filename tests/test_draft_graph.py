@@ -1,0 +1,126 @@
+"""Where the graph is built: DRaFT-K's last K steps, ReFL's one-step x0 at the stop step, and
+``DiffusionPolicy.sample(grad=K)``, counted on every UNet forward with a hook (grad mode on and an
+output that requires grad), on the tiny random pipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignment.draft import predict_x0, sample_with_grad
+from alignment.policy import DiffusionPolicy
+
+PROMPTS = ["a cat", "a red circle"]
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return DiffusionPolicy.from_pretrained("tiny", lora_rank=4)
+
+
+class _GraphCounter:
+    """Records, for each UNet forward, whether it was built with a graph."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self.calls: list[bool] = []
+        self._handle = unet.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        sample = output.sample if hasattr(output, "sample") else output[0]
+        self.calls.append(torch.is_grad_enabled() and sample.requires_grad)
+
+    def close(self) -> list[bool]:
+        self._handle.remove()
+        return self.calls
+
+
+def _noise(policy: DiffusionPolicy) -> torch.Tensor:
+    return torch.randn(
+        policy.latent_shape(len(PROMPTS)), generator=torch.Generator().manual_seed(0)
+    )
+
+
+@pytest.mark.parametrize("k", [1, 2, STEPS])
+@pytest.mark.parametrize("use_checkpoint", [True, False])
+def test_draft_k_builds_its_graph_through_exactly_the_last_k_unet_calls(policy, k, use_checkpoint):
+    counter = _GraphCounter(policy.unet)
+    out = sample_with_grad(
+        policy,
+        PROMPTS,
+        num_steps=STEPS,
+        grad_steps=k,
+        guidance_scale=2.0,
+        latents=_noise(policy),
+        use_checkpoint=use_checkpoint,
+    )
+    calls = counter.close()  # counted before backward (checkpointing re-runs forwards there)
+    assert calls == [False] * (STEPS - k) + [True] * k
+    assert out["unet_calls"] == STEPS and out["images"].requires_grad
+    # and the images are those of the same sampling without any graph
+    with torch.no_grad():
+        ref = policy.sample(PROMPTS, STEPS, 0.0, 2.0, latents=_noise(policy))
+    torch.testing.assert_close(out["images"].detach(), ref.images, atol=1e-6, rtol=0)  # 0.0
+
+
+def test_refl_latent_is_the_one_step_x0_prediction_at_the_stop_step(policy):
+    stop = 2
+    counter = _GraphCounter(policy.unet)
+    refl = sample_with_grad(
+        policy, PROMPTS, num_steps=STEPS, stop_step=stop, guidance_scale=2.0, latents=_noise(policy)
+    )
+    calls = counter.close()
+    assert calls == [False] * stop + [True] and refl["unet_calls"] == stop + 1
+    # by hand: x_t after `stop` DDIM steps, the UNet's (CFG) output there, then
+    # x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
+    with torch.no_grad():
+        traj = policy.sample(PROMPTS, STEPS, 0.0, 2.0, latents=_noise(policy))
+        x_t, t = traj.latents[:, stop], traj.timesteps[stop]
+        eps = policy.predict_noise(x_t, t, traj.prompt_embeds, 2.0)
+        abar = policy.scheduler.alphas_cumprod[int(t)]
+        want = (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+        # not the DDIM step to the next latent (what a wrong ReFL would return)
+        assert (want - traj.latents[:, stop + 1]).abs().max() > 0.01  # measured 0.056
+    torch.testing.assert_close(refl["latents"].detach(), want, atol=1e-5, rtol=0)  # 4.8e-7
+    torch.testing.assert_close(
+        refl["images"].detach(), policy.decode(want).detach(), atol=1e-5, rtol=0
+    )
+    with pytest.raises(ValueError, match="stop_step"):
+        sample_with_grad(policy, PROMPTS, num_steps=STEPS, stop_step=STEPS)
+
+
+@pytest.mark.parametrize(("grad", "with_graph"), [(False, 0), (1, 1), (3, 3), (True, STEPS)])
+def test_policy_sample_truncates_the_graph_to_the_last_k_steps(policy, grad, with_graph):
+    counter = _GraphCounter(policy.unet)
+    out = policy.sample(
+        PROMPTS, STEPS, eta=1.0, guidance_scale=2.0, latents=_noise(policy), grad=grad
+    )
+    calls = counter.close()
+    assert calls == [False] * (STEPS - with_graph) + [True] * with_graph
+    assert out.images.requires_grad == (with_graph > 0)
+    assert not out.latents.requires_grad and not out.log_probs.requires_grad
+
+
+def test_predict_x0_for_each_prediction_type_by_hand(policy):
+    from types import SimpleNamespace
+
+    abar = torch.tensor([0.9, 0.36])
+    x = torch.tensor([1.0, -2.0]).reshape(2, 1, 1, 1)
+    out = torch.tensor([0.5, 0.25]).reshape(2, 1, 1, 1)
+    t = torch.tensor([0, 1])  # one timestep per sample
+    want = {
+        "epsilon": [(1.0 - 0.1**0.5 * 0.5) / 0.9**0.5, (-2.0 - 0.8 * 0.25) / 0.6],
+        "v_prediction": [0.9**0.5 * 1.0 - 0.1**0.5 * 0.5, 0.6 * -2.0 - 0.8 * 0.25],
+        "sample": [0.5, 0.25],
+    }
+    for kind, values in want.items():
+        sched = SimpleNamespace(alphas_cumprod=abar, config=SimpleNamespace(prediction_type=kind))
+        got = predict_x0(sched, out, t, x).flatten()
+        torch.testing.assert_close(got, torch.tensor(values), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="prediction_type"):
+        predict_x0(
+            SimpleNamespace(alphas_cumprod=abar, config=SimpleNamespace(prediction_type="x")),
+            out,
+            t,
+            x,
+        )
