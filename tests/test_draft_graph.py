@@ -1,6 +1,7 @@
-"""Where the graph is built: DRaFT-K's last K steps, ReFL's one-step x0 at the stop step, and
-``DiffusionPolicy.sample(grad=K)``, counted on every UNet forward with a hook (grad mode on and an
-output that requires grad), on the tiny random pipeline."""
+"""DRaFT / ReFL (alignment.draft) on the tiny random pipeline: where the graph is built (DRaFT-K's
+last K steps, ReFL's one-step x0 at the stop step, ``DiffusionPolicy.sample(grad=K)``), counted on
+every UNet forward with a hook (grad mode on and an output that requires grad); ``predict_x0`` for
+each prediction type by hand; the differentiable rewards by name."""
 
 from __future__ import annotations
 
@@ -124,3 +125,49 @@ def test_predict_x0_for_each_prediction_type_by_hand(policy):
             t,
             x,
         )
+
+
+def test_differentiable_reward_fn_by_name(tmp_path):
+    """``differentiable_reward_fn``: ``brightness`` is the mean pixel, other names come from the
+    reward registry, and ``llava_reward`` is a frozen scorer's reward with a graph to the pixels,
+    equal to the frozen ``score()`` of the named perspective (``overall`` by default)."""
+    from alignment.draft import differentiable_reward_fn, mean_brightness
+    from alignment.rewards import get_reward_fn
+    from reward.modeling import LlavaRewardModel
+    from reward.scorer import RewardScorer
+    from reward.testing import save_tiny_backbone
+
+    assert differentiable_reward_fn("brightness") is mean_brightness
+    images = torch.rand(2, 3, 24, 20, generator=torch.Generator().manual_seed(3))
+    prompts = ["a cat", "a dog"]
+    torch.testing.assert_close(
+        differentiable_reward_fn("jpeg_compressibility")(images, prompts),
+        get_reward_fn("jpeg_compressibility")(images, prompts),
+        atol=0,
+        rtol=0,
+    )
+    torch.manual_seed(0)
+    model = LlavaRewardModel.from_backbone(
+        save_tiny_backbone("llava", tmp_path / "bb"),
+        perspectives=("overall", "safety"),
+        lora_config={"r": 4, "lora_alpha": 8},
+    )
+    with torch.no_grad():  # distinct heads, so the perspective that is used matters
+        model.heads["safety"].score.weight.mul_(-3.0)
+    model.save_pretrained(tmp_path / "rm")
+    frozen = RewardScorer.from_pretrained(tmp_path / "rm")
+    for perspective, name in ((None, "overall"), ("safety", "safety")):
+        fn = differentiable_reward_fn(
+            "llava_reward", path=str(tmp_path / "rm"), perspective=perspective, device="cpu",
+            dtype="float32",
+        )  # fmt: skip
+        x = images.clone().requires_grad_(True)
+        r = fn(x, prompts)
+        assert r.requires_grad
+        r.sum().backward()
+        assert x.grad.abs().sum() > 0
+        want = frozen.score(prompts, images, name)
+        torch.testing.assert_close(r.detach(), want, atol=1e-6, rtol=0)  # measured 3e-8
+    # (the two perspectives differ, so the default really is "overall")
+    gap = frozen.score(prompts, images, "overall") - frozen.score(prompts, images, "safety")
+    assert gap.abs().max() > 1e-4
