@@ -42,7 +42,7 @@ def _noise(policy: DiffusionPolicy) -> torch.Tensor:
     )
 
 
-@pytest.mark.parametrize("k", [1, 2, STEPS])
+@pytest.mark.parametrize("k", [0, 1, 2, STEPS])
 @pytest.mark.parametrize("use_checkpoint", [True, False])
 def test_draft_k_builds_its_graph_through_exactly_the_last_k_unet_calls(policy, k, use_checkpoint):
     counter = _GraphCounter(policy.unet)
@@ -57,7 +57,7 @@ def test_draft_k_builds_its_graph_through_exactly_the_last_k_unet_calls(policy, 
     )
     calls = counter.close()  # counted before backward (checkpointing re-runs forwards there)
     assert calls == [False] * (STEPS - k) + [True] * k
-    assert out["unet_calls"] == STEPS and out["images"].requires_grad
+    assert out["unet_calls"] == STEPS and out["images"].requires_grad == (k > 0)
     # and the images are those of the same sampling without any graph
     with torch.no_grad():
         ref = policy.sample(PROMPTS, STEPS, 0.0, 2.0, latents=_noise(policy))
@@ -86,8 +86,28 @@ def test_refl_latent_is_the_one_step_x0_prediction_at_the_stop_step(policy):
     torch.testing.assert_close(
         refl["images"].detach(), policy.decode(want).detach(), atol=1e-5, rtol=0
     )
-    with pytest.raises(ValueError, match="stop_step"):
-        sample_with_grad(policy, PROMPTS, num_steps=STEPS, stop_step=STEPS)
+    for bad in (STEPS, -1):
+        with pytest.raises(ValueError, match="stop_step"):
+            sample_with_grad(policy, PROMPTS, num_steps=STEPS, stop_step=bad)
+
+
+def test_refl_at_step_zero_and_no_graph_under_no_grad(policy):
+    counter = _GraphCounter(policy.unet)
+    refl = sample_with_grad(
+        policy, PROMPTS, num_steps=STEPS, stop_step=0, guidance_scale=1.0, latents=_noise(policy)
+    )
+    assert counter.close() == [True] and refl["unet_calls"] == 1
+    with torch.no_grad():  # x0 from pure noise: x_T = noise * init_noise_sigma (1 for DDIM)
+        t = policy.set_timesteps(STEPS)[0]
+        x = _noise(policy)
+        eps = policy.predict_noise(x, t, policy.encode_prompts(PROMPTS), 1.0)
+        abar = policy.scheduler.alphas_cumprod[int(t)]
+        want = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+    torch.testing.assert_close(refl["latents"].detach(), want, atol=1e-5, rtol=0)
+    counter = _GraphCounter(policy.unet)
+    with torch.no_grad():  # an outer no_grad wins over grad_steps
+        out = sample_with_grad(policy, PROMPTS, num_steps=2, grad_steps=2, latents=_noise(policy))
+    assert counter.close() == [False, False] and not out["images"].requires_grad
 
 
 @pytest.mark.parametrize(("grad", "with_graph"), [(False, 0), (1, 1), (3, 3), (True, STEPS)])

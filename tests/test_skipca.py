@@ -82,6 +82,10 @@ def test_reward_head_equals_the_hand_computed_skipca(head):
     # float32 against float64 loops: measured max |diff| 4.0e-7 (r) and 1.8e-7 (h)
     torch.testing.assert_close(r.double(), want_r, atol=2e-6, rtol=0)
     torch.testing.assert_close(h.double(), want_h, atol=1e-6, rtol=0)
+    # inputs of another dtype are computed in float32 (the head's dtype)
+    r64, h64 = head(e.double(), visual.double(), mask)
+    assert r64.dtype == torch.float32
+    torch.testing.assert_close(r64, r, atol=0, rtol=0)
     # the pieces the hand value rests on are each visible at this size (so the test can fail):
     no_mask, _ = _hand_head(head, e, visual, torch.ones_like(mask))
     assert (no_mask[1] - want_r[1]).abs().max() > 0.5  # measured 1.09
