@@ -12,11 +12,13 @@ import torch
 
 from alignment.ddpo import (
     PerPromptStatTracker,
+    gaussian_kl,
     ppo_clip_loss,
     ppo_stats,
     temporal_discount_weights,
 )
 from alignment.dpo import diffusion_dpo_loss, per_image_error
+from alignment.draft import mean_brightness, reward_loss
 
 
 def test_ppo_boundaries():
@@ -86,3 +88,53 @@ def test_dpo_accuracy_at_zero_logits_and_argument_checks():
         torch.zeros(1, 1, 1, 2), torch.tensor([[[[0.5, 1.5]]]], dtype=torch.bfloat16)
     )
     assert err.dtype == torch.float32 and err.item() == pytest.approx(1.25)
+
+
+def test_per_prompt_tracker_defaults_epsilon_and_tensor_rewards():
+    tr = PerPromptStatTracker()  # DDPO's reference: a buffer of 32, own statistics from 16
+    assert (tr.buffer_size, tr.min_count) == (32, 16)
+    # the 1e-6 next to a tiny std: A = (r - mean) / (std + 1e-6) = +-5e-7 / 1.5e-6 = +-1/3,
+    # both from the batch statistics (min count not reached) and from the prompt's own buffer
+    tiny = torch.tensor([0.0, 1e-6], dtype=torch.float64, requires_grad=True)  # a graph is fine
+    np.testing.assert_allclose(tr.update(["a", "b"], tiny), [-1 / 3, 1 / 3], rtol=1e-4)
+    own = PerPromptStatTracker(buffer_size=4, min_count=2)
+    np.testing.assert_allclose(
+        own.update(["a", "a"], np.array([0.0, 1e-6])), [-1 / 3, 1 / 3], rtol=1e-4
+    )
+
+
+def test_gaussian_terms_and_errors_use_both_means():
+    # KL and errors between two non-zero means, per sample (a sum of the means would differ)
+    mp = torch.tensor([[1.0, 2.0], [0.5, 0.5]]).reshape(2, 2, 1, 1)
+    mq = torch.tensor([[0.5, 3.0], [0.5, -0.5]]).reshape(2, 2, 1, 1)
+    std = torch.tensor([0.5, 1.0]).reshape(2, 1, 1, 1)
+    # sample 0: (0.25 + 1) / (2 * 0.25) / 2 = 1.25; sample 1: (0 + 1) / 2 / 2 = 0.25
+    torch.testing.assert_close(gaussian_kl(mp, mq, std), torch.tensor([1.25, 0.25]))
+    # mean squared error per image: (0.25 + 1) / 2 and (0 + 1) / 2
+    torch.testing.assert_close(per_image_error(mq, mp), torch.tensor([0.625, 0.5]))
+    # PPO with non-zero old log-probs: ratio = exp(new - old) = 1.5 and 0.5 (clip 0.2, A = +-1)
+    old = torch.log(torch.tensor([2.0, 4.0]))
+    new = torch.log(torch.tensor([3.0, 2.0]))
+    assert ppo_clip_loss(torch.tensor([1.0, -1.0]), new, old, 0.2).item() == pytest.approx(-0.2)
+    stats = ppo_stats(new, old, 0.6)  # |0.5| and |-0.5| are inside 0.6, not clipped
+    assert stats["clipfrac"].item() == 0.0
+    want = 0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2) / 2
+    assert stats["approx_kl"].item() == pytest.approx(want, rel=1e-6)
+    assert ppo_stats(new, old, 0.4)["clipfrac"].item() == 1.0
+
+
+def test_defaults_of_the_losses_and_the_toy_reward():
+    mw, ml = torch.tensor([0.1000, 0.2000]), torch.tensor([0.1002, 0.2000])
+    ref = torch.tensor([0.1, 0.2])
+    # default beta 5000 (with the 1/2 inside): logits (0.0001, 0) -> beta * logits (0.5, 0)
+    loss, acc = diffusion_dpo_loss(mw, ml, ref, ref)
+    want = (math.log1p(math.exp(-0.5)) + math.log(2)) / 2
+    assert loss.item() == pytest.approx(want, rel=1e-4) and acc.item() == 0.5
+    small, _ = diffusion_dpo_loss(mw, ml, ref, ref, beta=0.5)  # any positive beta is allowed
+    assert small.item() == pytest.approx(math.log(2), rel=1e-4)
+    r = torch.tensor([0.5, 1.5])
+    assert reward_loss(r).item() == pytest.approx(-1.0)  # default "neg"
+    assert reward_loss(r, "relu").item() == pytest.approx(0.25)  # default margin 1
+    images = torch.stack([torch.full((3, 2, 2), 0.25), torch.linspace(0, 1, 12).reshape(3, 2, 2)])
+    images[0, 0, 0, 0] = 1.0  # 0.25 + 0.75 / 12
+    torch.testing.assert_close(mean_brightness(images, ["a", "b"]), torch.tensor([0.3125, 0.5]))
