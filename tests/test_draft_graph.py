@@ -187,7 +187,12 @@ def test_differentiable_reward_fn_by_name(tmp_path):
         r.sum().backward()
         assert x.grad.abs().sum() > 0
         want = frozen.score(prompts, images, name)
-        torch.testing.assert_close(r.detach(), want, atol=1e-6, rtol=0)  # measured 3e-8
+        torch.testing.assert_close(r.detach(), want, atol=1e-6, rtol=0)  # measured 0.0
+    # dtype by name: a bfloat16 scorer (its rewards round differently from the float32 ones)
+    fn16 = differentiable_reward_fn("llava_reward", path=str(tmp_path / "rm"), dtype="bfloat16")
+    r16 = fn16(images, prompts).detach().float()
+    gap16 = (r16 - frozen.score(prompts, images, "overall")).abs().max()
+    assert 0 < gap16 < 0.01, gap16  # measured 1.3e-3
     # (the two perspectives differ, so the default really is "overall")
     gap = frozen.score(prompts, images, "overall") - frozen.score(prompts, images, "safety")
     assert gap.abs().max() > 1e-4
