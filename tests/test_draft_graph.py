@@ -64,6 +64,50 @@ def test_draft_k_builds_its_graph_through_exactly_the_last_k_unet_calls(policy, 
     torch.testing.assert_close(out["images"].detach(), ref.images, atol=1e-6, rtol=0)  # 0.0
 
 
+@pytest.mark.parametrize("use_checkpoint", [True, False])
+def test_checkpointing_recomputes_the_graph_steps_in_backward(policy, use_checkpoint):
+    """Activation checkpointing (the default) re-runs each UNet call with a graph, and the
+    decode, during backward; without it nothing runs again."""
+    # pre-hooks: a recomputation stops once it has what backward needs, before the forward ends
+    unet, decodes = [], []
+    handles = [
+        policy.unet.register_forward_pre_hook(lambda *a: unet.append(1)),
+        policy.vae.decoder.register_forward_pre_hook(lambda *a: decodes.append(1)),
+    ]
+    kw = {} if use_checkpoint else {"use_checkpoint": False}
+    out = sample_with_grad(
+        policy, PROMPTS, num_steps=3, grad_steps=2, guidance_scale=2.0, latents=_noise(policy), **kw
+    )
+    assert (len(unet), len(decodes)) == (3, 1)
+    out["images"].mean().backward()
+    for h in handles:
+        h.remove()
+    policy.unet.zero_grad(set_to_none=True)
+    again = 1 if use_checkpoint else 0
+    assert (len(unet), len(decodes)) == (3 + 2 * again, 1 + again)
+
+
+def test_defaults_are_draft_1_with_50_deterministic_steps_and_cfg_5(policy):
+    counter = _GraphCounter(policy.unet)
+    out = sample_with_grad(policy, PROMPTS[:1], latents=_noise(policy)[:1])
+    assert counter.close() == [False] * 49 + [True]
+    with torch.no_grad():
+        ref = policy.sample(PROMPTS[:1], 50, 0.0, 5.0, latents=_noise(policy)[:1])
+    torch.testing.assert_close(out["images"].detach(), ref.images, atol=1e-6, rtol=0)
+
+
+def test_noise_comes_from_the_generator_as_in_policy_sample(policy):
+    """Without latents, the initial noise and (eta > 0) every step's noise are drawn from the
+    generator, in the order DiffusionPolicy.sample draws them."""
+    kw = dict(num_steps=3, eta=1.0, guidance_scale=2.0)
+    out = sample_with_grad(
+        policy, PROMPTS, grad_steps=1, generator=torch.Generator().manual_seed(5), **kw
+    )
+    with torch.no_grad():
+        ref = policy.sample(PROMPTS, generator=torch.Generator().manual_seed(5), **kw)
+    torch.testing.assert_close(out["images"].detach(), ref.images, atol=1e-6, rtol=0)
+
+
 def test_refl_latent_is_the_one_step_x0_prediction_at_the_stop_step(policy):
     stop = 2
     counter = _GraphCounter(policy.unet)
