@@ -164,7 +164,8 @@ def differentiable_reward_fn(name: str, **kwargs: Any) -> RewardFn:
             dtype = getattr(torch, dtype)
         scorer = RewardScorer.from_pretrained(kwargs["path"], device=device, dtype=dtype)
         scorer.model.requires_grad_(False)
-        return scorer.as_reward_fn(kwargs.get("perspective") or "overall", differentiable=True)
+        # no perspective: the folder's only one, else overall (reward.scorer.default_perspective)
+        return scorer.as_reward_fn(kwargs.get("perspective"), differentiable=True)
     if name == "brightness":
         return mean_brightness
     from alignment.rewards import get_reward_fn

@@ -5,7 +5,8 @@ A reward is a plain callable::
     fn(images: Tensor[N, 3, H, W] float in [0, 1], prompts: list[str]) -> Tensor[N] (float32)
 
 Built-in names: ``jpeg_compressibility``, ``jpeg_incompressibility``, ``brightness``,
-``llava_reward`` (a trained LLaVA-Reward folder via ``reward.scorer.RewardScorer``). Any
+``llava_reward`` (a trained LLaVA-Reward folder via ``reward.scorer.RewardScorer``), ``pickscore``
+and ``clip_score`` (a frozen ``CLIPModel``, :mod:`alignment.clip_rewards`). Any
 ``"package.module:function"`` string names a user callable; if that callable is a factory it is
 called with the keyword arguments, otherwise it is used as the reward itself. Register new ones
 with :func:`register_reward`.
@@ -20,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from alignment.clip_rewards import clip_score_reward, pickscore_reward
 
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
 
@@ -153,13 +156,17 @@ def llava_reward(
     Args:
         path: a trained LLaVA-Reward folder.
         perspective: a perspective name (``"alignment"``, ``"fidelity"``, ``"safety"``,
-            ``"overall"``) or ``{perspective: weight}``; None uses the scorer's default.
+            ``"overall"``) or ``{perspective: weight}``; None: the folder's only perspective,
+            else ``overall``, else an error listing them (``reward.scorer.default_perspective``).
         device: where the reward model runs (None: the scorer's default, CUDA when available).
         dtype: its dtype (e.g. ``"bfloat16"``); None keeps the scorer's default.
     """
     from reward.scorer import RewardScorer
 
     scorer = RewardScorer.from_pretrained(path, device=device, dtype=dtype)
-    if perspective is None:
-        return scorer.as_reward_fn(differentiable=False)
     return scorer.as_reward_fn(perspective, differentiable=False)
+
+
+# The CLIP rewards (signatures and docs in alignment.clip_rewards; transformers loads lazily).
+register_reward("pickscore")(pickscore_reward)
+register_reward("clip_score")(clip_score_reward)

@@ -1,21 +1,25 @@
 """Inference-time scaling: best-of-N and Feynman-Kac (FK) steering (Singhal et al. 2025).
 
-Both spend extra compute at sampling time instead of training. Compute is counted in
-**UNet evaluations** ``unet_evals``: per-image denoiser passes, a CFG step counting 2 (the
-unconditional and the conditional half), so best-of-N with ``N`` images and FK steering with
-``K = N`` particles and the same step count cost the same ``unet_evals``; FK additionally runs
-the VAE decoder and the reward on the predicted clean image at each resampling step
-(``reward_evals``).
+Both spend extra compute at sampling time instead of training. They take either policy: a
+:class:`alignment.policy.DiffusionPolicy` (SD 1.x, DDIM steps with ``eta``) or a
+:class:`alignment.flow_policy.FlowPolicy` (SD 3.x, FLUX: Flow-GRPO's SDE steps with
+``noise_level``, the particles coming from the same sampler as GRPO's images). Compute is counted
+in **UNet evaluations** ``unet_evals``: per-image denoiser (UNet or transformer) passes, a CFG step
+counting 2 (the unconditional and the conditional half; FLUX's embedded guidance counts 1), so
+best-of-N with ``N`` images and FK steering with ``K = N`` particles and the same step count cost
+the same ``unet_evals``; FK additionally runs the VAE decoder and the reward on the predicted
+clean image at each resampling step (``reward_evals``).
 
 Seeds: image (or particle) ``n`` of prompt ``p`` starts from the noise of
 ``torch.Generator().manual_seed(seed + p * 100_003 + n)``, so ``N = 1`` is the first image of any
 larger ``N`` and best-of-N with the same seed and ``N = K`` starts from FK's initial particles.
 
-**FK steering** (``K`` particles per prompt, DDIM with ``eta > 0`` so that resampled copies
-diverge). At each resampling step ``i`` (``resample_every`` steps in
-``[resample_start, resample_end)``, as fractions of the ``T`` steps) the reward of the decoded
-``x0_hat`` (:func:`alignment.draft.predict_x0` of the UNet output of that step; no extra UNet
-call) gives each particle a potential, and the particles of a prompt are resampled
+**FK steering** (``K`` particles per prompt, DDIM with ``eta > 0`` or the flow SDE with
+``noise_level > 0`` so that resampled copies diverge). At each resampling step ``i``
+(``resample_every`` steps in ``[resample_start, resample_end)``, as fractions of the ``T`` steps)
+the reward of the decoded ``x0_hat`` (:func:`alignment.draft.predict_x0` of the UNet output of that
+step, or :func:`alignment.flow.flow_predict_x0` ``x - s v`` of the velocity; no extra model call)
+gives each particle a potential, and the particles of a prompt are resampled
 (multinomially) with weights ``softmax(lambda * g)``, where ``lambda`` is the temperature
 (``lmbda``, higher = greedier) and ``g``:
 
@@ -39,6 +43,7 @@ import torch
 
 from alignment.ddpo import ddim_step_with_logprob
 from alignment.draft import predict_x0
+from alignment.flow import flow_predict_x0, sde_step_with_logprob
 
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
 POTENTIALS = ("diff", "max", "add")
@@ -46,6 +51,20 @@ POTENTIALS = ("diff", "max", "add")
 
 def _seed(seed: int, p: int, n: int) -> int:
     return seed + p * 100_003 + n
+
+
+def _is_flow(policy: Any) -> bool:
+    """Whether ``policy`` is a flow policy (velocity model, flow SDE) rather than a DDIM one."""
+    return hasattr(policy, "predict_velocity")
+
+
+def _uses_cfg(policy: Any, guidance_scale: float) -> bool:
+    return policy.uses_cfg(guidance_scale) if _is_flow(policy) else guidance_scale > 1.0
+
+
+def _stochasticity(policy: Any, eta: float, noise_level: float) -> float:
+    """The sampler's noise argument: the flow SDE's ``noise_level`` or DDIM's ``eta``."""
+    return noise_level if _is_flow(policy) else eta
 
 
 @dataclass
@@ -106,9 +125,13 @@ def best_of_n(
     seed: int = 0,
     batch_size: int = 16,
     keep_all: bool = False,
+    noise_level: float = 0.7,
 ) -> ScalingResult:
     """Sample ``n`` images per prompt (batched, ``batch_size`` images per call), score them with
-    ``reward_fn`` and keep the best one per prompt. See :class:`ScalingResult`."""
+    ``reward_fn`` and keep the best one per prompt. See :class:`ScalingResult`.
+
+    ``eta`` is the DDIM noise of a ``DiffusionPolicy``, ``noise_level`` the SDE noise of a
+    ``FlowPolicy`` (0: its ODE); the other one is ignored."""
     if n < 1:
         raise ValueError("n must be at least 1.")
     prompts = list(prompts)
@@ -118,13 +141,14 @@ def best_of_n(
         chunk = jobs[s : s + batch_size]
         gens = [torch.Generator().manual_seed(_seed(seed, p, k)) for p, k in chunk]
         texts = [prompts[p] for p, _ in chunk]
-        out = policy.sample(texts, num_steps, eta, guidance_scale, generator=gens)
+        noise = _stochasticity(policy, eta, noise_level)
+        out = policy.sample(texts, num_steps, noise, guidance_scale, generator=gens)
         imgs = out.images.float()
         scores.append(_score(reward_fn, imgs, texts))
         images.append(imgs.cpu())
     images_t = torch.cat(images).reshape(len(prompts), n, *images[0].shape[1:])
     scores_t = torch.cat(scores).reshape(len(prompts), n)
-    cfg_factor = 2 if guidance_scale > 1.0 else 1
+    cfg_factor = 2 if _uses_cfg(policy, guidance_scale) else 1
     unet_evals = len(jobs) * num_steps * cfg_factor
     return _finish(images_t, scores_t, unet_evals, len(jobs), keep_all, {"method": "best_of_n"})
 
@@ -182,6 +206,7 @@ def fk_steering(
     seed: int = 0,
     keep_all: bool = False,
     batch_size: int | None = None,
+    noise_level: float = 0.7,
 ) -> ScalingResult:
     """Feynman-Kac steering with ``K = num_particles`` particles per prompt (module docstring).
 
@@ -190,11 +215,14 @@ def fk_steering(
     prompt are seeded by its index, so chunking gives the same draws. Returns the best final particle per prompt, all
     final scores, and in ``info`` the resampling steps, the effective sample size before each
     resampling (``ess``, mean over prompts) and how many prompts were resampled there.
+    ``eta`` is the DDIM noise of a ``DiffusionPolicy``, ``noise_level`` the SDE noise of a
+    ``FlowPolicy``.
     """
-    if eta <= 0:
+    flow = _is_flow(policy)
+    if _stochasticity(policy, eta, noise_level) <= 0:
         raise ValueError(
-            "FK steering needs stochastic steps (eta > 0): resampled copies of a "
-            "particle would otherwise stay identical."
+            f"FK steering needs stochastic steps ({'noise_level' if flow else 'eta'} > 0): "
+            "resampled copies of a particle would otherwise stay identical."
         )
     if potential not in POTENTIALS:
         raise ValueError(f"potential must be one of {POTENTIALS}, got {potential!r}.")
@@ -215,6 +243,7 @@ def fk_steering(
             resample_end=resample_end,
             ess_threshold=ess_threshold,
             keep_all=keep_all,
+            noise_level=noise_level,
         )
         parts = []
         for c in range(0, len(prompts), per_chunk):
@@ -243,14 +272,13 @@ def fk_steering(
     texts = [p for p in prompts for _ in range(K)]
     gens = [torch.Generator().manual_seed(_seed(seed, p, k)) for p in range(P) for k in range(K)]
     embeds = policy.encode_prompts(texts)
-    negative = policy.negative_embeds(P * K) if guidance_scale > 1.0 else None
+    negative = policy.negative_embeds(P * K) if _uses_cfg(policy, guidance_scale) else None
     timesteps = policy.set_timesteps(num_steps)
-    x = (
-        randn_tensor(
-            policy.latent_shape(P * K), generator=gens, device=policy.device, dtype=torch.float32
-        )
-        * policy.scheduler.init_noise_sigma
+    x = randn_tensor(
+        policy.latent_shape(P * K), generator=gens, device=policy.device, dtype=torch.float32
     )
+    if not flow:
+        x = x * policy.scheduler.init_noise_sigma
     steps = set(resampling_steps(num_steps, resample_every, resample_start, resample_end))
     state = torch.zeros(P, K)
     # one resampling RNG per prompt (seeded by the prompt's index, like its particles' noise)
@@ -265,9 +293,12 @@ def fk_steering(
     }
     reward_evals = 0
     for i, t in enumerate(timesteps):
-        eps = policy.predict_noise(x, t, embeds, guidance_scale, negative)
+        if flow:
+            eps = policy.predict_velocity(x, t, embeds, guidance_scale, negative)
+        else:
+            eps = policy.predict_noise(x, t, embeds, guidance_scale, negative)
         if i in steps:
-            x0 = predict_x0(policy.scheduler, eps, t, x)
+            x0 = (flow_predict_x0 if flow else predict_x0)(policy.scheduler, eps, t, x)
             r = _score(reward_fn, policy.decode(x0).float(), texts).reshape(P, K)
             reward_evals += P * K
             w, new_state = fk_weights(r, state, potential, lmbda)
@@ -281,11 +312,14 @@ def fk_steering(
             state = torch.gather(new_state, 1, idx)
             info["ess"].append(float(ess.mean()))
             info["resampled_prompts"].append(int(redo.sum()))
-        x, _ = ddim_step_with_logprob(policy.scheduler, eps, t, x, eta=eta, generator=gens)
+        if flow:
+            x = sde_step_with_logprob(policy.scheduler, eps, t, x, noise_level, generator=gens)[0]
+        else:
+            x, _ = ddim_step_with_logprob(policy.scheduler, eps, t, x, eta=eta, generator=gens)
     images = policy.decode(x).float()
     scores = _score(reward_fn, images, texts).reshape(P, K)
     reward_evals += P * K
-    unet_evals = P * K * num_steps * (2 if guidance_scale > 1.0 else 1)
+    unet_evals = P * K * num_steps * (2 if _uses_cfg(policy, guidance_scale) else 1)
     images = images.cpu().reshape(P, K, *images.shape[1:])
     return _finish(images, scores, unet_evals, reward_evals, keep_all, info)
 
@@ -296,7 +330,10 @@ class ScalingConfig:
 
     pretrained_model: str = field(
         default="runwayml/stable-diffusion-v1-5",
-        metadata={"help": "Hub id, diffusers folder (e.g. a DPO/DRaFT export) or 'tiny'."},
+        metadata={
+            "help": "Hub id or diffusers folder (SD 1.x: DiffusionPolicy; SD 3.x / FLUX: "
+            "FlowPolicy), 'tiny', 'tiny-sd3' or 'tiny-flux'."
+        },
     )
     method: str = field(default="best_of_n", metadata={"help": "'best_of_n' or 'fk'."})
     n: int = field(default=4, metadata={"help": "Images (best-of-N) or particles (FK) per prompt."})
@@ -312,6 +349,10 @@ class ScalingConfig:
     )
     num_steps: int = field(default=50, metadata={"help": "DDIM steps."})
     eta: float = field(default=1.0, metadata={"help": "DDIM eta (FK needs > 0)."})
+    noise_level: float = field(
+        default=0.7,
+        metadata={"help": "Flow models: the SDE noise level (0: the ODE; FK needs > 0)."},
+    )
     guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale."})
     seed: int = field(default=0, metadata={"help": "Base seed (see alignment.scaling)."})
     batch_size: int = field(
@@ -336,6 +377,7 @@ def run_scaling(cfg: ScalingConfig) -> dict[str, Any]:
     import json
     from pathlib import Path
 
+    from alignment.flow_policy import FlowPolicy, pipeline_kind
     from alignment.policy import DiffusionPolicy
     from alignment.prompts import load_prompts
     from alignment.rewards import get_reward_fn
@@ -343,8 +385,14 @@ def run_scaling(cfg: ScalingConfig) -> dict[str, Any]:
     from reward.images import to_pil
 
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    policy = DiffusionPolicy.from_pretrained(cfg.pretrained_model, use_lora=False, device=device)
-    policy.unet.requires_grad_(False).eval()
+    if pipeline_kind(cfg.pretrained_model) is not None:
+        policy = FlowPolicy.from_pretrained(cfg.pretrained_model, use_lora=False, device=device)
+        policy.transformer.requires_grad_(False).eval()
+    else:
+        policy = DiffusionPolicy.from_pretrained(
+            cfg.pretrained_model, use_lora=False, device=device
+        )
+        policy.unet.requires_grad_(False).eval()
     reward_fn = get_reward_fn(cfg.reward, **parse_json_kwargs(cfg.reward_kwargs, "reward_kwargs"))
     prompts = load_prompts(cfg.prompts, cfg.prompt_category)[: cfg.max_prompts]
     common = dict(
@@ -353,6 +401,7 @@ def run_scaling(cfg: ScalingConfig) -> dict[str, Any]:
         guidance_scale=cfg.guidance_scale,
         seed=cfg.seed,
         keep_all=cfg.save_all,
+        noise_level=cfg.noise_level,
     )
     if cfg.method == "best_of_n":
         res = best_of_n(policy, prompts, reward_fn, n=cfg.n, batch_size=cfg.batch_size, **common)

@@ -1,7 +1,12 @@
 """Command line: ``llava-reward score --model DIR --prompt "..." a.png b.png [--perspective P] [--json]``.
 
 Prints a table of rewards (one row per image, one column per perspective), or JSON with
-``--json``. ``--perspective all`` scores every perspective the folder holds.
+``--json``. ``--perspective all`` scores every perspective the folder holds; without
+``--perspective`` the folder's only perspective, else ``overall``, else an error listing them.
+
+``llava-reward import-official SRC --backbone ID_OR_FOLDER --perspective NAME --output OUT`` turns a
+released LLaVA-Reward folder (``reward_config.yaml``, ``lora/``, ``pytorch_model.bin``) into a
+perspective of the project folder OUT (:func:`reward.convert.import_official`).
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--perspective",
         action="append",
-        help="perspective to score (repeatable; 'all' = every one; default: overall, or the only one)",
+        help="perspective to score (repeatable; 'all' = every one; default: the folder's only "
+        "perspective, else overall)",
     )
     score.add_argument("--batch-size", type=int, default=16)
     score.add_argument(
@@ -44,15 +50,65 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--dtype", default=None, help="float32, bfloat16 ... (default: bf16 on GPU)")
     score.add_argument("--json", action="store_true", help="print JSON instead of a table")
     score.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="token budget per sequence; longer captions are cut from their end "
+        "(default: the saved one, else the backbone's context)",
+    )
+    score.add_argument(
+        "--min-pixels",
+        type=int,
+        default=None,
+        help="Qwen2/2.5/3-VL: smallest image area in pixels (default: the saved processor's)",
+    )
+    score.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="Qwen2/2.5/3-VL: largest image area in pixels, i.e. the visual-token budget "
+        "(default: the saved processor's)",
+    )
+    score.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="allow the backbone's own code from its folder/hub repo (e.g. Phi-3.5-vision)",
     )
+    imp = sub.add_parser(
+        "import-official",
+        help="import a released LLaVA-Reward folder (smz8599/LLaVA-Reward) as a perspective",
+    )
+    imp.add_argument(
+        "src", help="the release folder (reward_config.yaml, lora/, pytorch_model.bin)"
+    )
+    imp.add_argument(
+        "--backbone",
+        required=True,
+        help="hub id or folder of the release's backbone (e.g. microsoft/Phi-3.5-vision-instruct)",
+    )
+    imp.add_argument("--perspective", required=True, help="name of the imported perspective")
+    imp.add_argument(
+        "--output", required=True, help="project reward folder (created, or extended if it exists)"
+    )
     return parser
+
+
+def _import_official(args: argparse.Namespace) -> int:
+    from .convert import ReleaseFormatError, import_official
+
+    try:
+        out = import_official(args.src, args.backbone, args.perspective, args.output)
+    except (ReleaseFormatError, FileNotFoundError, ValueError, OSError) as err:
+        print(f"llava-reward: error: {err}", file=sys.stderr)
+        return 2
+    print(f"imported {args.src} as perspective {args.perspective!r} into {out}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "import-official":
+        return _import_official(args)
     from .scorer import RewardScorer  # heavy imports after argument parsing
 
     try:
@@ -61,10 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=args.device,
             dtype=args.dtype,
             trust_remote_code=True if args.trust_remote_code else None,
+            max_length=args.max_length,
+            min_pixels=args.min_pixels,
+            max_pixels=args.max_pixels,
         )
-        wanted = args.perspective or []
-        if not wanted:
-            wanted = ["overall"] if "overall" in scorer.perspectives else scorer.perspectives[:1]
+        wanted = args.perspective or [scorer.default_perspective]
         if "all" in wanted:
             wanted = scorer.perspectives
         scores = scorer.score_perspectives(args.prompt, args.images, wanted, args.batch_size)

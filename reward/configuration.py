@@ -27,9 +27,15 @@ class LlavaRewardConfig(PreTrainedConfig):
         perspectives: ``{name: {"skipca": bool, "head_dim": 1|2, "lora": dict|None,
             "train_projector": bool}}``.
         tau: temperature of the pairwise probability ``sigmoid((r_a - r_b) / tau)``.
-        max_length: token budget of one (image, caption) sequence; captions are cut to fit.
+        max_length: token budget of one (image, caption) sequence; captions are cut from their
+            end to fit. None: the backbone's context (min of the language model's
+            ``max_position_embeddings`` and the tokenizer's ``model_max_length``).
         padding_side: ``"left"`` (reward at position -1) or ``"right"``.
         trust_remote_code: whether the backbone was loaded with remote code (the user's choice).
+        min_pixels, max_pixels: the image area range of a dynamic-resolution backbone (Qwen2-VL,
+            Qwen2.5-VL, Qwen3-VL): images are resized into it, one visual token per
+            ``(patch * merge)^2`` pixels. None: the backbone processor's own (what the released
+            weights saw; SPEC section 6). The saved ``processor/`` holds the values in effect.
     """
 
     model_type = "llava_reward"
@@ -43,6 +49,8 @@ class LlavaRewardConfig(PreTrainedConfig):
     max_length: int | None = None
     padding_side: str = "left"
     trust_remote_code: bool = False
+    min_pixels: int | None = None
+    max_pixels: int | None = None
 
     def __post_init__(self, **kwargs):
         if self.perspectives is None:

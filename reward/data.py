@@ -36,50 +36,69 @@ dataset and :func:`load_image_ref` decodes one ref (for a collator). ``select``,
 
 Input formats
 -------------
-* Generic manifests, ``.json`` (a list of objects), ``.jsonl`` or ``.parquet``
-  (:func:`read_pairs`, :func:`read_unpaired`, :func:`read_manifest` picks one):
+One table, :data:`DATA_FORMATS`, says for each format what its records look like, how one record
+becomes examples (its *handler*), the options it takes and how it is recognised;
+:func:`read_format` is the one reading loop they all share, :func:`load_reward_data` picks the
+format (``"auto"``: :func:`detect_format`) and ``read_<format>`` (:func:`read_pairs`, ...) are the
+same loop with the format fixed. The formats:
 
-  - pairs ``{prompt, chosen, rejected}``;
-  - pairs ``{prompt, image_0, image_1, label}`` with ``label`` the index of the preferred image:
-    ``0`` = ``image_0``, ``1`` = ``image_1``, ``-1`` or ``0.5`` = tie;
-  - single images ``{prompt, image, label}`` with ``label`` a number in ``[0, 1]`` or a bool;
-  - an optional ``category`` field is kept. Image values are paths (relative ones are resolved
-    against ``image_root``, default the manifest's folder), encoded bytes (parquet binary
-    columns), or ``{"bytes", "path"}`` structs (``datasets`` image columns saved to parquet).
-* ImageReward rankings ``[{id, prompt, generations: [paths], ranking: [ints]}]``, 1 = best, ties
-  share a rank (:func:`read_imagereward`): expanded to every unordered pair of generations with
-  different ranks, the better-ranked (smaller rank) one as ``chosen``. Pairs of equal rank are
-  dropped unless ``keep_ties=True`` (evaluation), which keeps them with ``tie=True``.
-* Pick-a-Pic v2 parquet ``caption, jpg_0, jpg_1 (bytes), label_0, label_1``
-  (:func:`read_pickapic`): ``label_0 = 1`` -> ``jpg_0`` chosen, ``0`` -> ``jpg_1`` chosen,
-  ``0.5`` -> tie (dropped unless ``keep_ties``).
-* MJ-Bench records ``[{id, caption, image0, image1, label}]`` (:func:`read_mjbench`): ``label`` is
-  the index of the preferred image (``-1`` / ``0.5`` = tie); image file names are relative to
-  ``image_root``; a ``category`` field, or the ``category`` argument, is kept.
-* GenAI-Bench ratings ``{id: {prompt, models: {name: [three 1-5 ratings]}}}``
-  (:func:`read_genai_bench`): every pair of models for a prompt becomes a pair, the higher mean
-  rating as ``chosen``; equal means are ties. Images are found at
-  ``image_root / image_template.format(model=..., id=...)`` (default ``{model}/{id}.jpeg``).
+* ``pairs`` (:func:`read_pairs`): generic manifests, ``.json`` (a list of objects), ``.jsonl`` or
+  ``.parquet``, of ``{prompt, chosen, rejected}`` or ``{prompt, image_0, image_1, label}`` (label
+  = index of the preferred image, ``-1`` / ``0.5`` = tie);
+* ``unpaired`` (:func:`read_unpaired`): single images ``{prompt, image, label}``, label in
+  ``[0, 1]`` or a bool (:func:`read_manifest` picks ``pairs`` or ``unpaired`` for a manifest);
+  image values are paths (relative ones resolved against ``image_root``, default the file's
+  folder), encoded bytes (parquet binary columns) or ``{"bytes", "path"}`` structs;
+* ``imagereward`` (:func:`read_imagereward`): rankings ``[{id, prompt, generations, ranking}]``
+  expanded to every pair of generations of different rank;
+* ``pickapic`` (:func:`read_pickapic`): Pick-a-Pic v2 parquet ``caption, jpg_0, jpg_1, label_0,
+  label_1``;
+* ``mjbench`` (:func:`read_mjbench`): ``[{id, caption, image0, image1, label}]``;
+* ``genai_bench`` (:func:`read_genai_bench`): ``{id: {prompt, models: {name: [1-5 ratings]}}}``;
+* ``official_pairs`` / ``official_unpaired`` (:func:`read_official_pairs`,
+  :func:`read_official_unpaired`): the training files of the official LLaVA-Reward repository
+  (sjz5202/LLaVA-Reward; the paper's ImageReward and UnsafeBench training data is released in
+  them), read as they are, JSON or JSONL: pairs ``{prompt_id, prompt: [p, p], chosen_path,
+  c_rate, reject_path, r_rate}`` and single images ``{path, label, prompt}``. The official code
+  trains ``chosen_path`` over ``reject_path`` always; ``c_rate`` / ``r_rate`` are the annotators'
+  ratings of the two images, which it only prints at evaluation (0 when unknown): they are checked
+  to be numbers and not used. ``prompt`` is ``[caption of chosen, caption of rejected]`` (the same
+  caption twice in the released files; two different captions cannot make one pair of this
+  schema and are a bad record). Paths: the official code opens them as written, relative to the
+  directory it runs in (the repository root: ``data/sample_test/sample_img/0_c.jpg``), and ships
+  absolute paths of the authors' machine that its ``data/re_path.py`` rewrites to
+  ``NEW_BASE/<file name>``. Here a relative path is looked up in the data file's folder, the
+  working directory, then the data file's parent folders (so the repository's files work from
+  anywhere); with ``image_root`` a path is looked up as written, under ``image_root``, then as
+  ``image_root/<file name>`` (the ``re_path.py`` rule, without rewriting the file).
+
+Any record may carry a ``perspective`` field (``"alignment"``, ``"safety"``, ...): the distinct
+values a file names are listed in ``report.perspectives`` (evaluation scores a file under the
+perspective its data is for).
 
 Bad records
 -----------
 A record with a missing field, an unknown / out-of-range label, a missing image file or an image
 whose header cannot be read (``verify_images=True``; pixels are decoded only later) is reported
 with its 0-based index and the reason. ``on_error="skip"`` (default) skips it, logs a warning
-(python ``logging``, logger ``reward.data``) and lists it in ``report.skipped``;
-``on_error="raise"`` raises :class:`DataRecordError` at the first one. A file whose records are
-*all* bad raises :class:`DataRecordError` either way (usually a wrong ``image_root``). An ImageReward or
+(python ``logging``, logger ``reward.data``) and lists it, with the record itself, in
+``report.skipped`` (:func:`write_skipped` writes them to a JSONL file: the recipes write
+``OUTPUT_DIR/skipped_<split>.jsonl``); ``on_error="raise"`` raises :class:`DataRecordError` at the
+first one, naming the file, the record's index and the problem. A file whose records are *all* bad
+raises :class:`DataRecordError` either way (usually a wrong ``image_root``). An ImageReward or
 GenAI-Bench record is skipped as a whole when any of its images is bad.
 """
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -98,8 +117,8 @@ PathLike = str | os.PathLike
 PathMap = Mapping[str, PathLike] | Callable[[str], PathLike] | PathLike | None
 
 _IMAGE_COLUMNS = ("chosen", "rejected", "image")
+_PAIR_FIELDS = frozenset({"chosen", "rejected", "image_0", "image_1"})
 _MAX_LOGGED = 20
-FORMATS = ("auto", "pairs", "unpaired", "imagereward", "pickapic", "mjbench", "genai_bench")
 
 
 def _features(kind: str) -> datasets.Features:
@@ -143,39 +162,47 @@ class DataRecordError(ValueError):
 
 @dataclass
 class SkippedRecord:
-    """One skipped input record: its 0-based index in ``source`` and why it was skipped."""
+    """One skipped input record: its 0-based index in ``source``, why it was skipped, and the
+    record as read (a dict, or the raw text of a line that is not valid JSON)."""
 
     index: int
     reason: str
     source: str = ""
+    record: Any = None
 
 
 @dataclass
 class ReadReport:
-    """What a reader did. ``n_skipped`` is the number of bad records skipped."""
+    """What a reader did. ``n_skipped`` is the number of bad records skipped; ``perspectives``
+    the distinct ``perspective`` fields the records name (usually none)."""
 
     source: str
     kind: str = "paired"
+    format: str = ""
     n_records: int = 0
     n_examples: int = 0
     n_ties: int = 0
     n_ties_dropped: int = 0
     skipped: list[SkippedRecord] = field(default_factory=list)
+    perspectives: list[str] = field(default_factory=list)
 
     @property
     def n_skipped(self) -> int:
         return len(self.skipped)
 
     def as_dict(self, max_skipped: int = 100) -> dict[str, Any]:
-        """JSON-ready summary; lists at most ``max_skipped`` skipped records."""
+        """JSON-ready summary; lists at most ``max_skipped`` skipped records (without the
+        records themselves: :func:`write_skipped` writes those)."""
         return {
             "source": self.source,
+            "format": self.format,
             "kind": self.kind,
             "n_records": self.n_records,
             "n_examples": self.n_examples,
             "n_ties": self.n_ties,
             "n_ties_dropped": self.n_ties_dropped,
             "n_skipped": self.n_skipped,
+            "perspectives": list(self.perspectives),
             "skipped": [
                 {"index": s.index, "reason": s.reason, "source": s.source}
                 for s in self.skipped[:max_skipped]
@@ -191,7 +218,12 @@ class ReadResult(NamedTuple):
 
 
 class _BadRecord(Exception):
-    """Internal: the current record is bad for the given reason."""
+    """Internal: the current record is bad for the given reason (``record``: the raw input when
+    it could not be parsed into a record)."""
+
+    def __init__(self, reason: str, record: Any = None):
+        super().__init__(reason)
+        self.record = record
 
 
 # ----------------------------------------------------------------------------- images
@@ -236,14 +268,27 @@ def _header_error(src: Any) -> str | None:
 
 
 class _Images:
-    """Resolves raw image values of one input file to ``{"bytes", "path"}`` refs."""
+    """Resolves raw image values of one input file to ``{"bytes", "path"}`` refs.
+
+    ``official_paths``: look relative paths up the way the official LLaVA-Reward files need (see
+    the module docstring); otherwise a relative path is ``image_root / path`` only.
+    """
 
     def __init__(
-        self, base_dir: Path, image_root: PathLike | None, path_map: PathMap, verify: bool
+        self,
+        data_file: Path,
+        image_root: PathLike | None,
+        path_map: PathMap,
+        verify: bool,
+        official_paths: bool = False,
     ):
-        self.root = Path(image_root) if image_root is not None else base_dir
+        self.folder = data_file.parent
+        self.user_root = image_root is not None
+        self.root = Path(image_root) if image_root is not None else self.folder
+        self.official = official_paths
         self.verify = verify
         self._checked: dict[str, str | None] = {}
+        self._last_base: Path | None = None  # where the previous relative path was found
         if isinstance(path_map, (str, os.PathLike)):
             with open(path_map, encoding="utf-8") as f:
                 path_map = json.load(f)
@@ -261,8 +306,52 @@ class _Images:
             mapped = self.path_map[value]
         else:
             mapped = value
-        path = Path(mapped).expanduser()
-        return path if path.is_absolute() else self.root / path
+        return Path(mapped).expanduser()
+
+    def _bases(self) -> list[Path]:
+        """Folders a relative official path is looked up in, the last successful one first."""
+        bases = [self.folder, Path.cwd(), *self.folder.resolve().parents]
+        if self._last_base is not None:
+            bases.insert(0, self._last_base)
+        unique: dict[Path, Path] = {}
+        for base in bases:
+            unique.setdefault(base.resolve(), base)
+        return list(unique.values())
+
+    def _locate(self, path: Path, what: str) -> Path:
+        if not self.official:
+            found = path if path.is_absolute() else self.root / path
+            if not found.is_file():
+                raise _BadRecord(f"image file not found for '{what}': {found}")
+            return found
+        if self.user_root:  # as written, under image_root, then image_root/<file name>
+            candidates = [path] if path.is_absolute() else [self.root / path]
+            candidates.append(self.root / path.name)
+            for c in candidates:
+                if c.is_file():
+                    return c
+            raise _BadRecord(
+                f"image file not found for '{what}': {path} (looked for "
+                f"{' and '.join(str(c) for c in candidates)}); check image_root or pass path_map"
+            )
+        if path.is_absolute():
+            if path.is_file():
+                return path
+            raise _BadRecord(
+                f"image file not found for '{what}': {path}. The official files name images on "
+                "the authors' machine: pass image_root (--image_root), the folder that holds them "
+                "(matched by file name, as the official data/re_path.py does), or path_map"
+            )
+        bases = self._bases()
+        for base in bases:
+            if (base / path).is_file():
+                self._last_base = base
+                return base / path
+        raise _BadRecord(
+            f"image file not found for '{what}': {path} (looked in {len(bases)} folders: the "
+            "data file's, the working directory and the data file's parents); pass image_root "
+            "or path_map"
+        )
 
     def ref(self, value: Any, what: str) -> dict[str, Any]:
         if isinstance(value, dict) and ("bytes" in value or "path" in value):
@@ -281,9 +370,7 @@ class _Images:
                     raise _BadRecord(f"'{what}': {err}")
             return {"bytes": data, "path": None}
         if isinstance(value, (str, os.PathLike)):
-            path = self._map(os.fspath(value))
-            if not path.is_file():
-                raise _BadRecord(f"image file not found for '{what}': {path}")
+            path = self._locate(self._map(os.fspath(value)), what)
             if self.verify:
                 key = str(path)
                 if key not in self._checked:  # an image shared by many pairs is checked once
@@ -323,7 +410,10 @@ def _iter_records(path: Path, columns: Sequence[str] | None = None) -> Iterator[
                 try:
                     yield index, json.loads(line)
                 except json.JSONDecodeError as e:
-                    yield index, _BadRecord(f"invalid JSON on line {lineno}: {e.msg}")
+                    yield (
+                        index,
+                        _BadRecord(f"invalid JSON on line {lineno}: {e.msg}", line.rstrip()),
+                    )
                 index += 1
     elif suffix == ".json":
         with open(path, encoding="utf-8") as f:
@@ -359,26 +449,34 @@ def _as_paths(path: PathLike | Sequence[PathLike]) -> list[Path]:
 class _Builder:
     """Collects validated examples and bad records for one reader call."""
 
-    def __init__(self, kind: str, sources: list[Path], on_error: str):
+    def __init__(self, fmt: str, kind: str, sources: list[Path], on_error: str):
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}.")
         self.kind = kind
         self.on_error = on_error
-        self.report = ReadReport(source=", ".join(str(s) for s in sources), kind=kind)
+        self.report = ReadReport(source=", ".join(str(s) for s in sources), kind=kind, format=fmt)
         names = ("prompt", "chosen", "rejected", "tie", "category", "id")
         if kind != "paired":
             names = ("prompt", "image", "label", "category", "id")
         self.cols: dict[str, list] = {n: [] for n in names}
 
-    def bad(self, source: Path, index: int, reason: str) -> None:
+    def bad(self, source: Path, index: int, reason: str, record: Any = None) -> None:
         msg = f"{source}: record {index}: {reason}"
         if self.on_error == "raise":
             raise DataRecordError(
-                f"{msg}. Fix the record, or pass on_error='skip' to skip bad records."
+                f"{msg}. Fix the record, or skip bad records with on_error='skip' "
+                "(--on_error skip in the recipes)."
             )
         if self.report.n_skipped < _MAX_LOGGED:
             logger.warning("skipping %s", msg)
-        self.report.skipped.append(SkippedRecord(index=index, reason=reason, source=str(source)))
+        self.report.skipped.append(
+            SkippedRecord(index=index, reason=reason, source=str(source), record=record)
+        )
+
+    def note_perspective(self, rec: Mapping) -> None:
+        name = rec.get("perspective")
+        if isinstance(name, str) and name and name not in self.report.perspectives:
+            self.report.perspectives.append(name)
 
     def pair(self, prompt, chosen, rejected, tie, category, rid) -> None:
         for k, v in zip(self.cols, (prompt, chosen, rejected, bool(tie), category, str(rid))):
@@ -393,6 +491,7 @@ class _Builder:
         from datasets import Dataset
 
         r = self.report
+        r.perspectives.sort()
         if r.n_records and r.n_records == r.n_skipped:
             raise DataRecordError(
                 f"{r.source}: all {r.n_records} records are bad (first: record "
@@ -476,36 +575,193 @@ def _add_pair(b: _Builder, prompt, first, second, preferred, keep_ties, category
         b.pair(prompt, second, first, False, category, rid)
 
 
-def _run(
-    kind: str,
-    path: PathLike | Sequence[PathLike],
-    handle: Callable[[_Builder, _Images, Any, int], None],
-    *,
-    image_root: PathLike | None,
-    path_map: PathMap,
-    verify_images: bool,
-    on_error: str,
-    decode: bool,
-    columns: Sequence[str] | None = None,
-    records: Callable[[Path], Iterator[tuple[int, Any]]] | None = None,
-) -> ReadResult:
-    paths = _as_paths(path)
-    b = _Builder(kind, paths, on_error)
-    for p in paths:
-        images = _Images(p.parent, image_root, path_map, verify_images)
-        it = records(p) if records is not None else _iter_records(p, columns)
-        for index, rec in it:
-            b.report.n_records += 1
-            try:
-                if isinstance(rec, _BadRecord):
-                    raise rec
-                if not isinstance(rec, Mapping):
-                    raise _BadRecord(f"expected an object, got {type(rec).__name__}")
-                handle(b, images, rec, index)
-            except _BadRecord as e:
-                b.bad(p, index, str(e))
-    return b.finish(decode)
+# ----------------------------------------------------------------------------- record handlers
+# handler(builder, images, record, index, options): add the record's examples to the builder or
+# raise _BadRecord; options holds the format's options (keep_ties, category, ...) with defaults.
 
+
+def _handle_pairs(b: _Builder, images: _Images, rec: Mapping, index: int, o: Mapping) -> None:
+    prompt = _text(rec, "prompt")
+    cat = _category(rec, o["category"])
+    rid = rec.get("id", index)
+    if "chosen" in rec or "rejected" in rec:
+        chosen = images.ref(_field(rec, "chosen"), "chosen")
+        rejected = images.ref(_field(rec, "rejected"), "rejected")
+        b.pair(prompt, chosen, rejected, False, cat, rid)
+        return
+    if "image_0" not in rec and "image_1" not in rec:
+        raise _BadRecord(
+            "missing fields: a pair needs {prompt, chosen, rejected} or "
+            "{prompt, image_0, image_1, label}"
+        )
+    preferred = _preferred_index(_field(rec, "label"))
+    first = images.ref(_field(rec, "image_0"), "image_0")
+    second = images.ref(_field(rec, "image_1"), "image_1")
+    _add_pair(b, prompt, first, second, preferred, o["keep_ties"], cat, rid)
+
+
+def _handle_unpaired(b: _Builder, images: _Images, rec: Mapping, index: int, o: Mapping) -> None:
+    prompt = _text(rec, "prompt")
+    label = _binary_label(_field(rec, "label"))
+    image = images.ref(_field(rec, "image"), "image")
+    b.single(prompt, image, label, _category(rec, o["category"]), rec.get("id", index))
+
+
+def _handle_imagereward(b: _Builder, images: _Images, rec: Mapping, index: int, o: Mapping) -> None:
+    prompt = _text(rec, "prompt")
+    gens = _field(rec, "generations")
+    ranks = _field(rec, "ranking")
+    if not isinstance(gens, list) or not isinstance(ranks, list):
+        raise _BadRecord("'generations' and 'ranking' must be lists")
+    if len(gens) != len(ranks):
+        raise _BadRecord(f"'generations' has {len(gens)} entries but 'ranking' has {len(ranks)}")
+    if len(gens) < 2:
+        raise _BadRecord("fewer than 2 generations: no pair to compare")
+    for r in ranks:
+        if not (_is_number(r) and float(r).is_integer() and r >= 1):
+            raise _BadRecord(f"bad rank {r!r}: ranks are integers >= 1 (1 = best)")
+    refs = [images.ref(g, f"generations[{k}]") for k, g in enumerate(gens)]
+    rid = rec.get("id", index)
+    cat = _category(rec, None)
+    for i in range(len(gens)):
+        for j in range(i + 1, len(gens)):
+            preferred = None if ranks[i] == ranks[j] else (0 if ranks[i] < ranks[j] else 1)
+            _add_pair(b, prompt, refs[i], refs[j], preferred, o["keep_ties"], cat, rid)
+
+
+_PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
+
+
+def _pickapic_records(p: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow.parquet as pq
+
+    if p.suffix.lower() != ".parquet":
+        raise ValueError(f"{p}: Pick-a-Pic data must be parquet.")
+    names = pq.ParquetFile(p).schema_arrow.names
+    missing = [c for c in _PICKAPIC_COLUMNS[:4] if c not in names]
+    if missing:
+        raise ValueError(
+            f"{p}: not a Pick-a-Pic v2 parquet file: columns {missing} are missing (found {names})."
+        )
+    return _iter_records(p, _PICKAPIC_COLUMNS)
+
+
+def _handle_pickapic(b: _Builder, images: _Images, rec: Mapping, index: int, o: Mapping) -> None:
+    prompt = _text(rec, "caption")
+    label_0 = _field(rec, "label_0")
+    if not _is_number(label_0) or label_0 not in (0, 0.5, 1):
+        raise _BadRecord(f"bad label_0 {label_0!r}: expected 0, 0.5 (tie) or 1")
+    label_1 = rec.get("label_1")
+    if label_1 is not None and (not _is_number(label_1) or label_0 + label_1 != 1):
+        raise _BadRecord(f"label_0 {label_0!r} and label_1 {label_1!r} do not sum to 1")
+    first = images.ref(_field(rec, "jpg_0"), "jpg_0")
+    second = images.ref(_field(rec, "jpg_1"), "jpg_1")
+    preferred = None if label_0 == 0.5 else (0 if label_0 == 1 else 1)
+    _add_pair(b, prompt, first, second, preferred, o["keep_ties"], None, index)
+
+
+def _handle_mjbench(b: _Builder, images: _Images, rec: Mapping, index: int, o: Mapping) -> None:
+    prompt = _text(rec, "caption")
+    preferred = _preferred_index(_field(rec, "label"))
+    first = images.ref(_field(rec, "image0"), "image0")
+    second = images.ref(_field(rec, "image1"), "image1")
+    cat = _category(rec, o["category"])
+    _add_pair(b, prompt, first, second, preferred, o["keep_ties"], cat, rec.get("id", index))
+
+
+def _genai_records(p: Path) -> Iterator[tuple[int, Any]]:
+    with open(p, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{p}: GenAI-Bench ratings are a JSON object {{id: {{prompt, models}}}}, "
+            f"got a JSON {type(data).__name__}."
+        )
+    for index, (key, rec) in enumerate(data.items()):
+        if isinstance(rec, dict) and "id" not in rec:
+            rec = {**rec, "id": key}
+        yield index, rec
+
+
+def _handle_genai_bench(b: _Builder, images: _Images, rec: Mapping, index: int, o: Mapping) -> None:
+    prompt = _text(rec, "prompt")
+    ratings = _field(rec, "models")
+    if not isinstance(ratings, Mapping) or not ratings:
+        raise _BadRecord("'models' must be a non-empty object {model: [ratings]}")
+    models = o["models"]
+    names = [m for m in models if m in ratings] if models is not None else sorted(ratings)
+    means: dict[str, float] = {}
+    refs: dict[str, dict] = {}
+    for m in names:
+        r = ratings[m]
+        if not isinstance(r, list) or not r or not all(_is_number(x) for x in r):
+            raise _BadRecord(f"ratings of model '{m}' must be a non-empty list of numbers")
+        if not all(1 <= x <= 5 for x in r):
+            raise _BadRecord(f"ratings of model '{m}' must lie in [1, 5], got {r}")
+        means[m] = sum(r) / len(r)
+        rel = o["image_template"].format(model=m, id=rec["id"])
+        refs[m] = images.ref(rel, f"image of model '{m}'")
+    cat = _category(rec, None)
+    for i, a in enumerate(names):
+        for m_b in names[i + 1 :]:
+            preferred = None if means[a] == means[m_b] else (0 if means[a] > means[m_b] else 1)
+            _add_pair(b, prompt, refs[a], refs[m_b], preferred, o["keep_ties"], cat, rec["id"])
+
+
+def _official_prompt(rec: Mapping) -> str:
+    """The caption of an official pair: a string, or ``[caption of chosen, caption of rejected]``."""
+    value = _field(rec, "prompt")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
+        if value[0] != value[1]:
+            raise _BadRecord(
+                "'prompt' names two different captions for the chosen and rejected images; a "
+                "pair is compared under one caption: write one caption (or the same one twice)"
+            )
+        return value[0]
+    raise _BadRecord(f"'prompt' must be a caption or a list of two captions, got {value!r:.80}")
+
+
+def _handle_official_pairs(
+    b: _Builder, images: _Images, rec: Mapping, index: int, o: Mapping
+) -> None:
+    prompt = _official_prompt(rec)
+    for name in ("c_rate", "r_rate"):
+        if rec.get(name) is not None and not _is_number(rec[name]):
+            raise _BadRecord(f"'{name}' must be a number (a rating), got {rec[name]!r}")
+    chosen = images.ref(_field(rec, "chosen_path"), "chosen_path")
+    rejected = images.ref(_field(rec, "reject_path"), "reject_path")
+    rid = rec.get("prompt_id", rec.get("id", index))
+    b.pair(prompt, chosen, rejected, False, _category(rec, o["category"]), rid)
+
+
+def _handle_official_unpaired(
+    b: _Builder, images: _Images, rec: Mapping, index: int, o: Mapping
+) -> None:
+    prompt = _text(rec, "prompt")
+    label = _binary_label(_field(rec, "label"))
+    image = images.ref(_field(rec, "path"), "path")
+    b.single(prompt, image, label, _category(rec, o["category"]), rec.get("id", index))
+
+
+# ----------------------------------------------------------------------------- the format table
+
+#: Options every format takes, with their defaults.
+COMMON_OPTIONS: dict[str, Any] = {
+    "image_root": None,
+    "path_map": None,
+    "verify_images": True,
+    "on_error": "skip",
+    "decode": True,
+}
+
+#: Help of the recipes' ``--on_error`` option; ``{skipped}`` names the file(s) they write.
+ON_ERROR_HELP = (
+    "Bad data records: 'skip' (each is logged and written with its index and reason to "
+    "OUTPUT_DIR/{skipped}) or 'raise' (stop at the first one, naming the file, the record index "
+    "and the problem)."
+)
 
 _COMMON_DOC = """
     Common arguments: ``image_root`` resolves relative image paths (default: the data file's
@@ -516,387 +772,334 @@ _COMMON_DOC = """
     decoding transform. Returns ``ReadResult(dataset, report)``.
 """
 
+Handler = Callable[[_Builder, _Images, Mapping, int, Mapping], None]
 
-# ----------------------------------------------------------------------------- readers
 
+@dataclass(frozen=True)
+class DataFormat:
+    """One input format: what its records look like, how each becomes examples, its options.
 
-def read_pairs(
-    path: PathLike | Sequence[PathLike],
-    *,
-    keep_ties: bool = False,
-    category: str | None = None,
-    image_root: PathLike | None = None,
-    path_map: PathMap = None,
-    verify_images: bool = True,
-    on_error: str = "skip",
-    decode: bool = True,
-) -> ReadResult:
-    """Read a pair manifest (.json / .jsonl / .parquet) into the paired schema.
-
-    Records are ``{prompt, chosen, rejected}`` or ``{prompt, image_0, image_1, label}`` (label 0 =
-    ``image_0`` preferred, 1 = ``image_1``, -1 or 0.5 = tie; ties kept only with ``keep_ties``),
-    with an optional ``category`` (else the ``category`` argument) and ``id``.
+    ``detect(container, fields)``: whether a file is in this format, from its container
+    (``"list"`` of records, JSON ``"object"`` keyed by id, parquet ``"table"``) and the field
+    names of its first record (parquet: its columns). ``records(path)``: the ``(index, record)``
+    iterator (default: JSON list / JSONL / parquet rows). ``official_paths``: relative image paths
+    are looked up as the official LLaVA-Reward files need.
     """
 
-    def handle(b: _Builder, images: _Images, rec: Mapping, index: int) -> None:
-        prompt = _text(rec, "prompt")
-        cat = _category(rec, category)
-        rid = rec.get("id", index)
-        if "chosen" in rec or "rejected" in rec:
-            chosen = images.ref(_field(rec, "chosen"), "chosen")
-            rejected = images.ref(_field(rec, "rejected"), "rejected")
-            b.pair(prompt, chosen, rejected, False, cat, rid)
-            return
-        if "image_0" not in rec and "image_1" not in rec:
-            raise _BadRecord(
-                "missing fields: a pair needs {prompt, chosen, rejected} or "
-                "{prompt, image_0, image_1, label}"
-            )
-        preferred = _preferred_index(_field(rec, "label"))
-        first = images.ref(_field(rec, "image_0"), "image_0")
-        second = images.ref(_field(rec, "image_1"), "image_1")
-        _add_pair(b, prompt, first, second, preferred, keep_ties, cat, rid)
+    name: str
+    kind: str
+    doc: str
+    handle: Handler
+    options: Mapping[str, Any] = field(default_factory=dict)
+    detect: Callable[[str, frozenset[str]], bool] | None = None
+    records: Callable[[Path], Iterable[tuple[int, Any]]] | None = None
+    official_paths: bool = False
 
-    return _run(
+
+_FORMAT_LIST = (
+    DataFormat(
+        "genai_bench",
         "paired",
-        path,
-        handle,
-        image_root=image_root,
-        path_map=path_map,
-        verify_images=verify_images,
-        on_error=on_error,
-        decode=decode,
-    )
+        """Read GenAI-Bench ratings ``{id: {prompt, models: {name: [1-5 ratings]}}}`` (one JSON object).
 
+    For each prompt and each pair of models (in sorted name order, or the order of ``models``,
+    which also restricts the set), the model with the higher mean rating gives ``chosen``; equal
+    means are ties (kept by default: evaluation set). The image of model ``m`` for prompt ``id``
+    is ``image_root / image_template.format(model=m, id=id)``.
+    """,
+        _handle_genai_bench,
+        {"keep_ties": True, "image_template": "{model}/{id}.jpeg", "models": None},
+        detect=lambda container, fields: container == "object" and "models" in fields,
+        records=_genai_records,
+    ),
+    DataFormat(
+        "pickapic",
+        "paired",
+        """Read Pick-a-Pic v2 parquet shards (``caption, jpg_0, jpg_1, label_0, label_1``).
 
-def read_unpaired(
-    path: PathLike | Sequence[PathLike],
-    *,
-    category: str | None = None,
-    image_root: PathLike | None = None,
-    path_map: PathMap = None,
-    verify_images: bool = True,
-    on_error: str = "skip",
-    decode: bool = True,
-) -> ReadResult:
-    """Read single-image records ``{prompt, image, label}`` (label in [0, 1] or bool, 1 =
-    positive, e.g. safe) into the unpaired schema."""
-
-    def handle(b: _Builder, images: _Images, rec: Mapping, index: int) -> None:
-        prompt = _text(rec, "prompt")
-        label = _binary_label(_field(rec, "label"))
-        image = images.ref(_field(rec, "image"), "image")
-        b.single(prompt, image, label, _category(rec, category), rec.get("id", index))
-
-    return _run(
-        "unpaired",
-        path,
-        handle,
-        image_root=image_root,
-        path_map=path_map,
-        verify_images=verify_images,
-        on_error=on_error,
-        decode=decode,
-    )
-
-
-def _first_record(path: Path) -> Any:
-    for _, rec in _iter_records(path):
-        if isinstance(rec, Mapping):
-            return rec
-    return None
-
-
-def read_manifest(path: PathLike | Sequence[PathLike], **kwargs: Any) -> ReadResult:
-    """Read a generic manifest, choosing :func:`read_unpaired` when its first record has an
-    ``image`` field and no pair fields, else :func:`read_pairs`. ``kwargs`` go to the reader
-    (``keep_ties`` is ignored for unpaired data)."""
-    first = _first_record(_as_paths(path)[0])
-    pair_keys = {"chosen", "rejected", "image_0", "image_1"}
-    if first is not None and "image" in first and not pair_keys & set(first):
-        kwargs.pop("keep_ties", None)
-        return read_unpaired(path, **kwargs)
-    return read_pairs(path, **kwargs)
-
-
-def read_imagereward(
-    path: PathLike | Sequence[PathLike],
-    *,
-    keep_ties: bool = False,
-    image_root: PathLike | None = None,
-    path_map: PathMap = None,
-    verify_images: bool = True,
-    on_error: str = "skip",
-    decode: bool = True,
-) -> ReadResult:
-    """Read ImageReward rankings ``[{id, prompt, generations, ranking}]`` (1 = best, ties share a
+    ``label_0 = 1``: ``jpg_0`` chosen; ``label_0 = 0``: ``jpg_1`` chosen; ``label_0 = 0.5``: tie
+    (dropped unless ``keep_ties``). When ``label_1`` is present it must equal ``1 - label_0``.
+    Only these columns are read, a record batch at a time; the image bytes of the kept pairs are
+    held in memory, so read the full 300+ GB set shard by shard.
+    """,
+        _handle_pickapic,
+        {"keep_ties": False},
+        detect=lambda container, fields: {"jpg_0", "jpg_1", "label_0"} <= fields,
+        records=_pickapic_records,
+    ),
+    DataFormat(
+        "imagereward",
+        "paired",
+        """Read ImageReward rankings ``[{id, prompt, generations, ranking}]`` (1 = best, ties share a
     rank) and expand each record to all pairs of its generations.
 
     For generations ``i < j``: rank_i < rank_j -> (chosen i, rejected j); rank_i > rank_j ->
     (chosen j, rejected i); equal ranks -> a tie, kept as (i, j, tie=True) only with
     ``keep_ties=True`` (use for evaluation; train without). A record of ``n`` generations with
     rank multiplicities ``m_k`` gives ``C(n, 2) - sum_k C(m_k, 2)`` non-tie pairs.
-    """
-
-    def handle(b: _Builder, images: _Images, rec: Mapping, index: int) -> None:
-        prompt = _text(rec, "prompt")
-        gens = _field(rec, "generations")
-        ranks = _field(rec, "ranking")
-        if not isinstance(gens, list) or not isinstance(ranks, list):
-            raise _BadRecord("'generations' and 'ranking' must be lists")
-        if len(gens) != len(ranks):
-            raise _BadRecord(
-                f"'generations' has {len(gens)} entries but 'ranking' has {len(ranks)}"
-            )
-        if len(gens) < 2:
-            raise _BadRecord("fewer than 2 generations: no pair to compare")
-        for r in ranks:
-            if not (_is_number(r) and float(r).is_integer() and r >= 1):
-                raise _BadRecord(f"bad rank {r!r}: ranks are integers >= 1 (1 = best)")
-        refs = [images.ref(g, f"generations[{k}]") for k, g in enumerate(gens)]
-        rid = rec.get("id", index)
-        cat = _category(rec, None)
-        for i in range(len(gens)):
-            for j in range(i + 1, len(gens)):
-                if ranks[i] == ranks[j]:
-                    preferred = None
-                else:
-                    preferred = 0 if ranks[i] < ranks[j] else 1
-                _add_pair(b, prompt, refs[i], refs[j], preferred, keep_ties, cat, rid)
-
-    return _run(
+    """,
+        _handle_imagereward,
+        {"keep_ties": False},
+        detect=lambda container, fields: {"generations", "ranking"} <= fields,
+    ),
+    DataFormat(
+        "mjbench",
         "paired",
-        path,
-        handle,
-        image_root=image_root,
-        path_map=path_map,
-        verify_images=verify_images,
-        on_error=on_error,
-        decode=decode,
-    )
-
-
-def read_pickapic(
-    path: PathLike | Sequence[PathLike],
-    *,
-    keep_ties: bool = False,
-    verify_images: bool = True,
-    on_error: str = "skip",
-    decode: bool = True,
-) -> ReadResult:
-    """Read Pick-a-Pic v2 parquet shards (``caption, jpg_0, jpg_1, label_0, label_1``).
-
-    ``label_0 = 1``: ``jpg_0`` chosen; ``label_0 = 0``: ``jpg_1`` chosen; ``label_0 = 0.5``: tie
-    (dropped unless ``keep_ties``). When ``label_1`` is present it must equal ``1 - label_0``.
-    Only these columns are read, a record batch at a time; the image bytes of the kept pairs are
-    held in memory, so read the full 300+ GB set shard by shard.
-    """
-    needed = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
-
-    def records(p: Path) -> Iterator[tuple[int, Any]]:
-        import pyarrow.parquet as pq
-
-        if p.suffix.lower() != ".parquet":
-            raise ValueError(f"{p}: Pick-a-Pic data must be parquet.")
-        names = pq.ParquetFile(p).schema_arrow.names
-        missing = [c for c in needed[:4] if c not in names]
-        if missing:
-            raise ValueError(
-                f"{p}: not a Pick-a-Pic v2 parquet file: columns {missing} are missing "
-                f"(found {names})."
-            )
-        return _iter_records(p, needed)
-
-    def handle(b: _Builder, images: _Images, rec: Mapping, index: int) -> None:
-        prompt = _text(rec, "caption")
-        label_0 = _field(rec, "label_0")
-        if not _is_number(label_0) or label_0 not in (0, 0.5, 1):
-            raise _BadRecord(f"bad label_0 {label_0!r}: expected 0, 0.5 (tie) or 1")
-        label_1 = rec.get("label_1")
-        if label_1 is not None and (not _is_number(label_1) or label_0 + label_1 != 1):
-            raise _BadRecord(f"label_0 {label_0!r} and label_1 {label_1!r} do not sum to 1")
-        first = images.ref(_field(rec, "jpg_0"), "jpg_0")
-        second = images.ref(_field(rec, "jpg_1"), "jpg_1")
-        preferred = None if label_0 == 0.5 else (0 if label_0 == 1 else 1)
-        _add_pair(b, prompt, first, second, preferred, keep_ties, None, index)
-
-    return _run(
-        "paired",
-        path,
-        handle,
-        image_root=None,
-        path_map=None,
-        verify_images=verify_images,
-        on_error=on_error,
-        decode=decode,
-        records=records,
-    )
-
-
-def read_mjbench(
-    path: PathLike | Sequence[PathLike],
-    *,
-    category: str | None = None,
-    keep_ties: bool = True,
-    image_root: PathLike | None = None,
-    path_map: PathMap = None,
-    verify_images: bool = True,
-    on_error: str = "skip",
-    decode: bool = True,
-) -> ReadResult:
-    """Read MJ-Bench records ``[{id, caption, image0, image1, label}]`` (JSON / JSONL).
+        """Read MJ-Bench records ``[{id, caption, image0, image1, label}]`` (JSON / JSONL).
 
     ``label`` is the index of the preferred image (0 -> ``image0``, 1 -> ``image1``; -1 or 0.5 =
     tie). Image names are relative to ``image_root`` (default the file's folder). The record's
     ``category`` field, else the ``category`` argument (e.g. the subset name), is kept for
     per-category accuracy. Ties are kept by default: MJ-Bench is an evaluation set.
-    """
-
-    def handle(b: _Builder, images: _Images, rec: Mapping, index: int) -> None:
-        prompt = _text(rec, "caption")
-        preferred = _preferred_index(_field(rec, "label"))
-        first = images.ref(_field(rec, "image0"), "image0")
-        second = images.ref(_field(rec, "image1"), "image1")
-        rid = rec.get("id", index)
-        _add_pair(b, prompt, first, second, preferred, keep_ties, _category(rec, category), rid)
-
-    return _run(
+    """,
+        _handle_mjbench,
+        {"category": None, "keep_ties": True},
+        detect=lambda container, fields: {"image0", "caption"} <= fields,
+    ),
+    DataFormat(
+        "official_pairs",
         "paired",
-        path,
-        handle,
-        image_root=image_root,
-        path_map=path_map,
-        verify_images=verify_images,
-        on_error=on_error,
-        decode=decode,
-    )
+        """Read the official LLaVA-Reward pair files
+    ``[{prompt_id, prompt: [p, p], chosen_path, c_rate, reject_path, r_rate}]`` (JSON / JSONL), as
+    released with the paper (ImageReward alignment / fidelity / overall training data).
 
+    ``chosen_path`` is preferred; ``prompt`` is one caption or the same caption twice;
+    ``c_rate`` / ``r_rate`` (annotator ratings, unused by the official loss) must be numbers when
+    present; ``prompt_id`` becomes ``id``. Image paths: see the module docstring (the repository
+    root, the working directory, or ``image_root`` / ``<file name>``).
+    """,
+        _handle_official_pairs,
+        {"category": None},
+        detect=lambda container, fields: {"chosen_path", "reject_path"} <= fields,
+        official_paths=True,
+    ),
+    DataFormat(
+        "official_unpaired",
+        "unpaired",
+        """Read the official LLaVA-Reward single-image files ``[{path, label, prompt}]`` (JSON /
+    JSONL), as released with the paper (UnsafeBench: label 1 = safe, 0 = unsafe).
 
-def read_genai_bench(
-    path: PathLike,
-    *,
-    keep_ties: bool = True,
-    image_root: PathLike | None = None,
-    image_template: str = "{model}/{id}.jpeg",
-    models: Sequence[str] | None = None,
-    path_map: PathMap = None,
-    verify_images: bool = True,
-    on_error: str = "skip",
-    decode: bool = True,
-) -> ReadResult:
-    """Read GenAI-Bench ratings ``{id: {prompt, models: {name: [1-5 ratings]}}}`` (one JSON object).
-
-    For each prompt and each pair of models (in sorted name order, or the order of ``models``,
-    which also restricts the set), the model with the higher mean rating gives ``chosen``; equal
-    means are ties (kept by default: evaluation set). The image of model ``m`` for prompt ``id``
-    is ``image_root / image_template.format(model=m, id=id)``.
-    """
-
-    def records(p: Path) -> Iterator[tuple[int, Any]]:
-        with open(p, encoding="utf-8") as f:
-            data = json.load(f)
-        if not isinstance(data, dict):
-            raise ValueError(
-                f"{p}: GenAI-Bench ratings are a JSON object {{id: {{prompt, models}}}}, "
-                f"got a JSON {type(data).__name__}."
-            )
-        for index, (key, rec) in enumerate(data.items()):
-            if isinstance(rec, dict) and "id" not in rec:
-                rec = {**rec, "id": key}
-            yield index, rec
-
-    def handle(b: _Builder, images: _Images, rec: Mapping, index: int) -> None:
-        prompt = _text(rec, "prompt")
-        ratings = _field(rec, "models")
-        if not isinstance(ratings, Mapping) or not ratings:
-            raise _BadRecord("'models' must be a non-empty object {model: [ratings]}")
-        names = [m for m in models if m in ratings] if models is not None else sorted(ratings)
-        means: dict[str, float] = {}
-        refs: dict[str, dict] = {}
-        for m in names:
-            r = ratings[m]
-            if not isinstance(r, list) or not r or not all(_is_number(x) for x in r):
-                raise _BadRecord(f"ratings of model '{m}' must be a non-empty list of numbers")
-            if not all(1 <= x <= 5 for x in r):
-                raise _BadRecord(f"ratings of model '{m}' must lie in [1, 5], got {r}")
-            means[m] = sum(r) / len(r)
-            rel = image_template.format(model=m, id=rec["id"])
-            refs[m] = images.ref(rel, f"image of model '{m}'")
-        cat = _category(rec, None)
-        for i, a in enumerate(names):
-            for m_b in names[i + 1 :]:
-                preferred = None if means[a] == means[m_b] else (0 if means[a] > means[m_b] else 1)
-                _add_pair(b, prompt, refs[a], refs[m_b], preferred, keep_ties, cat, rec["id"])
-
-    return _run(
+    A ``category`` field is kept (else the ``category`` argument); image paths are resolved as
+    for :func:`read_official_pairs`.
+    """,
+        _handle_official_unpaired,
+        {"category": None},
+        detect=lambda container, fields: (
+            {"path", "label"} <= fields and "image" not in fields and not _PAIR_FIELDS & fields
+        ),
+        official_paths=True,
+    ),
+    DataFormat(
+        "unpaired",
+        "unpaired",
+        """Read single-image records ``{prompt, image, label}`` (label in [0, 1] or bool, 1 =
+    positive, e.g. safe) into the unpaired schema.""",
+        _handle_unpaired,
+        {"category": None},
+        detect=lambda container, fields: "image" in fields and not _PAIR_FIELDS & fields,
+    ),
+    DataFormat(
+        "pairs",
         "paired",
-        path,
-        handle,
-        image_root=image_root,
-        path_map=path_map,
-        verify_images=verify_images,
-        on_error=on_error,
-        decode=decode,
-        records=records,
-    )
+        """Read a pair manifest (.json / .jsonl / .parquet) into the paired schema.
+
+    Records are ``{prompt, chosen, rejected}`` or ``{prompt, image_0, image_1, label}`` (label 0 =
+    ``image_0`` preferred, 1 = ``image_1``, -1 or 0.5 = tie; ties kept only with ``keep_ties``),
+    with an optional ``category`` (else the ``category`` argument) and ``id``.
+    """,
+        _handle_pairs,
+        {"keep_ties": False, "category": None},
+        detect=None,  # the fallback: what no other format claims
+    ),
+)
+
+#: Every format by name, in detection order (the first whose ``detect`` holds wins; ``pairs`` is
+#: the fallback).
+DATA_FORMATS: dict[str, DataFormat] = {f.name: f for f in _FORMAT_LIST}
+
+#: The names :func:`load_reward_data` accepts.
+FORMATS = ("auto", *DATA_FORMATS)
 
 
-def detect_format(path: PathLike) -> str:
-    """Guess a data file's format from its fields (one of :data:`FORMATS` except ``auto``)."""
-    p = Path(path)
-    if p.suffix.lower() == ".parquet":
+def _probe(path: Path) -> tuple[str, frozenset[str]]:
+    """``(container, field names of the first record)`` of a data file (see ``DataFormat``)."""
+    if path.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq
 
-        names = set(pq.ParquetFile(p).schema_arrow.names)
-        if {"jpg_0", "jpg_1", "label_0"} <= names:
-            return "pickapic"
-        return "unpaired" if "image" in names and "image_0" not in names else "pairs"
-    if p.suffix.lower() == ".json":
-        with open(p, encoding="utf-8") as f:
+        return "table", frozenset(pq.ParquetFile(path).schema_arrow.names)
+    if path.suffix.lower() == ".json":
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
-        if isinstance(data, dict) and "data" not in data:
-            first_value = next(iter(data.values()), None)
-            if isinstance(first_value, dict) and "models" in first_value:
-                return "genai_bench"
-    first = _first_record(p) or {}
-    if "generations" in first and "ranking" in first:
-        return "imagereward"
-    if "image0" in first and "caption" in first:
-        return "mjbench"
-    if "image" in first and not {"chosen", "image_0"} & set(first):
-        return "unpaired"
+        if isinstance(data, dict) and not isinstance(data.get("data"), list):
+            first = next(iter(data.values()), None)
+            return "object", frozenset(first) if isinstance(first, dict) else frozenset()
+    for _, rec in _iter_records(path):
+        if isinstance(rec, Mapping):
+            return "list", frozenset(rec)
+    return "list", frozenset()
+
+
+def _detect(path: Path, among: Iterable[str]) -> str:
+    container, fields = _probe(path)
+    for name in among:
+        detect = DATA_FORMATS[name].detect
+        if detect is None or detect(container, fields):
+            return name
     return "pairs"
 
 
-_READERS: dict[str, Callable[..., ReadResult]] = {
-    "pairs": read_pairs,
-    "unpaired": read_unpaired,
-    "imagereward": read_imagereward,
-    "pickapic": read_pickapic,
-    "mjbench": read_mjbench,
-    "genai_bench": read_genai_bench,
-}
+def detect_format(path: PathLike) -> str:
+    """Guess a data file's format from its fields (one of :data:`FORMATS` except ``auto``): the
+    first format of :data:`DATA_FORMATS` whose ``detect`` holds, else ``pairs``."""
+    return _detect(Path(path), DATA_FORMATS)
+
+
+def _options(fmt: DataFormat, given: Mapping[str, Any], caller: str) -> dict[str, Any]:
+    allowed = {**COMMON_OPTIONS, **fmt.options}
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise TypeError(
+            f"{caller}() got unexpected keyword argument(s) {unknown}; format {fmt.name!r} "
+            f"takes {sorted(allowed)}."
+        )
+    return {**allowed, **given}
+
+
+def read_format(format: str, path: PathLike | Sequence[PathLike], **options: Any) -> ReadResult:
+    """Read ``path`` (one file or several) in the named format of :data:`DATA_FORMATS`.
+
+    The one reading loop of every format: each record of each file is parsed, checked and handed
+    to the format's handler; bad records are skipped (``on_error="skip"``, listed with the record
+    in the report) or raised. ``options``: :data:`COMMON_OPTIONS` and the format's own.
+    """
+    if format not in DATA_FORMATS:
+        raise ValueError(f"unknown data format {format!r}; choose one of {FORMATS}.")
+    fmt = DATA_FORMATS[format]
+    o = _options(fmt, options, f"read_{format}")
+    paths = _as_paths(path)
+    b = _Builder(fmt.name, fmt.kind, paths, o["on_error"])
+    for p in paths:
+        images = _Images(p, o["image_root"], o["path_map"], o["verify_images"], fmt.official_paths)
+        for index, rec in fmt.records(p) if fmt.records is not None else _iter_records(p):
+            b.report.n_records += 1
+            try:
+                if isinstance(rec, _BadRecord):
+                    raise rec
+                if not isinstance(rec, Mapping):
+                    raise _BadRecord(f"expected an object, got {type(rec).__name__}")
+                b.note_perspective(rec)
+                fmt.handle(b, images, rec, index, o)
+            except _BadRecord as e:
+                b.bad(p, index, str(e), e.record if isinstance(rec, _BadRecord) else rec)
+    return b.finish(o["decode"])
 
 
 def load_reward_data(
     path: PathLike | Sequence[PathLike], format: str = "auto", **kwargs: Any
 ) -> ReadResult:
     """Read any supported file with the reader for ``format`` (``"auto"``: :func:`detect_format`
-    on the first file). ``kwargs`` go to the reader, e.g. ``keep_ties``, ``image_root``."""
+    on the first file). ``kwargs`` go to the reader, e.g. ``keep_ties``, ``image_root``;
+    ``keep_ties`` is dropped for formats without ties (unpaired data, the official pairs)."""
     if format not in FORMATS:
         raise ValueError(f"unknown data format {format!r}; choose one of {FORMATS}.")
     if format == "auto":
         format = detect_format(_as_paths(path)[0])
         logger.info("%s: detected format %r", path, format)
-    return _READERS[format](path, **kwargs)
+    if "keep_ties" not in DATA_FORMATS[format].options:
+        kwargs.pop("keep_ties", None)
+    return read_format(format, path, **kwargs)
 
 
-for _reader in (read_pairs, read_unpaired, read_imagereward, read_pickapic, read_mjbench):
-    _reader.__doc__ = (_reader.__doc__ or "") + _COMMON_DOC
-read_genai_bench.__doc__ = (read_genai_bench.__doc__ or "") + _COMMON_DOC
+def read_manifest(path: PathLike | Sequence[PathLike], **kwargs: Any) -> ReadResult:
+    """Read a generic manifest, choosing :func:`read_unpaired` when its first record has an
+    ``image`` field and no pair fields, else :func:`read_pairs`. ``kwargs`` go to the reader
+    (``keep_ties`` is ignored for unpaired data)."""
+    fmt = _detect(_as_paths(path)[0], ("unpaired", "pairs"))
+    return load_reward_data(path, format=fmt, **kwargs)
+
+
+def _reader(fmt: DataFormat) -> Callable[..., ReadResult]:
+    """``read_<format>(path, **options)``: :func:`read_format` with the format fixed, with a
+    signature listing the format's options (for ``help()`` and editors)."""
+
+    def reader(path: PathLike | Sequence[PathLike], **options: Any) -> ReadResult:
+        return read_format(fmt.name, path, **options)
+
+    kw = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter("path", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params += [inspect.Parameter(k, kw, default=v) for k, v in fmt.options.items()]
+    params += [inspect.Parameter(k, kw, default=v) for k, v in COMMON_OPTIONS.items()]
+    reader.__signature__ = inspect.Signature(params, return_annotation=ReadResult)  # type: ignore[attr-defined]
+    reader.__name__ = reader.__qualname__ = f"read_{fmt.name}"
+    reader.__doc__ = fmt.doc + _COMMON_DOC
+    return reader
+
+
+read_pairs = _reader(DATA_FORMATS["pairs"])
+read_unpaired = _reader(DATA_FORMATS["unpaired"])
+read_imagereward = _reader(DATA_FORMATS["imagereward"])
+read_pickapic = _reader(DATA_FORMATS["pickapic"])
+read_mjbench = _reader(DATA_FORMATS["mjbench"])
+read_genai_bench = _reader(DATA_FORMATS["genai_bench"])
+read_official_pairs = _reader(DATA_FORMATS["official_pairs"])
+read_official_unpaired = _reader(DATA_FORMATS["official_unpaired"])
+
+
+# ----------------------------------------------------------------------------- skipped records
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{len(bytes(value))} bytes>"
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return repr(value)
+
+
+def write_skipped(path: PathLike, reports: Iterable[ReadReport]) -> Path | None:
+    """Write every skipped record of ``reports`` to ``path`` as JSON lines ``{source, index,
+    reason, record}`` (image bytes are written as ``"<N bytes>"``), atomically. With nothing
+    skipped no file is written and a stale one from an earlier run is removed; returns the path
+    written, or None."""
+    path = Path(path)
+    lines = [
+        json.dumps(
+            {
+                "source": s.source,
+                "index": s.index,
+                "reason": s.reason,
+                "record": _jsonable(s.record),
+            }
+        )
+        for r in reports
+        for s in r.skipped
+    ]
+    if not lines:
+        path.unlink(missing_ok=True)
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    logger.warning("%d skipped records written to %s", len(lines), path)
+    return path
+
 
 __all__ = [
+    "COMMON_OPTIONS",
+    "ON_ERROR_HELP",
+    "DATA_FORMATS",
     "FORMATS",
+    "DataFormat",
     "paired_features",
     "unpaired_features",
     "DataRecordError",
@@ -907,11 +1110,15 @@ __all__ = [
     "detect_format",
     "load_image_ref",
     "load_reward_data",
+    "read_format",
     "read_genai_bench",
     "read_imagereward",
     "read_manifest",
     "read_mjbench",
+    "read_official_pairs",
+    "read_official_unpaired",
     "read_pairs",
     "read_pickapic",
     "read_unpaired",
+    "write_skipped",
 ]

@@ -22,22 +22,30 @@ positive when ``>= 0.5``. Accuracy, precision, recall, F1 and specificity of the
 Metrics are plain JSON-serialisable dicts; :func:`write_report` writes ``<name>.json`` and
 ``<name>.md`` (atomically). :func:`evaluate_scorer` scores a dataset with any object that has
 ``score(prompts, images, perspective=..., batch_size=...) -> Tensor[N]`` (``RewardScorer``).
+
+:func:`evaluate_reward_folder` (``recipes/eval_reward.py``) scores data files with a saved reward
+folder, each file under the perspective it is for (:func:`assign_perspectives`: named, or inferred
+from the records' ``perspective`` field or the data's kind; an error when ambiguous).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from reward.data import load_image_ref
+from reward.data import ON_ERROR_HELP, load_image_ref
 from reward.losses import preference_logit
+
+logger = logging.getLogger(__name__)
 
 
 class SupportsScore(Protocol):
@@ -365,7 +373,167 @@ def write_report(
     return json_path, md_path
 
 
+# ----------------------------------------------------------------------------- a reward folder on data
+
+#: Perspectives that score single images (the paper trains safety on UnsafeBench, safe = 1); the
+#: others score pairs. Used to tell which perspective a data file without a ``perspective`` field
+#: is for.
+UNPAIRED_PERSPECTIVES = ("safety",)
+
+
+def assign_perspectives(
+    reports: Sequence[Any], available: Sequence[str], requested: Sequence[str] = ()
+) -> dict[str, list[int]]:
+    """Which perspective scores which data file: ``{perspective: [file indices]}``.
+
+    ``reports``: one ``reward.data.ReadReport`` (``source``, ``kind``, ``perspectives``) per file;
+    ``available``: the model's perspectives; ``requested``: names given by the user (``["all"]``:
+    every perspective on every file). Without names each file gets the perspective its data is
+    for: the one its records' ``perspective`` field names; else the model's only perspective;
+    else the one perspective of the file's kind (single images: :data:`UNPAIRED_PERSPECTIVES`,
+    pairs: the others). Anything else (several candidates, none, a name the model lacks) raises a
+    ``ValueError`` that lists the model's perspectives and the fix: perspectives are never all
+    scored on data meant for one.
+    """
+    from reward.modeling import UnknownPerspectiveError
+
+    available = list(available)
+    if not available:
+        raise ValueError("the model holds no perspective to evaluate.")
+    held = ", ".join(available)
+    requested = [p for p in requested if p]
+    if "all" in requested:
+        return {p: list(range(len(reports))) for p in available}
+    for p in requested:
+        if p not in available:
+            raise UnknownPerspectiveError(
+                f"unknown perspective {p!r}; the model holds {held} ('all' scores every one)."
+            )
+    if requested:
+        for r in reports:
+            if r.perspectives and not set(requested) <= set(r.perspectives):
+                logger.warning(
+                    "%s names perspective(s) %s but is scored under %s as asked",
+                    r.source,
+                    ", ".join(r.perspectives),
+                    ", ".join(requested),
+                )
+        return {p: list(range(len(reports))) for p in requested}
+    plan: dict[str, list[int]] = {}
+    fix = "pass --perspective NAME, or add a 'perspective' field to the records"
+    for i, r in enumerate(reports):
+        if len(r.perspectives) > 1:
+            raise ValueError(
+                f"{r.source} names several perspectives ({', '.join(r.perspectives)}) in its "
+                "records' 'perspective' field: split it into one file per perspective, or pass "
+                "--perspective NAME."
+            )
+        if r.perspectives:
+            name = r.perspectives[0]
+            if name not in available:
+                raise ValueError(
+                    f"{r.source} is for perspective {name!r} (its records' 'perspective' field), "
+                    f"which the model does not hold (it holds {held}); pass --perspective NAME to "
+                    "score it under another."
+                )
+        elif len(available) == 1:
+            name = available[0]
+        else:
+            same_kind = [
+                p for p in available if (p in UNPAIRED_PERSPECTIVES) == (r.kind == "unpaired")
+            ]
+            if len(same_kind) != 1:
+                which = f" ({', '.join(same_kind)} take {r.kind} data)" if same_kind else ""
+                raise ValueError(
+                    f"cannot tell which perspective {r.source} ({r.kind} data) is for: the model "
+                    f"holds {held}{which}; {fix}."
+                )
+            name = same_kind[0]
+        plan.setdefault(name, []).append(i)
+    return plan
+
+
+@dataclass
+class EvalScriptArguments:
+    """What ``recipes/eval_reward.py`` evaluates: a reward folder on data files."""
+
+    model_dir: str = field(metadata={"help": "A LLaVA-Reward folder (save_pretrained / recipe)."})
+    data_file: list[str] = field(
+        metadata={"help": "Data files of any supported format (detected per file; ties kept)."}
+    )
+    perspective: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Perspective(s) to score the data under ('all': every one the folder holds). "
+            "Default: per file, the perspective its data is for: its records' 'perspective' "
+            "field, else the folder's only perspective, else the one of the data's kind (safety "
+            "for single images, the other one for pairs); an error when that is ambiguous."
+        },
+    )
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where reports go (default: MODEL_DIR/eval)."}
+    )
+    report_name: str = field(
+        default="eval_report", metadata={"help": "Reports are <name>_<perspective>.json / .md."}
+    )
+    image_root: str | None = field(
+        default=None, metadata={"help": "Folder for relative image paths (default: the file's)."}
+    )
+    on_error: str = field(
+        default="skip", metadata={"help": ON_ERROR_HELP.format(skipped="skipped_eval.jsonl")}
+    )
+    batch_size: int = field(default=16, metadata={"help": "Scoring batch size."})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda)."})
+    dtype: str | None = field(
+        default=None, metadata={"help": "float32, bfloat16 ... (default: bf16 on a GPU)."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow the backbone's own code (Phi-3.5-vision)."}
+    )
+
+
+def evaluate_reward_folder(script: EvalScriptArguments) -> dict[str, dict[str, Any]]:
+    """Score each of ``script.data_file`` under the perspective it is for
+    (:func:`assign_perspectives`) and write ``<report_name>_<perspective>.json`` / ``.md`` per
+    perspective (and the skipped records to ``skipped_eval.jsonl``) into the output folder.
+    The data is read and the perspectives chosen before the model is loaded. Returns
+    ``{perspective: metrics}``."""
+    from reward.configuration import LlavaRewardConfig
+    from reward.data import load_reward_data, write_skipped
+    from reward.scorer import RewardScorer
+    from reward.training import evaluate_dataset, mix_datasets, write_reward_report
+
+    out = Path(script.output_dir or Path(script.model_dir) / "eval")
+    kwargs: dict[str, Any] = {"on_error": script.on_error, "keep_ties": True}
+    if script.image_root:
+        kwargs["image_root"] = script.image_root
+    reads = [load_reward_data(f, **kwargs) for f in script.data_file]
+    reports = [r.report for r in reads]
+    write_skipped(out / "skipped_eval.jsonl", reports)
+    config = LlavaRewardConfig.from_pretrained(script.model_dir)
+    plan = assign_perspectives(reports, list(config.perspectives), script.perspective)
+    scorer = RewardScorer.from_pretrained(
+        script.model_dir,
+        device=script.device,
+        dtype=script.dtype,
+        trust_remote_code=script.trust_remote_code,
+    )
+    results = {}
+    for name, files in plan.items():
+        dataset = mix_datasets([reads[i].dataset for i in files])
+        metrics = evaluate_dataset(scorer, dataset, name, script.batch_size)
+        metrics["data_files"] = [str(script.data_file[i]) for i in files]
+        metrics["n_skipped_records"] = sum(reports[i].n_skipped for i in files)
+        write_reward_report(metrics, out, f"{script.report_name}_{name}", name)
+        results[name] = metrics
+    return results
+
+
 __all__ = [
+    "EvalScriptArguments",
+    "UNPAIRED_PERSPECTIVES",
+    "assign_perspectives",
+    "evaluate_reward_folder",
     "SupportsScore",
     "binary_metrics",
     "evaluate_scorer",

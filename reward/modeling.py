@@ -78,14 +78,17 @@ def masked_skip_cross_attention(
 class RewardHead(nn.Module):
     """SkipCA (optional) + RMSNorm + linear head for one perspective, kept in float32."""
 
-    def __init__(self, hidden_size: int, head_dim: int = 1, skipca: bool = True):
+    def __init__(
+        self, hidden_size: int, head_dim: int = 1, skipca: bool = True, norm_eps: float = 1e-6
+    ):
         super().__init__()
         self.skipca = skipca
         if skipca:
             self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
             self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
             self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-            self.norm = nn.RMSNorm(hidden_size, eps=1e-6)
+            # the official code: eps 1e-5 for Phi-3 and Llama backbones, 1e-6 for Qwen
+            self.norm = nn.RMSNorm(hidden_size, eps=norm_eps)
         self.score = nn.Linear(hidden_size, head_dim, bias=False)
         self.reset_parameters()
 
@@ -129,6 +132,52 @@ class RewardModelOutput(ModelOutput):
     hidden: torch.Tensor | None = None
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` with its floating tensors (also inside tuples / lists) cast to ``dtype``."""
+    if torch.is_tensor(value):
+        return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    return value
+
+
+def _first_float_dtype(values: Any) -> torch.dtype | None:
+    for v in values:
+        if torch.is_tensor(v) and v.is_floating_point():
+            return v.dtype
+    return None
+
+
+def keep_master_weights_fp32(module: nn.Module) -> None:
+    """Keep a trainable module (a perspective's projector copy) in float32 inside a half-precision
+    backbone: its weights become float32 (AdamW then updates float32 master weights, as DeepSpeed's
+    would; bf16 weights round away updates below ~0.4 % of a weight), its floating inputs are cast
+    to its weights' dtype and its output back to the dtype it was given, so the frozen bf16 layers
+    around it see bf16. Under autocast the matmuls still run in the autocast dtype. Idempotent;
+    the casts follow the weights' dtype, so a later ``model.to(bf16)`` for inference still works.
+    """
+    module.float()
+    if getattr(module, "_reward_fp32_hooks", False):
+        return
+    state: dict[str, torch.dtype | None] = {}
+
+    def cast_in(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        state["dtype"] = _first_float_dtype([*args, *kwargs.values()])
+        dtype = next(mod.parameters()).dtype
+        return _cast_floats(args, dtype), {k: _cast_floats(v, dtype) for k, v in kwargs.items()}
+
+    def cast_out(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        dtype = state.pop("dtype", None)
+        return output if dtype is None else _cast_floats(output, dtype)
+
+    module.register_forward_pre_hook(cast_in, with_kwargs=True)
+    module.register_forward_hook(cast_out, with_kwargs=True)
+    module._reward_fp32_hooks = True
+
+
 def _drop_lm_head(model: torch.nn.Module) -> torch.nn.Module:
     """The base (no LM head) of an image-text-to-text model: ``XForConditionalGeneration.model``."""
     if hasattr(model, "get_decoder") and hasattr(model, "model") and hasattr(model, "lm_head"):
@@ -138,6 +187,37 @@ def _drop_lm_head(model: torch.nn.Module) -> torch.nn.Module:
 
 def _is_local(path: str) -> bool:
     return os.path.isdir(path)
+
+
+class BackboneMismatchError(ValueError):
+    """A backbone that contradicts the one an existing reward folder was built on."""
+
+
+def _backbone_key(reference: str, folder: Path) -> str:
+    """A backbone reference in comparable form: the resolved folder for a local path (as
+    ``from_pretrained`` finds it: as written, then relative to the reward folder), else the id."""
+    for candidate in (Path(reference).expanduser(), folder / reference):
+        if candidate.is_dir():
+            return str(candidate.resolve())
+    return reference
+
+
+def check_backbone(folder: str | os.PathLike, backbone: str | os.PathLike | None) -> None:
+    """Raise :class:`BackboneMismatchError` when the reward folder ``folder`` exists and its
+    config names a backbone other than ``backbone`` (all perspectives of a folder share one
+    frozen backbone, so a second one would silently be ignored or mixed in)."""
+    path = Path(folder)
+    if backbone is None or not (path / "config.json").is_file():
+        return
+    stored = json.loads((path / "config.json").read_text()).get("backbone")
+    if not stored or _backbone_key(str(backbone), path) == _backbone_key(stored, path):
+        return
+    raise BackboneMismatchError(
+        f"{path} holds a reward model on the backbone {stored!r}, and {str(backbone)!r} is "
+        "another one (all perspectives of a folder share one frozen backbone). To add to this "
+        f"folder use its backbone (leave --backbone out of recipes/train_reward.py); to build on "
+        f"{str(backbone)!r}, choose a new output folder."
+    )
 
 
 def load_backbone(
@@ -207,13 +287,18 @@ class LlavaRewardModel(PreTrainedModel):
         padding_side: str = "left",
         torch_dtype: torch.dtype | None = None,
         trust_remote_code: bool = False,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
     ) -> LlavaRewardModel:
         """A fresh reward model on ``backbone`` (hub id, folder, or loaded model).
 
         ``lora_config``: a peft ``LoraConfig`` or dict (default: the paper's rank 128 / alpha 256 /
         dropout 0.05 on every linear layer of the language model); ``target_modules`` defaults to
         all linear layers of the language model. The processor is loaded from the same place when
-        not given and travels with the model.
+        not given and travels with the model. ``max_length``: the token budget of a sequence
+        (None: the backbone's context; captions are cut from their end). ``min_pixels`` /
+        ``max_pixels``: the image area range of a dynamic-resolution backbone (Qwen2/2.5/3-VL;
+        None: its processor's own).
         """
         if isinstance(backbone, (str, os.PathLike)):
             reference = str(backbone)
@@ -235,8 +320,10 @@ class LlavaRewardModel(PreTrainedModel):
             )
         text_config = cfg.get_text_config()
         family = family_for(cfg.model_type)
+        budget = {"min_pixels": min_pixels, "max_pixels": max_pixels}
         if isinstance(processor, RewardProcessor):
             proc = processor
+            proc.family.set_pixel_budget(min_pixels, max_pixels)
         elif processor is not None:  # an official processor object
             proc = RewardProcessor(
                 processor.tokenizer,
@@ -245,6 +332,7 @@ class LlavaRewardModel(PreTrainedModel):
                 chat_template=getattr(processor, "chat_template", None),
                 max_length=max_length,
                 padding_side=padding_side,
+                **budget,
             )
         elif reference:
             proc = RewardProcessor.from_pretrained(
@@ -253,6 +341,7 @@ class LlavaRewardModel(PreTrainedModel):
                 trust_remote_code=trust_remote_code,
                 max_length=max_length,
                 padding_side=padding_side,
+                **budget,
             )
         else:
             raise ValueError(
@@ -275,6 +364,8 @@ class LlavaRewardModel(PreTrainedModel):
             max_length=proc.max_length,
             padding_side=proc.padding_side,
             trust_remote_code=trust_remote_code,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
         )
         reward = cls(config, model, proc)
         for name in perspectives:
@@ -327,9 +418,33 @@ class LlavaRewardModel(PreTrainedModel):
             else:
                 self.backbone = get_peft_model(self.backbone, peft_config, adapter_name=name)
         head = RewardHead(
-            self.config.hidden_size, spec.get("head_dim", 1), spec.get("skipca", True)
+            self.config.hidden_size,
+            spec.get("head_dim", 1),
+            spec.get("skipca", True),
+            spec.get("norm_eps", 1e-6),
         )
         self.heads[name] = head.to(next(iter(self._base.parameters())).device)
+        self._keep_trainable_fp32(name)
+
+    def _projector_copies(self, name: str) -> list[nn.Module]:
+        """Perspective ``name``'s copy of the vision projector (peft ``modules_to_save``)."""
+        suffix = (
+            f"{self.family.projector}.modules_to_save.{name}" if self.family.projector else None
+        )
+        if suffix is None:
+            return []
+        return [m for n, m in self.backbone.named_modules() if n.endswith(suffix)]
+
+    def _keep_trainable_fp32(self, name: str) -> None:
+        """Perspective ``name``'s trainable weights in float32 however the backbone is stored: the
+        projector copy (:func:`keep_master_weights_fp32`), the LoRA weights (peft runs them in
+        their own dtype and casts back) and SkipCA + head (they compute in float32)."""
+        for module in self._projector_copies(name):
+            keep_master_weights_fp32(module)
+        for pname, p in self.backbone.named_parameters():
+            if f".{name}." in pname and "lora_" in pname and p.dtype in _HALF:
+                p.data = p.data.float()
+        self.heads[name].float()
 
     def add_perspective(
         self,
@@ -338,9 +453,12 @@ class LlavaRewardModel(PreTrainedModel):
         head_dim: int = 1,
         lora: dict | LoraConfig | None = None,
         train_projector: bool = True,
+        norm_eps: float = 1e-6,
         **lora_kwargs: Any,
     ) -> None:
-        """Add a perspective: a LoRA adapter (+ projector copy), its SkipCA and its head."""
+        """Add a perspective: a LoRA adapter (+ projector copy), its SkipCA and its head.
+
+        ``norm_eps``: SkipCA's RMSNorm epsilon (1e-6; the official Phi-3 / Llama heads use 1e-5)."""
         if not re.fullmatch(r"[A-Za-z0-9_\-]+", name) or name == "default":
             raise ValueError(
                 f"perspective name {name!r} must be letters, digits, '_' or '-' (and not 'default')."
@@ -359,6 +477,8 @@ class LlavaRewardModel(PreTrainedModel):
             "lora": _lora_dict(lora),
             "train_projector": bool(train_projector and self.family.projector),
         }
+        if norm_eps != 1e-6:
+            spec["norm_eps"] = norm_eps
         self._build_perspective(name, spec)
         perspectives = dict(self.config.perspectives)
         perspectives[name] = spec
@@ -415,6 +535,7 @@ class LlavaRewardModel(PreTrainedModel):
         for p in self.heads[perspective].parameters():
             p.requires_grad_(True)
             params.append(p)
+        self._keep_trainable_fp32(perspective)
         return params
 
     # ------------------------------------------------------------------ forward
@@ -571,6 +692,8 @@ class LlavaRewardModel(PreTrainedModel):
         existing = {}
         if (out / "config.json").is_file():
             existing = json.loads((out / "config.json").read_text()).get("perspectives", {}) or {}
+            if not save_backbone and set(existing) - set(names):  # perspectives stay beside ours
+                check_backbone(out, self.config.backbone)
         merged = dict(existing)
         merged.update({n: self.config.perspectives[n] for n in names})
         config["perspectives"] = merged
@@ -649,9 +772,15 @@ class LlavaRewardModel(PreTrainedModel):
         trust_remote_code: bool | None = None,
         perspectives: Sequence[str] | None = None,
         is_trainable: bool = False,
+        max_length: int | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
         **_: Any,
     ) -> LlavaRewardModel:
-        """Load a saved reward folder. ``backbone`` overrides the stored reference (e.g. a local copy)."""
+        """Load a saved reward folder. ``backbone`` overrides the stored reference (e.g. a local copy).
+
+        ``max_length``, ``min_pixels``, ``max_pixels`` override the saved token budget and Qwen
+        image area range (None: the saved ones)."""
         path = Path(pretrained_model_name_or_path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
@@ -672,7 +801,16 @@ class LlavaRewardModel(PreTrainedModel):
             if isinstance(backbone, (str, os.PathLike))
             else _drop_lm_head(backbone)
         )
-        processor = RewardProcessor.from_pretrained(path / PROCESSOR_DIR, base.config)
+        processor = RewardProcessor.from_pretrained(
+            path / PROCESSOR_DIR,
+            base.config,
+            max_length=max_length,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+        )
+        config.max_length = processor.max_length
+        if min_pixels is not None or max_pixels is not None:
+            config.min_pixels, config.max_pixels = processor.family.pixel_budget()
         names = list(perspectives or config.perspectives)
         for name in names:
             if name not in config.perspectives:
@@ -697,10 +835,17 @@ class LlavaRewardModel(PreTrainedModel):
                         adapter_name=name,
                         is_trainable=is_trainable,
                     )
-            head = RewardHead(config.hidden_size, spec.get("head_dim", 1), spec.get("skipca", True))
+            head = RewardHead(
+                config.hidden_size,
+                spec.get("head_dim", 1),
+                spec.get("skipca", True),
+                spec.get("norm_eps", 1e-6),
+            )
             head.load_state_dict(load_file(str(path / HEADS_DIR / f"{name}.safetensors")))
             model.heads[name] = head.to(next(iter(base.parameters())).device)
             model.config.perspectives = {**model.config.perspectives, name: spec}
+            if is_trainable:
+                model._keep_trainable_fp32(name)
         if not is_trainable:
             model.requires_grad_(False)
         return model.eval()

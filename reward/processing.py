@@ -1,22 +1,25 @@
 """`RewardProcessor`: (prompt, image) -> model inputs in LLaVA-Reward's format.
 
 The format (SPEC section 1): the image, then the caption, as one user turn with no instruction text
-and no assistant prefix, ending in the end-of-sequence token. When the tokenizer (or processor)
-has a chat template, the turn is rendered with it; otherwise the sequence is
-``[bos] <image tokens> caption eos``.
+and no assistant prefix, ending in the end-of-sequence token. The ids are what the backbone's own
+processor gives for that turn plus EOS: the family renders the turn with the chat template and
+tokenises it whole, the caption in context (the sequence hook, :mod:`reward.families.base`).
 
-Each sequence is assembled from token pieces: ``prefix + image tokens + middle + caption + suffix``,
-where ``suffix`` always ends in EOS. **Truncation rule**: when the sequence exceeds
-``max_length``, tokens are cut from the end of the caption only; the template tokens, every image
-token and the final EOS are always kept. If even an empty caption does not fit, a
-``ValueError`` says how many tokens the image alone needs.
+**Truncation rule**: a sequence longer than the budget loses tokens from the end of its caption
+only; the template tokens, every image token and the final EOS are always kept. The budget is
+``max_length`` when set, else the backbone's context: the smaller of the language model's
+``max_position_embeddings`` and the tokenizer's ``model_max_length``. A call that cuts captions
+warns once (:class:`CaptionTruncatedWarning`, naming how many). If even an empty caption does not
+fit, a ``ValueError`` says how many tokens the image alone needs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +27,16 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
-from .families import BackboneFamily, family_for
+from .families import BackboneFamily, EncodedTurn, family_for
+from .images import check_image_batch
 
-_CAPTION = "\ue000CAPTION\ue000"
 PROCESSOR_FILE = "reward_processor.json"
+#: tokenizers without a ``model_max_length`` report ``VERY_LARGE_INTEGER`` (1e30): not a limit.
+_NO_LIMIT = 10**12
+
+
+class CaptionTruncatedWarning(UserWarning):
+    """Captions were cut to fit the token budget (``max_length``)."""
 
 
 class RewardProcessor:
@@ -41,6 +50,8 @@ class RewardProcessor:
         chat_template: str | None = None,
         max_length: int | None = None,
         padding_side: str = "left",
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
     ):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -58,7 +69,10 @@ class RewardProcessor:
         self.pad_token_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
-        self._prefix, self._middle, self._suffix = self._template_pieces()
+        self.family.set_pixel_budget(min_pixels, max_pixels)
+        self._turn = self.family.render_turn(chat_template)
+        #: truncation counts of the calls inside :meth:`collect_truncations` (None: warn per call)
+        self._truncations: list[int] | None = None
 
     # ---------------------------------------------------------------- construction / saving
     @classmethod
@@ -116,54 +130,81 @@ class RewardProcessor:
 
     # ---------------------------------------------------------------- the sequence format
     def _encode(self, text: str) -> list[int]:
+        """``text`` tokenised alone, without special tokens (for length estimates only: the
+        model's ids come from :meth:`encode`, which tokenises the caption in context)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def _template_pieces(self) -> tuple[list[int], list[int], list[int]]:
-        tok = self.tokenizer
-        img = self.family.template_image_text
-        rendered = None
-        if self.chat_template:
-            messages = [
-                {
-                    "role": "user",
-                    "content": [{"type": "image"}, {"type": "text", "text": _CAPTION}],
-                }
-            ]
-            try:
-                rendered = tok.apply_chat_template(
-                    messages,
-                    chat_template=self.chat_template,
-                    tokenize=False,
-                    add_generation_prompt=False,
-                )
-            except Exception:
-                rendered = None
-        if rendered is not None and img in rendered and _CAPTION in rendered:
-            before_img, rest = rendered.split(img, 1)
-            middle, suffix = rest.split(_CAPTION, 1)
-            suffix = suffix.rstrip()
-        else:  # no usable chat template: [bos] <image> caption eos
-            before_img = tok.bos_token or ""
-            middle, suffix = "", ""
-        prefix_ids = self._encode(before_img)
-        suffix_ids = self._encode(suffix)
-        if not suffix_ids or suffix_ids[-1] != tok.eos_token_id:
-            suffix_ids = suffix_ids + [tok.eos_token_id]
-        return prefix_ids, self._encode(middle), suffix_ids
+    @property
+    def context_length(self) -> int | None:
+        """The backbone's context: min of the language model's ``max_position_embeddings`` and the
+        tokenizer's ``model_max_length`` (None when neither is set)."""
+        limits = []
+        text_config = self.model_config
+        if hasattr(text_config, "get_text_config"):
+            text_config = text_config.get_text_config()
+        positions = getattr(text_config, "max_position_embeddings", None)
+        if positions:
+            limits.append(int(positions))
+        tok_max = getattr(self.tokenizer, "model_max_length", None)
+        if tok_max and tok_max < _NO_LIMIT:
+            limits.append(int(tok_max))
+        return min(limits) if limits else None
+
+    @property
+    def token_budget(self) -> int | None:
+        """The length a sequence is cut to: ``max_length`` if set, else :attr:`context_length`."""
+        return self.max_length if self.max_length is not None else self.context_length
+
+    def encode(self, caption: str, image_ids: list[int]) -> EncodedTurn:
+        """One (image, caption) turn, not truncated (the family's sequence hook)."""
+        return self.family.encode_turn(self._turn, caption, image_ids)
 
     def sequence_ids(self, caption: str, image_ids: list[int]) -> list[int]:
         """Token ids of one (image, caption) turn, truncated by the module's rule."""
-        caption_ids = self._encode(caption)
-        fixed = len(self._prefix) + len(image_ids) + len(self._middle) + len(self._suffix)
-        if self.max_length is not None:
-            budget = self.max_length - fixed
-            if budget < 0:
-                raise ValueError(
-                    f"max_length={self.max_length} is too small: the image and the template alone "
-                    f"need {fixed} tokens. Raise max_length (or lower the image resolution)."
-                )
-            caption_ids = caption_ids[:budget]
-        return self._prefix + image_ids + self._middle + caption_ids + self._suffix
+        return self._truncate([self.encode(caption, image_ids)])[0]
+
+    def _truncate(self, turns: list[EncodedTurn]) -> list[list[int]]:
+        """Each turn cut to :attr:`token_budget`; counts the captions cut (warns, see
+        :meth:`collect_truncations`)."""
+        budget = self.token_budget
+        if budget is None:
+            return [t.ids for t in turns]
+        cut = [t.truncated(budget) for t in turns]
+        n_cut = sum(len(c.ids) < len(t.ids) for c, t in zip(cut, turns))
+        if self._truncations is not None:
+            self._truncations[0] += n_cut
+            self._truncations[1] += len(turns)
+        elif n_cut:
+            self._warn_truncated(n_cut, len(turns))
+        return [c.ids for c in cut]
+
+    def _warn_truncated(self, n_cut: int, total: int) -> None:
+        source = (
+            f"max_length={self.max_length}"
+            if self.max_length is not None
+            else f"the backbone's context of {self.context_length} tokens"
+        )
+        warnings.warn(
+            f"{n_cut} of {total} captions were cut (from their end) to fit {source}; the image "
+            "tokens, the template and EOS are kept. Set max_length (--max_length) to change it.",
+            CaptionTruncatedWarning,
+            stacklevel=4,
+        )
+
+    @contextlib.contextmanager
+    def collect_truncations(self) -> Iterator[None]:
+        """Count cut captions over several calls and warn once at the end (a scorer call that
+        runs many batches warns once, naming the total)."""
+        if self._truncations is not None:  # nested: the outer block warns
+            yield
+            return
+        self._truncations = [0, 0]
+        try:
+            yield
+        finally:
+            (n_cut, total), self._truncations = self._truncations, None
+            if n_cut:
+                self._warn_truncated(n_cut, total)
 
     # ---------------------------------------------------------------- batching
     def _pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,10 +221,9 @@ class RewardProcessor:
         return ids, mask
 
     def _assemble(self, prompts: Sequence[str], pixel: dict[str, torch.Tensor]) -> dict:
-        sequences = [
-            self.sequence_ids(p, self.family.image_token_ids(pixel, i))
-            for i, p in enumerate(prompts)
-        ]
+        sequences = self._truncate(
+            [self.encode(p, self.family.image_token_ids(pixel, i)) for i, p in enumerate(prompts)]
+        )
         input_ids, attention_mask = self._pad(sequences)
         extra = self.family.model_inputs(input_ids, attention_mask, pixel)
         return {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
@@ -196,8 +236,7 @@ class RewardProcessor:
 
     def from_tensors(self, prompts: Sequence[str], images: torch.Tensor) -> dict:
         """Model inputs for ``images: Tensor[N, 3, H, W]`` in ``[0, 1]``, differentiable in the pixels."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be Tensor[N, 3, H, W], got shape {tuple(images.shape)}.")
+        check_image_batch(images)
         if len(prompts) != images.shape[0]:
             raise ValueError(
                 f"got {len(prompts)} prompts for {images.shape[0]} images; pass one each."

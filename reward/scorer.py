@@ -8,6 +8,10 @@
 
 Scores are the raw head outputs (logits): ``sigmoid(r)`` is a probability for unpaired heads (e.g.
 P(safe)); for paired heads only differences are meaningful, and ``P(a > b) = sigmoid((r_a - r_b) / tau)``.
+
+Without a perspective every method (and the ``llava_reward`` registry entry and the
+``llava-reward`` command line) uses :func:`default_perspective`: the folder's only perspective,
+else ``overall`` when it has one, else an error that lists the perspectives to choose from.
 """
 
 from __future__ import annotations
@@ -17,11 +21,36 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from .images import ImageInputError, ImageLike, load_images
+from .images import ImageInputError, ImageLike, check_image_batch, load_images
 from .losses import pairwise_probability
 from .modeling import LlavaRewardModel
 
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
+
+
+class PerspectiveNotChosenError(ValueError):
+    """No perspective was named and the model holds several, none of them ``overall``."""
+
+
+def default_perspective(perspectives: Sequence[str]) -> str:
+    """The perspective used when none is named: the only one, else ``"overall"`` when present.
+
+    Raises :class:`PerspectiveNotChosenError` (listing the perspectives) otherwise.
+    """
+    names = list(perspectives)
+    if len(names) == 1:
+        return names[0]
+    if "overall" in names:
+        return "overall"
+    if not names:
+        raise PerspectiveNotChosenError(
+            "the model holds no perspective; train one with recipes/train_reward.py."
+        )
+    raise PerspectiveNotChosenError(
+        f"the model holds the perspectives {', '.join(names)} and none is 'overall', so none is "
+        f"the default: name one, e.g. perspective={names[0]!r} (--perspective {names[0]} on the "
+        "command line)."
+    )
 
 
 def default_device_dtype(
@@ -73,7 +102,11 @@ class RewardScorer:
         dtype: torch.dtype | str | None = None,
         **kwargs,
     ) -> RewardScorer:
-        """Load a reward folder written by ``LlavaRewardModel.save_pretrained`` / the recipes."""
+        """Load a reward folder written by ``LlavaRewardModel.save_pretrained`` / the recipes.
+
+        ``kwargs`` go to :meth:`LlavaRewardModel.from_pretrained`: e.g. ``max_length`` (the token
+        budget; default the saved one, else the backbone's context), ``min_pixels`` /
+        ``max_pixels`` (Qwen's image area range; default the saved one)."""
         dev, dt = default_device_dtype(device, dtype)
         model = LlavaRewardModel.from_pretrained(path, torch_dtype=dt, **kwargs)
         return cls(model, dev, dt)
@@ -81,6 +114,11 @@ class RewardScorer:
     @property
     def perspectives(self) -> list[str]:
         return self.model.perspectives
+
+    @property
+    def default_perspective(self) -> str:
+        """What ``perspective=None`` means here (:func:`default_perspective`)."""
+        return default_perspective(self.perspectives)
 
     # ------------------------------------------------------------------ scoring
     def _prompts_for(self, prompts: str | Sequence[str], n: int) -> list[str]:
@@ -107,16 +145,18 @@ class RewardScorer:
         self,
         prompts: str | Sequence[str],
         images: Sequence[ImageLike] | torch.Tensor,
-        perspective: str = "overall",
+        perspective: str | None = None,
         batch_size: int = 16,
     ) -> torch.Tensor:
-        """Rewards ``Tensor[N]`` (``[N, 2]`` for GPM heads) of ``images`` under ``perspective``.
+        """Rewards ``Tensor[N]`` (``[N, 2]`` for GPM heads) of ``images`` under ``perspective``
+        (default: :attr:`default_perspective`).
 
         ``images``: PIL images, paths, bytes or tensors (``[3, H, W]`` in ``[0, 1]``), or a
         ``Tensor[N, 3, H, W]``. ``prompts``: one per image, or one for all. Batches are sorted by
         caption length to cut padding; results come back in input order.
         """
-        return self.score_perspectives(prompts, images, [perspective], batch_size)[perspective]
+        name = self.default_perspective if perspective is None else perspective
+        return self.score_perspectives(prompts, images, [name], batch_size)[name]
 
     @torch.inference_mode()
     def score_perspectives(
@@ -137,36 +177,45 @@ class RewardScorer:
         lengths = [len(self.processor._encode(p)) for p in prompts]
         order = sorted(range(n), key=lambda i: lengths[i])
         results: dict[str, list[torch.Tensor | None]] = {p: [None] * n for p in perspectives}
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            inputs = self._inputs_to_device(
-                self.processor([prompts[i] for i in idx], [pil[i] for i in idx])
-            )
-            batch = self.model.forward_perspectives(
-                **inputs, perspectives=perspectives, mixed=self.mixed_adapters
-            )
-            for p in perspectives:
-                rewards = batch[p].float().cpu()
-                for j, i in enumerate(idx):
-                    results[p][i] = rewards[j]
+        with self.processor.collect_truncations():  # one warning per call, naming the count
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                inputs = self._inputs_to_device(
+                    self.processor([prompts[i] for i in idx], [pil[i] for i in idx])
+                )
+                batch = self.model.forward_perspectives(
+                    **inputs, perspectives=perspectives, mixed=self.mixed_adapters
+                )
+                for p in perspectives:
+                    rewards = batch[p].float().cpu()
+                    for j, i in enumerate(idx):
+                        results[p][i] = rewards[j]
         return {p: torch.stack(v) for p, v in results.items()}
 
     def compare(
-        self, prompt: str, image_a: ImageLike, image_b: ImageLike, perspective: str = "overall"
+        self,
+        prompt: str,
+        image_a: ImageLike,
+        image_b: ImageLike,
+        perspective: str | None = None,
     ) -> float:
         """P(a preferred over b) = ``sigmoid((r_a - r_b) / tau)`` (the GPM form for 2-d heads)."""
         r = self.score([prompt, prompt], [image_a, image_b], perspective)
         return float(pairwise_probability(r[:1], r[1:], self.tau)[0])
 
     def rank(
-        self, prompt: str, images: Sequence[ImageLike], perspective: str = "overall"
+        self, prompt: str, images: Sequence[ImageLike], perspective: str | None = None
     ) -> tuple[list[int], torch.Tensor]:
         """Indices of ``images`` best first, and their rewards (in input order)."""
         r = self.score(prompt, images, perspective)
         return torch.argsort(r, descending=True).tolist(), r
 
     # ------------------------------------------------------------------ reward functions
-    def _weights(self, perspective_or_weights: str | Mapping[str, float]) -> dict[str, float]:
+    def _weights(
+        self, perspective_or_weights: str | Mapping[str, float] | None
+    ) -> dict[str, float]:
+        if perspective_or_weights is None:
+            perspective_or_weights = self.default_perspective
         if isinstance(perspective_or_weights, str):
             weights = {perspective_or_weights: 1.0}
         else:
@@ -182,6 +231,7 @@ class RewardScorer:
     ) -> torch.Tensor:
         """``sum_p w_p r_p(images)``, ``images [N, 3, H, W]`` in ``[0, 1]`` -> ``[N]``, with a graph
         to the pixels (the backbone's preprocessing runs in torch)."""
+        check_image_batch(images)  # before the float32 cast: names a wrong dtype as such
         prompts = self._prompts_for(prompts, images.shape[0])
         inputs = self.processor.from_tensors(prompts, images.to(self.device, torch.float32))
         inputs = self._inputs_to_device(inputs)
@@ -193,20 +243,25 @@ class RewardScorer:
 
     def as_reward_fn(
         self,
-        perspective_or_weights: str | Mapping[str, float] = "overall",
+        perspective_or_weights: str | Mapping[str, float] | None = None,
         differentiable: bool = False,
         batch_size: int = 16,
     ) -> RewardFn:
         """``fn(images: Tensor[N, 3, H, W] in [0, 1], prompts: list[str]) -> Tensor[N]``.
 
         ``perspective_or_weights``: a perspective name or ``{"alignment": 1.0, "fidelity": 0.5}``
-        (a weighted sum of rewards). ``differentiable=True``: gradients reach the pixels (the
+        (a weighted sum of rewards); None: :attr:`default_perspective`. ``differentiable=True``: gradients reach the pixels (the
         image preprocessing is written in torch). Otherwise the images are scored frozen, in batches.
         """
         weights = self._weights(perspective_or_weights)
-        torch_path = self.processor.family.has_torch_preprocessing()
+        # frozen scores through the torch preprocessing when it reproduces the processor exactly
+        torch_path = self.processor.family.supports_torch_preprocessing()
 
         def reward_fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+            with self.processor.collect_truncations():  # one warning per call
+                return _reward(images, prompts)
+
+        def _reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
             if differentiable:
                 return self.differentiable_rewards(images, prompts, weights)
             out = []

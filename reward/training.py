@@ -49,9 +49,9 @@ from PIL import Image
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .data import detect_format, load_image_ref, load_reward_data
+from .data import ON_ERROR_HELP, load_image_ref, load_reward_data, write_skipped
 from .losses import bradley_terry_loss, gpm_loss, paired_bce_loss, unpaired_bce_loss
-from .modeling import LlavaRewardModel
+from .modeling import LlavaRewardModel, check_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -221,27 +221,28 @@ def mix_datasets(datasets_: Sequence[Any]) -> Any:
 def read_reward_files(
     paths: str | os.PathLike | Sequence[str | os.PathLike],
     keep_ties: bool = False,
+    skipped_file: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> tuple[Any, list[dict]]:
     """Read data files of any supported format (auto-detected per file) into one dataset.
 
     Ties are dropped unless ``keep_ties`` (training: drop; evaluation: keep). Paired and unpaired
-    files are mixed with :func:`mix_datasets`. Returns ``(dataset, [read report dicts])``.
+    files are mixed with :func:`mix_datasets`. ``kwargs`` go to the readers (``on_error``,
+    ``image_root``, ...); ``skipped_file``: where the skipped records of all files are written
+    (``reward.data.write_skipped``). Returns ``(dataset, [read report dicts])``.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     parts, reports = [], []
     for path in paths:
-        fmt = detect_format(path)
-        opts = dict(kwargs)
-        if fmt != "unpaired":
-            opts["keep_ties"] = keep_ties
-        ds, report = load_reward_data(path, format=fmt, **opts)
+        ds, report = load_reward_data(path, keep_ties=keep_ties, **kwargs)
         parts.append(ds)
-        reports.append(report.as_dict(max_skipped=20))
+        reports.append(report)
     if not parts:
         raise ValueError("no data files given.")
-    return mix_datasets(parts), reports
+    if skipped_file is not None:
+        write_skipped(skipped_file, reports)
+    return mix_datasets(parts), [r.as_dict(max_skipped=20) for r in reports]
 
 
 def split_kinds(dataset: Any) -> dict[str, Any]:
@@ -734,12 +735,13 @@ TINY_BACKBONE_DIR = "tiny_backbone"
 class RewardScriptArguments:
     """What ``recipes/train_reward.py`` builds: backbone, perspective head / LoRA, data."""
 
-    backbone: str = field(
-        default=TINY_BACKBONE,
+    backbone: str | None = field(
+        default=None,
         metadata={
             "help": "Backbone: a hub id, a local folder, or 'tiny-llava' (a tiny random LLaVA "
             "built in code and saved into OUTPUT_DIR/tiny_backbone; for tests and demos). "
-            "Ignored when OUTPUT_DIR already holds a reward model (its backbone is reused)."
+            "Default: the backbone of the reward model in OUTPUT_DIR, else tiny-llava. Naming "
+            "another backbone than the one OUTPUT_DIR's model is built on is an error."
         },
     )
     trust_remote_code: bool = field(
@@ -774,6 +776,10 @@ class RewardScriptArguments:
     image_root: str | None = field(
         default=None, metadata={"help": "Folder for relative image paths (default: the file's)."}
     )
+    on_error: str = field(
+        default="skip",
+        metadata={"help": ON_ERROR_HELP.format(skipped="skipped_<train|eval>.jsonl")},
+    )
     lora_r: int = field(default=128, metadata={"help": "LoRA rank (paper: 128)."})
     lora_alpha: int = field(default=256, metadata={"help": "LoRA alpha (paper: 256)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (paper: 0.05)."})
@@ -789,7 +795,22 @@ class RewardScriptArguments:
         default=1, metadata={"help": "Head width: 1 (bt / paired_bce / unpaired) or 2 (gpm)."}
     )
     max_length: int | None = field(
-        default=None, metadata={"help": "Token budget per sequence (captions are cut to fit)."}
+        default=None,
+        metadata={
+            "help": "Token budget per sequence; longer captions are cut from their end "
+            "(default: the backbone's context)."
+        },
+    )
+    min_pixels: int | None = field(
+        default=None,
+        metadata={"help": "Qwen2/2.5/3-VL: smallest image area (default: the processor's own)."},
+    )
+    max_pixels: int | None = field(
+        default=None,
+        metadata={
+            "help": "Qwen2/2.5/3-VL: largest image area, the visual-token budget (default: the "
+            "processor's own)."
+        },
     )
     overwrite_perspective: bool = field(
         default=False,
@@ -878,6 +899,8 @@ def build_reward_model(
         stored = LlavaRewardConfig.from_pretrained(out)
         if stored.model_type != LlavaRewardConfig.model_type:
             raise ValueError(f"{out} holds a {stored.model_type} model, not a reward model.")
+        given = script.backbone
+        check_backbone(out, out / TINY_BACKBONE_DIR if given == TINY_BACKBONE else given)
         resuming = args.resume_from_checkpoint not in (None, False, "", "false", "False")
         if script.continue_perspective:
             if name not in stored.perspectives:
@@ -906,8 +929,9 @@ def build_reward_model(
         )
         model.add_perspective(name, **spec)
         return model
-    backbone = script.backbone
-    if backbone == TINY_BACKBONE:
+    backbone = script.backbone or TINY_BACKBONE
+    tiny = backbone == TINY_BACKBONE
+    if tiny:
         from .testing import save_tiny_backbone
 
         local = out / TINY_BACKBONE_DIR
@@ -925,10 +949,12 @@ def build_reward_model(
         head_dim=script.head_dim,
         train_projector=script.train_projector,
         max_length=script.max_length,
+        min_pixels=script.min_pixels,
+        max_pixels=script.max_pixels,
         torch_dtype=dtype,
         trust_remote_code=script.trust_remote_code,
     )
-    if script.backbone == TINY_BACKBONE:
+    if tiny:
         model.config.backbone = TINY_BACKBONE_DIR  # relative to the reward folder
     return model
 
@@ -950,16 +976,26 @@ def load_reward_datasets(
             if not (train_path.is_file() and eval_path.is_file()):
                 write_toy_data(folder, task, n, n_eval, seed=args.seed)
         files, eval_files = [str(train_path)], eval_files or [str(eval_path)]
-    kwargs = {"image_root": script.image_root} if script.image_root else {}
-    train, reports = read_reward_files(files, keep_ties=False, **kwargs)
+    kwargs: dict[str, Any] = {"on_error": script.on_error}
+    if script.image_root:
+        kwargs["image_root"] = script.image_root
+    out = Path(args.output_dir)
+    saving = args.should_save  # the skipped records are written once, by the main process
+    train, reports = read_reward_files(
+        files, False, out / "skipped_train.jsonl" if saving else None, **kwargs
+    )
     if eval_files:
-        evald, more = read_reward_files(eval_files, keep_ties=True, **kwargs)
+        evald, more = read_reward_files(
+            eval_files, True, out / "skipped_eval.jsonl" if saving else None, **kwargs
+        )
         reports += more
-    elif script.eval_split > 0:
-        split = train.train_test_split(test_size=script.eval_split, seed=args.seed)
-        train, evald = split["train"], split["test"]
     else:
+        if saving:  # no eval files read: drop a stale list from an earlier run
+            write_skipped(out / "skipped_eval.jsonl", [])
         evald = None
+        if script.eval_split > 0:
+            split = train.train_test_split(test_size=script.eval_split, seed=args.seed)
+            train, evald = split["train"], split["test"]
     return train, evald, reports
 
 
@@ -982,66 +1018,8 @@ def finish_reward_training(
     return metrics
 
 
-@dataclass
-class EvalScriptArguments:
-    """What ``recipes/eval_reward.py`` evaluates: a reward folder on data files."""
-
-    model_dir: str = field(metadata={"help": "A LLaVA-Reward folder (save_pretrained / recipe)."})
-    data_file: list[str] = field(
-        metadata={"help": "Data files of any supported format (detected per file; ties kept)."}
-    )
-    perspective: list[str] = field(
-        default_factory=lambda: ["all"],
-        metadata={"help": "Perspectives to evaluate ('all': every one the folder holds)."},
-    )
-    output_dir: str | None = field(
-        default=None, metadata={"help": "Where reports go (default: MODEL_DIR/eval)."}
-    )
-    report_name: str = field(
-        default="eval_report", metadata={"help": "Reports are <name>_<perspective>.json / .md."}
-    )
-    image_root: str | None = field(
-        default=None, metadata={"help": "Folder for relative image paths (default: the file's)."}
-    )
-    batch_size: int = field(default=16, metadata={"help": "Scoring batch size."})
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda)."})
-    dtype: str | None = field(
-        default=None, metadata={"help": "float32, bfloat16 ... (default: bf16 on a GPU)."}
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow the backbone's own code (Phi-3.5-vision)."}
-    )
-
-
-def evaluate_reward_folder(script: EvalScriptArguments) -> dict[str, dict[str, Any]]:
-    """Score ``script.data_file`` with the folder's perspectives and write
-    ``<report_name>_<perspective>.json`` / ``.md`` per perspective; returns their metrics."""
-    from .scorer import RewardScorer
-
-    scorer = RewardScorer.from_pretrained(
-        script.model_dir,
-        device=script.device,
-        dtype=script.dtype,
-        trust_remote_code=script.trust_remote_code,
-    )
-    names = scorer.perspectives if script.perspective in (["all"], []) else script.perspective
-    kwargs = {"image_root": script.image_root} if script.image_root else {}
-    dataset, reports = read_reward_files(script.data_file, keep_ties=True, **kwargs)
-    out = Path(script.output_dir or Path(script.model_dir) / "eval")
-    results = {}
-    for name in names:
-        metrics = evaluate_dataset(scorer, dataset, name, script.batch_size)
-        metrics["data_files"] = [str(f) for f in script.data_file]
-        metrics["n_skipped_records"] = sum(r["n_skipped"] for r in reports)
-        write_reward_report(metrics, out, f"{script.report_name}_{name}", name)
-        results[name] = metrics
-    return results
-
-
 __all__ = [
-    "EvalScriptArguments",
     "evaluate_dataset",
-    "evaluate_reward_folder",
     "RewardScriptArguments",
     "build_reward_model",
     "finish_reward_training",

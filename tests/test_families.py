@@ -1,9 +1,12 @@
-"""Every backbone family (LLaVA, Qwen2-VL, Idefics3) end to end, on tiny random backbones built in
-code, saved to a folder and loaded through the real ``from_pretrained`` path.
+"""Every backbone family (LLaVA, Qwen2-VL, Qwen3-VL, Idefics3) end to end, on tiny random backbones
+built in code with tokenizers of the real kinds (SentencePiece for LLaVA, byte-level BPE for Qwen
+and Idefics3; :mod:`reward.testing`), saved to a folder and loaded through the real
+``from_pretrained`` path.
 
 Per family:
 
-- the input ids hold exactly the image-token expansion of the official processor;
+- the input ids equal the official processor's for the official LLaVA-Reward text
+  (tests/_official.py; tests/test_sequences.py covers more captions and tokenizers);
 - the torch (differentiable) preprocessing matches the official PIL image processor within
   :data:`PIXEL_TOL` (normalised units; measured values next to it);
 - the differentiable reward has finite, non-zero pixel gradients and agrees with the frozen
@@ -23,6 +26,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from _official import official_inputs
 from PIL import Image
 
 from reward import LlavaRewardModel, RewardScorer
@@ -31,7 +35,14 @@ from reward.processing import RewardProcessor
 from reward.testing import save_tiny_backbone
 
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
-FAMILIES = ["llava", "qwen2_vl", "idefics3"]
+FAMILIES = ["llava", "qwen2_vl", "qwen3_vl", "idefics3"]
+#: the tokenizer kind each family's real checkpoints use
+TOKENIZERS = {
+    "llava": "sentencepiece",
+    "qwen2_vl": "bytelevel",
+    "qwen3_vl": "bytelevel",
+    "idefics3": "bytelevel",
+}
 CAPTION = "a red circle on the left of the big tree"
 PROMPTS = ["a red circle", "a blue square on the left of the big tree", "dog"]
 #: (height, width) of the test images: non-square, square, wide.
@@ -44,8 +55,9 @@ EXACT_PIXEL_TOL = 1e-6
 #: ``emulate_8bit=False`` (plain float resampling): max |torch - official| of ``pixel_values`` in
 #: normalised units on 8-bit noise images of 45x37 and 64x64 (noise is the worst case; one grey
 #: level is 1/255/std ~ 0.015). Measured: llava 0.0150 (bicubic, CLIP std), qwen2_vl 0.0157
-#: (bicubic), idefics3 0.0126 with splitting (three Lanczos resizes), 0.0109 without.
-FLOAT_PIXEL_TOL = {"llava": 0.02, "qwen2_vl": 0.02, "idefics3": 0.02}
+#: (bicubic), qwen3_vl the same, idefics3 0.0126 with splitting (three Lanczos resizes), 0.0109
+#: without.
+FLOAT_PIXEL_TOL = {"llava": 0.02, "qwen2_vl": 0.02, "qwen3_vl": 0.02, "idefics3": 0.02}
 #: max |differentiable - frozen reward| (exact mode) on 8-bit images. Measured 0.0 for every
 #: family (the same pixel values and token ids go through the same model).
 REWARD_TOL = 1e-5
@@ -86,7 +98,9 @@ def _with_processor(proc: RewardProcessor, **changes) -> RewardProcessor:
 @pytest.fixture(scope="module", params=FAMILIES)
 def setup(request, tmp_path_factory):
     family = request.param
-    backbone = save_tiny_backbone(family, tmp_path_factory.mktemp(family))
+    backbone = save_tiny_backbone(
+        family, tmp_path_factory.mktemp(family), tokenizer=TOKENIZERS[family]
+    )
     torch.manual_seed(0)
     model = LlavaRewardModel.from_backbone(
         backbone, perspectives=("overall", "safety"), lora_config=LORA
@@ -106,55 +120,17 @@ def setup(request, tmp_path_factory):
     )
 
 
-def _rendered_turn(proc: RewardProcessor, caption: str) -> str:
-    """The chat template's user turn (image + caption), as LLaVA-Reward uses it (ends in EOS)."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": caption}]}]
-    text = proc.tokenizer.apply_chat_template(
-        messages, chat_template=proc.chat_template, tokenize=False
-    )
-    return text.rstrip()
-
-
 def _official_ids(proc: RewardProcessor, family: str, image: Image.Image) -> list[int]:
-    """The ids the family's official processor gives for the same turn."""
-    tokenizer = copy.deepcopy(proc.tokenizer)
-    text = _rendered_turn(proc, CAPTION)
-    if family == "llava":
-        from transformers import LlavaProcessor
-
-        vision = proc.model_config.vision_config
-        official = LlavaProcessor(
-            image_processor=proc.image_processor,
-            tokenizer=tokenizer,
-            patch_size=vision.patch_size,
-            vision_feature_select_strategy=proc.model_config.vision_feature_select_strategy,
-            num_additional_image_tokens=1,  # CLIP's class token
-        )
-        return official(text=[text], images=[image], return_tensors="pt")["input_ids"][0].tolist()
-    if family == "idefics3":
-        from transformers import Idefics3Processor
-
-        official = Idefics3Processor(
-            image_processor=proc.image_processor,
-            tokenizer=tokenizer,
-            image_seq_len=proc.family.image_seq_len,
-        )
-        out = official(text=[text], images=[[image]], return_tensors="pt")
-        return out["input_ids"][0].tolist()
-    # Qwen2VLProcessor cannot be built here (its video processor needs torchvision): use its own
-    # expansion rule, unbound, on the official image processor's grid.
-    from transformers import Qwen2VLProcessor
-
-    grid = proc.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
-    merge = proc.image_processor.merge_size
-    expansion = Qwen2VLProcessor.replace_image_token(
-        SimpleNamespace(image_processor=proc.image_processor, image_token="<|image_pad|>"),
-        {"image_grid_thw": grid},
-        0,
+    """The ids the family's official processor gives for the official LLaVA-Reward text."""
+    out = official_inputs(
+        copy.deepcopy(proc.tokenizer),
+        proc.image_processor,
+        proc.model_config,
+        proc.chat_template,
+        CAPTION,
+        image,
     )
-    assert expansion.count("<|image_pad|>") == int(grid[0].prod()) // merge**2
-    text = text.replace("<|image_pad|>", expansion)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return out["input_ids"][0].tolist()
 
 
 def _processors(setup) -> list[RewardProcessor]:
@@ -197,7 +173,7 @@ def test_image_tokens_match_the_official_processor(setup, size):
         assert ours == official
         assert ours[-1] == proc.tokenizer.eos_token_id
         n_image = ours.count(proc.family.image_token_id)
-        if setup.family == "qwen2_vl":
+        if setup.family.startswith("qwen"):
             grid = proc.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
             assert n_image == int(grid[0].prod()) // proc.image_processor.merge_size**2
             start = ours.index(proc.model_config.vision_start_token_id)
@@ -350,7 +326,9 @@ def test_skipca_ignores_padded_visual_positions(setup):
 
 @pytest.mark.parametrize("family,model_type", [("qwen2_vl", "qwen2_5_vl"), ("idefics3", "smolvlm")])
 def test_sibling_model_types(family, model_type, tmp_path):
-    backbone = save_tiny_backbone(family, tmp_path / model_type, model_type=model_type)
+    backbone = save_tiny_backbone(
+        family, tmp_path / model_type, model_type=model_type, tokenizer=TOKENIZERS[family]
+    )
     model = LlavaRewardModel.from_backbone(backbone, perspectives=("overall",), lora_config=LORA)
     assert model._base.config.model_type == model_type
     scorer = RewardScorer(model)

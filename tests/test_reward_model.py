@@ -11,7 +11,7 @@ from PIL import Image
 
 from reward import ImageInputError, LlavaRewardModel, RewardScorer, UnknownPerspectiveError
 from reward.modeling import gather_visual_tokens, masked_skip_cross_attention
-from reward.processing import RewardProcessor
+from reward.processing import CaptionTruncatedWarning, RewardProcessor
 from reward.testing import save_tiny_backbone
 
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
@@ -128,7 +128,8 @@ def test_truncation_keeps_image_tokens_and_eos(scorer):
     short = RewardProcessor(
         proc.tokenizer, proc.image_processor, proc.model_config, proc.chat_template, max_length=30
     )
-    cut = short.sequence_ids(long_caption, [7] * 16)
+    with pytest.warns(CaptionTruncatedWarning, match="1 of 1 captions were cut"):
+        cut = short.sequence_ids(long_caption, [7] * 16)
     assert len(cut) == 30 < len(full)
     assert cut.count(7) == 16 and cut[-1] == proc.tokenizer.eos_token_id
     assert cut[:-1] == full[: len(cut) - 1]  # only the caption's tail is cut

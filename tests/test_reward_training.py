@@ -386,7 +386,10 @@ def test_eval_recipe_writes_reports_that_match_in_memory_scores(backbone_dir, to
     assert (tmp_path / "eval/eval_report_alignment.md").read_text().startswith("# alignment")
 
 
-@pytest.mark.parametrize("name", ["reward_qwen2_5_vl_7b", "reward_phi3_5_vision", "reward_tiny"])
+@pytest.mark.parametrize(
+    "name",
+    ["reward_qwen2_5_vl_7b", "reward_phi3_5_vision", "reward_llava_next_vicuna_13b", "reward_tiny"],
+)
 def test_configs_parse_with_the_paper_optimiser(name, tmp_path):
     from trl import TrlParser
 

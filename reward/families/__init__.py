@@ -12,15 +12,27 @@ A family knows three things about its backbone:
    processor's bit for bit (tests/test_families.py); without it they are about one grey level
    away (max 0.016 in normalised units on noise images);
 3. the token ids that stand for image ``i`` in the text (:meth:`BackboneFamily.image_token_ids`),
-   i.e. the image placeholder expanded the way that family's processor expands it.
+   i.e. the image placeholder expanded the way that family's processor expands it;
+4. the ids of one (image, caption) turn, equal to the official processor's (the sequence hook:
+   :meth:`BackboneFamily.render_turn` and :meth:`BackboneFamily.encode_turn`, described in
+   :mod:`reward.families.base`).
 
 Families are looked up by the backbone's ``config.model_type`` in :data:`FAMILIES`: ``llava``,
-``qwen2_vl`` / ``qwen2_5_vl`` and ``idefics3`` / ``smolvlm`` (with and without image splitting).
-One module per family (``llava``, ``qwen2_vl``, ``idefics3``); each registers its class on import.
+``qwen2_vl`` / ``qwen2_5_vl``, ``qwen3_vl``, ``idefics3`` / ``smolvlm`` (with and without image
+splitting), ``llava_next`` (LLaVA-1.6, anyres) and ``phi3_v`` (Phi-3.5-vision, native port). One
+module per family (``llava``, ``llava_next``, ``qwen2_vl``, ``qwen3_vl``, ``idefics3``,
+``phi3_v``); each registers its class on import.
 A new family is a :class:`BackboneFamily` subclass in a module of its own, imported here.
 """
 
-from .base import FAMILIES, BackboneFamily, family_for, register_family
+from .base import (
+    FAMILIES,
+    BackboneFamily,
+    EncodedTurn,
+    TurnText,
+    family_for,
+    register_family,
+)
 from .idefics3 import Idefics3Family
 from .image_ops import (
     center_crop,
@@ -32,14 +44,22 @@ from .image_ops import (
     resize_pil,
 )
 from .llava import LlavaFamily
+from .llava_next import LlavaNextFamily
+from .phi3_v import Phi3VFamily
 from .qwen2_vl import Qwen2VLFamily, qwen2_vl_smart_resize
+from .qwen3_vl import Qwen3VLFamily
 
 __all__ = [
     "FAMILIES",
     "BackboneFamily",
+    "EncodedTurn",
     "Idefics3Family",
     "LlavaFamily",
+    "LlavaNextFamily",
+    "Phi3VFamily",
     "Qwen2VLFamily",
+    "Qwen3VLFamily",
+    "TurnText",
     "center_crop",
     "family_for",
     "normalize",

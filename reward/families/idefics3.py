@@ -10,8 +10,10 @@ from PIL import Image
 
 from .base import BackboneFamily, register_family
 from .image_ops import (
+    COMMON_TORCH_OPTIONS,
     _rescale_normalize,
     _size_get,
+    check_torch_options,
     quantize_8bit,
     resample_kind,
     resize_pil,
@@ -64,6 +66,16 @@ class Idefics3Family(BackboneFamily):
         # the string starts and ends with special tokens, so it tokenizes alone as in context
         return tok(text, add_special_tokens=False)["input_ids"]
 
+    #: image-processor options the torch path reproduces; ``do_pad`` pads the images of a batch to
+    #: one tile count and size, which a tensor batch (one size) has already;
+    #: ``return_row_col_info`` only adds the layout, which this path returns anyway.
+    torch_options = COMMON_TORCH_OPTIONS | {
+        "do_pad",
+        "do_image_splitting",
+        "max_image_size",
+        "return_row_col_info",
+    }
+
     def pixel_inputs_torch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``Idefics3ImageProcessor`` in torch (Lanczos resizes, with or without splitting).
 
@@ -80,6 +92,7 @@ class Idefics3Family(BackboneFamily):
         )
 
         ip = self.image_processor
+        check_torch_options(ip, self.torch_options, type(self).__name__)
         kind = resample_kind(ip, "lanczos")
         tile = int(_size_get(ip.max_image_size, "longest_edge"))
         n, c, h, w = images.shape

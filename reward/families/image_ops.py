@@ -4,9 +4,11 @@ resampling and 8-bit rounding reproduced in torch, crop, rescale and normalise."
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import math
+from collections.abc import Collection, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -27,14 +29,126 @@ def resize_bicubic(images: torch.Tensor, height: int, width: int) -> torch.Tenso
 
 
 def center_crop(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Center crop as the processors do: ``top = (H - height) // 2``, ``left = (W - width) // 2``."""
+    """Center crop as transformers' ``center_crop``: ``top = (H - height) // 2``,
+    ``left = (W - width) // 2``; a crop larger than the image first pads it with zeros, the image
+    placed at ``ceil(pad / 2)`` from the top / left."""
     h, w = images.shape[-2:]
-    if height > h or width > w:
-        pad_h, pad_w = max(height - h, 0), max(width - w, 0)
-        images = F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
-        h, w = images.shape[-2:]
     top, left = (h - height) // 2, (w - width) // 2
+    if top < 0 or left < 0:
+        new_h, new_w = max(height, h), max(width, w)
+        pad_top, pad_left = math.ceil((new_h - h) / 2), math.ceil((new_w - w) / 2)
+        images = F.pad(images, (pad_left, new_w - w - pad_left, pad_top, new_h - h - pad_top))
+        top, left = top + pad_top, left + pad_left
     return images[..., top : top + height, left : left + width]
+
+
+def pad_to_square(images: torch.Tensor, fill: Sequence[float]) -> torch.Tensor:
+    """LLaVA's ``pad_to_square``: ``[N, C, H, W] -> [N, C, S, S]``, ``S = max(H, W)``, the image
+    centred (``(S - short) // 2`` before it), the rest filled with ``fill[c]`` per channel."""
+    n, c, h, w = images.shape
+    if h == w:
+        return images
+    size = max(h, w)
+    before = (size - min(h, w)) // 2
+    after = size - min(h, w) - before
+    value = torch.as_tensor(list(fill), dtype=images.dtype, device=images.device).view(1, c, 1, 1)
+    if w > h:
+        parts = [value.expand(n, c, before, w), images, value.expand(n, c, after, w)]
+        return torch.cat(parts, dim=2)
+    parts = [value.expand(n, c, h, before), images, value.expand(n, c, h, after)]
+    return torch.cat(parts, dim=3)
+
+
+def pad_bottom_right(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The processors' batch ``pad`` to ``pad_size``: zeros after the image (bottom, right)."""
+    h, w = images.shape[-2:]
+    if height < h or width < w:
+        raise ValueError(
+            f"pad_size ({height}x{width}) is smaller than the image ({h}x{w}); raise pad_size."
+        )
+    return F.pad(images, (0, width - w, 0, height - h))
+
+
+def resize_output_size(height: int, width: int, size: Any) -> tuple[int, int]:
+    """The ``(height, width)`` that transformers' PIL backend ``resize`` gives for ``size``:
+    ``shortest_edge`` (+ ``longest_edge``: the long side capped, aspect kept), ``max_height`` +
+    ``max_width``, or ``height`` + ``width``; computed by transformers' own helpers."""
+    from transformers.image_transforms import (
+        get_resize_output_image_size,
+        get_size_with_aspect_ratio,
+    )
+    from transformers.image_utils import ChannelDimension, get_image_size_for_max_height_width
+
+    short, long = _size_get(size, "shortest_edge"), _size_get(size, "longest_edge")
+    max_h, max_w = _size_get(size, "max_height"), _size_get(size, "max_width")
+    fixed_h, fixed_w = _size_get(size, "height"), _size_get(size, "width")
+    if short and long:
+        return tuple(get_size_with_aspect_ratio((height, width), short, long))
+    if short:
+        probe = np.empty((1, height, width), dtype=np.uint8)
+        return tuple(
+            get_resize_output_image_size(
+                probe, size=short, default_to_square=False, input_data_format=ChannelDimension.FIRST
+            )
+        )
+    if max_h and max_w:
+        return tuple(get_image_size_for_max_height_width((height, width), max_h, max_w))
+    if fixed_h and fixed_w:
+        return int(fixed_h), int(fixed_w)
+    raise ValueError(
+        f"the image processor's size {size!r} has none of shortest_edge, max_height/max_width or "
+        "height/width; the differentiable preprocessing cannot resize to it."
+    )
+
+
+#: options every family's torch path reproduces (``do_convert_rgb``: the input is RGB already)
+COMMON_TORCH_OPTIONS = frozenset(
+    {
+        "do_convert_rgb",
+        "do_resize",
+        "size",
+        "resample",
+        "do_rescale",
+        "rescale_factor",
+        "do_normalize",
+        "image_mean",
+        "image_std",
+    }
+)
+
+#: keys of an image processor's ``to_dict()`` that are bookkeeping, not preprocessing options
+_NOT_OPTIONS = frozenset(
+    {"image_processor_type", "processor_class", "auto_map", "_processor_class", "backend"}
+)
+
+
+def check_torch_options(image_processor: Any, handled: Collection[str], family: str) -> None:
+    """Refuse an image processor that sets an option the differentiable path does not implement.
+
+    Every entry of ``image_processor.to_dict()`` that is set (not None / False) must be in
+    ``handled`` (the options the family's torch preprocessing reproduces, or that the processor
+    itself ignores); otherwise a ``ValueError`` names the options, so that the differentiable
+    reward never silently diverges from the frozen one.
+    """
+    try:
+        options = image_processor.to_dict()
+    except Exception:  # not a transformers image processor: its public attributes
+        options = {k: v for k, v in vars(image_processor).items() if not k.startswith("_")}
+    unknown = [
+        f"{key}={value!r}"
+        for key, value in options.items()
+        if key not in handled
+        and key not in _NOT_OPTIONS
+        and value is not None
+        and value is not False
+    ]
+    if unknown:
+        raise ValueError(
+            f"the differentiable preprocessing of {family} does not implement the image processor "
+            f"option(s) {', '.join(sorted(unknown))}; its torch path would differ from "
+            f"{type(image_processor).__name__}. Unset them, or score without gradients "
+            "(as_reward_fn(differentiable=False) on PIL images)."
+        )
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -141,10 +255,18 @@ def _pil_vertical_first(h: int, w: int, height: int, width: int) -> bool:
 _PIL_PRECISION_BITS = 22
 
 
+def to_8bit_levels(images: torch.Tensor) -> torch.Tensor:
+    """``[0, 1]`` floats -> 8-bit levels ``floor(255 x + 0.5)`` (halves round up), clipped to
+    ``[0, 255]``, in the input's float dtype (no gradient). The one rounding rule of the project for
+    float images: the PIL path (:func:`reward.images.to_pil`) and the differentiable path
+    (:func:`quantize_8bit`) both use it, so they see the same 8-bit image."""
+    return torch.floor(images.detach().clamp(0.0, 1.0) * 255.0 + 0.5)
+
+
 def quantize_8bit(images: torch.Tensor) -> torch.Tensor:
-    """Round ``[0, 1]`` values to the 8-bit grid (``floor(255 x + 0.5) / 255``, clipped) with a
+    """Round ``[0, 1]`` values to the 8-bit grid (:func:`to_8bit_levels` / 255) with a
     straight-through gradient: the forward value is the rounded one, the gradient is identity."""
-    rounded = torch.floor(images.detach().clamp(0.0, 1.0) * 255.0 + 0.5) / 255.0
+    rounded = to_8bit_levels(images) / 255.0
     return images + (rounded - images).detach()
 
 
@@ -163,7 +285,7 @@ def _resample_pass(x: torch.Tensor, matrix: torch.Tensor, axis: str, exact: bool
     fixed = torch.where(
         matrix < 0, torch.trunc(matrix * one - 0.5), torch.trunc(matrix * one + 0.5)
     )
-    pixels = torch.floor(x.detach().double().clamp(0.0, 1.0) * 255.0 + 0.5)
+    pixels = to_8bit_levels(x.double())
     total = torch.einsum(spec, pixels, fixed.to(x.device)) + one / 2
     out = (torch.floor(total / one).clamp(0.0, 255.0) / 255.0).to(y.dtype)
     return y + (out - y).detach()

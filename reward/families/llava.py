@@ -6,11 +6,16 @@ import torch
 
 from .base import BackboneFamily, register_family
 from .image_ops import (
+    COMMON_TORCH_OPTIONS,
+    _rescale_normalize,
     _size_get,
     center_crop,
-    normalize,
+    check_torch_options,
+    pad_bottom_right,
+    pad_to_square,
     quantize_8bit,
     resample_kind,
+    resize_output_size,
     resize_pil,
 )
 
@@ -34,26 +39,44 @@ class LlavaFamily(BackboneFamily):
     def image_token_ids(self, pixel_inputs: dict[str, torch.Tensor], index: int) -> list[int]:
         return [self.image_token_id] * self.num_image_tokens()
 
+    #: image-processor options the torch path reproduces (CLIPImageProcessor,
+    #: LlavaImageProcessor); any other option that is set is refused (``check_torch_options``).
+    torch_options = COMMON_TORCH_OPTIONS | {
+        "default_to_square",
+        "do_center_crop",
+        "crop_size",
+        "do_pad",
+        "pad_size",
+    }
+
     def pixel_inputs_torch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``CLIPImageProcessor`` / ``LlavaImageProcessor`` in torch, in the processors' order.
+
+        ``do_pad`` of ``LlavaImageProcessor`` (it has ``pad_to_square``): pad to a square with the
+        colour ``int(255 * image_mean)`` first; ``do_pad`` of other processors: zeros after the
+        image up to ``pad_size`` at the end (without ``pad_size`` the batch shares one size, so
+        nothing to pad). Then resize (``size``: shortest edge (+ longest edge), max height/width,
+        or height/width; bilinear/bicubic/Lanczos as PIL), center crop (zero padding when the crop
+        is larger), rescale, normalise. ``images [N, 3, H, W]`` -> ``pixel_values [N, 3, h, w]``.
+        """
         ip = self.image_processor
+        check_torch_options(ip, self.torch_options, type(self).__name__)
         x = quantize_8bit(images) if self.emulate_8bit else images
-        h, w = x.shape[-2:]
+        do_pad = bool(getattr(ip, "do_pad", False))
+        square = do_pad and hasattr(ip, "pad_to_square")
+        if square:
+            mean = getattr(ip, "image_mean", None)
+            fill = [int(m * 255) / 255.0 for m in mean] if mean else [0.0] * x.shape[1]
+            x = pad_to_square(x, fill)
         if getattr(ip, "do_resize", True):
-            short = _size_get(ip.size, "shortest_edge")
-            if short is not None:
-                # transformers' get_resize_output_image_size: the short side to `short`, the long
-                # side to int(short * long / short_side) (truncated).
-                if w <= h:
-                    new_w, new_h = short, int(short * h / w)
-                else:
-                    new_h, new_w = short, int(short * w / h)
-            else:
-                new_h, new_w = _size_get(ip.size, "height"), _size_get(ip.size, "width")
+            new_h, new_w = resize_output_size(*x.shape[-2:], ip.size)
             x = resize_pil(x, new_h, new_w, resample_kind(ip, "bicubic"), self.emulate_8bit)
         if getattr(ip, "do_center_crop", False):
             x = center_crop(x, _size_get(ip.crop_size, "height"), _size_get(ip.crop_size, "width"))
-        if getattr(ip, "do_normalize", True):
-            x = normalize(x, ip.image_mean, ip.image_std)
+        x = _rescale_normalize(x, ip)
+        pad_size = getattr(ip, "pad_size", None)
+        if do_pad and not square and pad_size is not None:
+            x = pad_bottom_right(x, _size_get(pad_size, "height"), _size_get(pad_size, "width"))
         return {"pixel_values": x}
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from .base import BackboneFamily, register_family
+from .base import BackboneFamily, TurnText, register_family
 from .image_ops import (
+    COMMON_TORCH_OPTIONS,
     _rescale_normalize,
     _size_get,
+    check_torch_options,
     quantize_8bit,
     resample_kind,
     resize_pil,
@@ -39,11 +41,54 @@ class Qwen2VLFamily(BackboneFamily):
     template_image_text = "<|vision_start|><|image_pad|><|vision_end|>"
     pixel_keys = ("pixel_values", "image_grid_thw")
 
+    def render_turn(self, chat_template: str | None) -> TurnText:
+        """The template's user turn without the default system turn that Qwen2-VL's template
+        writes before it: the official LLaVA-Reward input is
+        ``<|im_start|>user\n<|vision_start|><|image_pad|>...<|vision_end|>{caption}<|im_end|>``
+        (no system turn, no BOS; SPEC section 6)."""
+        turn = super().render_turn(chat_template)
+        user = turn.before.find("<|im_start|>user")
+        if user > 0:
+            turn = TurnText(turn.before[user:], turn.between, turn.after)
+        return turn
+
     def _token_id(self, attr: str, token: str) -> int:
         token_id = getattr(self.model_config, attr, None)
         if token_id is None:
             token_id = self.tokenizer.convert_tokens_to_ids(token)
         return int(token_id)
+
+    def pixel_budget(self) -> tuple[int, int]:
+        """``(min_pixels, max_pixels)``: the image processor's ``size`` (``shortest_edge``,
+        ``longest_edge``; older processors: ``min_pixels``, ``max_pixels``)."""
+        size = self.image_processor.size
+        low = _size_get(size, "shortest_edge") or _size_get(size, "min_pixels")
+        high = _size_get(size, "longest_edge") or _size_get(size, "max_pixels")
+        return int(low), int(high)
+
+    def set_pixel_budget(self, min_pixels: int | None, max_pixels: int | None) -> None:
+        """Resize images into ``[min_pixels, max_pixels]`` pixels (``smart_resize``), in the PIL
+        and the torch path alike; one visual token per ``(patch * merge)^2`` pixels. None keeps the
+        processor's own bound (the backbone folder's, which the released weights saw)."""
+        low, high = self.pixel_budget()
+        low = low if min_pixels is None else int(min_pixels)
+        high = high if max_pixels is None else int(max_pixels)
+        factor = int(self.image_processor.patch_size) * self.merge_size
+        if not 0 < low <= high:
+            raise ValueError(
+                f"need 0 < min_pixels <= max_pixels, got min_pixels={low}, max_pixels={high}."
+            )
+        if high < factor * factor:
+            raise ValueError(
+                f"max_pixels={high} is below one visual token ({factor}x{factor} = "
+                f"{factor * factor} pixels for patch {factor // self.merge_size} x merge "
+                f"{self.merge_size}); raise it."
+            )
+        ip = self.image_processor
+        ip.size = {"shortest_edge": low, "longest_edge": high}
+        for name, value in (("min_pixels", low), ("max_pixels", high)):
+            if hasattr(ip, name):
+                setattr(ip, name, value)
 
     @property
     def merge_size(self) -> int:
@@ -66,6 +111,21 @@ class Qwen2VLFamily(BackboneFamily):
         out["mm_token_type_ids"] = (input_ids == self.image_token_id).to(torch.int32)
         return out
 
+    #: image-processor options the torch path reproduces; ``do_center_crop``, ``crop_size``,
+    #: ``do_pad`` and ``pad_size`` have no effect in ``Qwen2VLImageProcessor`` (its patches are
+    #: concatenated, never padded or cropped), so they are honoured by doing nothing.
+    torch_options = COMMON_TORCH_OPTIONS | {
+        "min_pixels",
+        "max_pixels",
+        "patch_size",
+        "temporal_patch_size",
+        "merge_size",
+        "do_center_crop",
+        "crop_size",
+        "do_pad",
+        "pad_size",
+    }
+
     def pixel_inputs_torch(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``Qwen2VLImageProcessor`` in torch: smart resize (bicubic), rescale/normalise, repeat
         in time to ``temporal_patch_size``, patchify in the processor's patch order.
@@ -75,14 +135,13 @@ class Qwen2VLFamily(BackboneFamily):
         [N, 3] = (1, gh, gw)``.
         """
         ip = self.image_processor
+        check_torch_options(ip, self.torch_options, type(self).__name__)
         p, m = int(ip.patch_size), self.merge_size
         t = int(getattr(ip, "temporal_patch_size", 2))
         n, c, h, w = images.shape
         x = quantize_8bit(images) if self.emulate_8bit else images
         if getattr(ip, "do_resize", True):
-            size = ip.size
-            min_px = _size_get(size, "shortest_edge") or _size_get(size, "min_pixels")
-            max_px = _size_get(size, "longest_edge") or _size_get(size, "max_pixels")
+            min_px, max_px = self.pixel_budget()
             h, w = qwen2_vl_smart_resize(h, w, p * m, min_px, max_px)
             x = resize_pil(x, h, w, resample_kind(ip, "bicubic"), self.emulate_8bit)
         x = _rescale_normalize(x, ip)
