@@ -198,9 +198,10 @@ def test_temporal_discount_weight_of_each_step_recovered_from_the_gradient(tmp_p
     basis = torch.stack(columns, dim=1).double()  # [P, 6]
     coef = torch.linalg.lstsq(basis, total.double().unsqueeze(1)).solution.flatten()
     residual = (basis @ coef - total.double()).norm() / total.double().norm()
-    assert residual < 1e-4  # the gradient lies in the span: measured 3e-7
+    assert residual < 1e-4  # the gradient lies in the span: measured 7.9e-6
     n_rows = 2 * 3
     weights = torch.tensor([-c * n_rows / adv[i] for (i, _), c in zip(keys, coef)]).reshape(2, 3)
     want = torch.tensor([1.0, 0.5, 0.25]).double() * 3 / 1.75  # 0.5^k, mean 1 over the 3 steps
-    # rows: samples; columns: denoising step k. Measured max relative error 2e-5.
-    torch.testing.assert_close(weights, want.expand(2, 3), rtol=1e-3, atol=0)
+    # rows: samples; columns: denoising step k. Measured max relative error 5e-4 (float32
+    # gradients); a weight on the wrong step is off by a factor of 2 or more.
+    torch.testing.assert_close(weights, want.expand(2, 3), rtol=5e-3, atol=0)

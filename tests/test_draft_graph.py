@@ -126,7 +126,7 @@ def test_refl_latent_is_the_one_step_x0_prediction_at_the_stop_step(policy):
         want = (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
         # not the DDIM step to the next latent (what a wrong ReFL would return)
         assert (want - traj.latents[:, stop + 1]).abs().max() > 0.01  # measured 0.056
-    torch.testing.assert_close(refl["latents"].detach(), want, atol=1e-5, rtol=0)  # 4.8e-7
+    torch.testing.assert_close(refl["latents"].detach(), want, atol=1e-5, rtol=0)  # 0.0
     torch.testing.assert_close(
         refl["images"].detach(), policy.decode(want).detach(), atol=1e-5, rtol=0
     )
