@@ -90,3 +90,18 @@ def test_weighted_reductions_by_hand():
     torch.testing.assert_close(
         bradley_terry_loss(rc, rr, weights=[2.0, 0.0, 1.0]), bradley_terry_loss(rc, rr, weights=w)
     )
+
+
+def test_gpm_and_paired_bce_defaults_and_weights():
+    c = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    r = torch.tensor([[0.0, 0.2], [0.1, 0.0]])
+    # GPM logit (c0 r1 - c1 r0) / tau with the default tau 0.1: 2.0 and -1.0
+    per = gpm_loss(c, r, reduction="none")
+    torch.testing.assert_close(per, torch.tensor([math.log1p(math.exp(-2.0)), math.log1p(math.e)]))
+    w = torch.tensor([3.0, 1.0])
+    torch.testing.assert_close(gpm_loss(c, r, weights=w), (3 * per[0] + per[1]) / 4)
+    rc, rr = torch.tensor([0.0, 1.0]), torch.tensor([0.0, -1.0])
+    per_bce = paired_bce_loss(rc, rr, reduction="none")
+    torch.testing.assert_close(
+        paired_bce_loss(rc, rr, weights=w), (3 * per_bce[0] + per_bce[1]) / 4
+    )
