@@ -204,12 +204,15 @@ def test_differentiable_reward_fn_by_name(tmp_path):
     assert differentiable_reward_fn("brightness") is mean_brightness
     images = torch.rand(2, 3, 24, 20, generator=torch.Generator().manual_seed(3))
     prompts = ["a cat", "a dog"]
-    torch.testing.assert_close(
-        differentiable_reward_fn("jpeg_compressibility")(images, prompts),
-        get_reward_fn("jpeg_compressibility")(images, prompts),
-        atol=0,
-        rtol=0,
-    )
+    for kw in ({}, {"quality": 20}):  # keyword arguments reach the registry's factory
+        torch.testing.assert_close(
+            differentiable_reward_fn("jpeg_compressibility", **kw)(images, prompts),
+            get_reward_fn("jpeg_compressibility", **kw)(images, prompts),
+            atol=0,
+            rtol=0,
+        )
+    low = differentiable_reward_fn("jpeg_compressibility", quality=20)(images, prompts)
+    assert (low - get_reward_fn("jpeg_compressibility")(images, prompts)).abs().max() > 0
     torch.manual_seed(0)
     model = LlavaRewardModel.from_backbone(
         save_tiny_backbone("llava", tmp_path / "bb"),

@@ -124,12 +124,13 @@ def test_gaussian_terms_and_errors_use_both_means():
 
 
 def test_defaults_of_the_losses_and_the_toy_reward():
-    mw, ml = torch.tensor([0.1000, 0.2000]), torch.tensor([0.1002, 0.2000])
+    # exact in float32: model_err_w - model_err_l = -2^-11, so logits (2^-12, 0)
+    mw, ml = torch.tensor([0.5, 0.25]), torch.tensor([0.5 + 2**-11, 0.25])
     ref = torch.tensor([0.1, 0.2])
-    # default beta 5000 (with the 1/2 inside): logits (0.0001, 0) -> beta * logits (0.5, 0)
+    # default beta 5000 (with the 1/2 inside): beta * logits = (5000 / 4096, 0)
     loss, acc = diffusion_dpo_loss(mw, ml, ref, ref)
-    want = (math.log1p(math.exp(-0.5)) + math.log(2)) / 2
-    assert loss.item() == pytest.approx(want, rel=1e-4) and acc.item() == 0.5
+    want = (math.log1p(math.exp(-5000 / 4096)) + math.log(2)) / 2
+    assert loss.item() == pytest.approx(want, rel=1e-6) and acc.item() == 0.5
     small, _ = diffusion_dpo_loss(mw, ml, ref, ref, beta=0.5)  # any positive beta is allowed
     assert small.item() == pytest.approx(math.log(2), rel=1e-4)
     r = torch.tensor([0.5, 1.5])
