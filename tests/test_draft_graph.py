@@ -243,3 +243,32 @@ def test_differentiable_reward_fn_by_name(tmp_path):
     # (the two perspectives differ, so the default really is "overall")
     gap = frozen.score(prompts, images, "overall") - frozen.score(prompts, images, "safety")
     assert gap.abs().max() > 1e-4
+
+
+def test_llava_reward_by_name_passes_device_and_dtype_and_freezes_the_scorer(tmp_path, monkeypatch):
+    """The scorer is built with the given device and dtype (default: this machine's device) and
+    frozen, so DRaFT's backward reaches the pixels, never the reward model's weights."""
+    from alignment.draft import differentiable_reward_fn
+    from reward.modeling import LlavaRewardModel
+    from reward.scorer import RewardScorer
+    from reward.testing import save_tiny_backbone
+
+    torch.manual_seed(0)
+    LlavaRewardModel.from_backbone(
+        save_tiny_backbone("llava", tmp_path / "bb"), lora_config={"r": 4, "lora_alpha": 8}
+    ).save_pretrained(tmp_path / "rm")
+    built = []
+    real = RewardScorer.from_pretrained
+
+    def spy(path, device=None, dtype=None, **kw):
+        built.append((device, dtype))
+        scorer = real(path, device="cpu", dtype=dtype, **kw)
+        built.append(scorer)
+        return scorer
+
+    monkeypatch.setattr(RewardScorer, "from_pretrained", staticmethod(spy))
+    differentiable_reward_fn("llava_reward", path=str(tmp_path / "rm"), device="cpu:0")
+    assert built[0] == ("cpu:0", None)
+    assert not any(p.requires_grad for p in built[1].model.parameters())
+    differentiable_reward_fn("llava_reward", path=str(tmp_path / "rm"), dtype=torch.float32)
+    assert built[2] == ("cuda" if torch.cuda.is_available() else "cpu", torch.float32)
