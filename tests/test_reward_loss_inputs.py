@@ -60,6 +60,8 @@ def test_column_rewards_are_scalar_rewards_and_any_positive_tau_works():
     y = torch.tensor([1.0, 0.0])
     torch.testing.assert_close(unpaired_bce_loss(rc, y[:, None]), unpaired_bce_loss(rc, y))
     torch.testing.assert_close(unpaired_bce_loss(rc[:, None], y), unpaired_bce_loss(rc, y))
+    # default tau 0.1: (0.3 - 0.1) / 0.1 = 2, (-0.2 - 0.4) / 0.1 = -6
+    torch.testing.assert_close(preference_logit(rc, rr), torch.tensor([2.0, -6.0]))
     # tau 0.5: (0.3 - 0.1) / 0.5 = 0.4, (-0.2 - 0.4) / 0.5 = -1.2
     torch.testing.assert_close(preference_logit(rc, rr, tau=0.5), torch.tensor([0.4, -1.2]))
     # integer labels are labels too: BCE(0.3, 1) = softplus(-0.3)
