@@ -18,9 +18,10 @@ $(PY):
 
 # torch first, and the CPU build when no torch is importable: a plain `pip install torch` (or a
 # dependency that asks for it) would otherwise pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml | $(PY)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+# constraints.txt pins the versions CI tested (the ranges stay in pyproject.toml).
+$(STAMP): pyproject.toml constraints.txt | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q -c constraints.txt torch
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	@# DeepSpeed compiles its CPU shared-memory comm op on first use (~1-2 min): do it once here
 	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 || true
 	touch $(STAMP)

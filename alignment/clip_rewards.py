@@ -72,11 +72,13 @@ class ClipScorer:
         dtype: str | torch.dtype | None = None,
     ) -> ClipScorer:
         """Load a ``CLIPModel`` (hub id or folder) and the ``CLIPProcessor`` of ``processor``
-        (default: the model's own). ``device``: default CUDA when available; ``dtype``: e.g.
-        ``"bfloat16"`` (default: as saved)."""
+        (default: the model's own). ``device``: default this process's GPU (else the CPU);
+        ``dtype``: e.g. ``"bfloat16"`` (default: as saved)."""
         from transformers import CLIPModel, CLIPProcessor
 
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        from reward.guards import process_device
+
+        device = device or process_device()
         try:
             clip = CLIPModel.from_pretrained(model, torch_dtype=_dtype(dtype))
             proc = CLIPProcessor.from_pretrained(processor or model)

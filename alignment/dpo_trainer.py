@@ -16,8 +16,12 @@ Pairs come from one of two sources:
   ``reward_margin`` (``pairing: margin``). The sampled clean latents are used directly (no VAE
   round trip). The pair buffer is not checkpointed: a resumed run samples fresh pairs first.
 
-Offline pairs are read as a deterministic stream over shuffled epochs indexed by the optimiser
-step, so a resumed run continues with the pairs the uninterrupted run would have used.
+Offline pairs are read as one deterministic stream over shuffled epochs, indexed by the global
+sample position (the processes take consecutive slices; the trainer state counts the samples
+drawn), and each pair's noise and timestep come from a stream keyed by that position
+(:mod:`alignment.seeding`): a resumed run continues with the pairs the uninterrupted run would
+have used, on any number of processes. ``build_data`` samples on every process (its share of the
+prompts) and the main process writes the manifest.
 Diffusion-DPO assumes the UNet denoises its own images (a pre-trained model); on a randomly
 initialised UNet the implicit accuracy rises without the samples following the preference.
 
@@ -34,17 +38,22 @@ seeds. Checkpoints, resume and export are the shared ones (:mod:`alignment.train
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from alignment.dpo import LOSS_TYPES, denoising_target, diffusion_dpo_loss, per_image_error
-from alignment.trainer_utils import PolicyTrainConfig, PolicyTrainerBase, parse_json_kwargs
+from alignment.trainer_utils import (
+    PolicyTrainConfig,
+    PolicyTrainerBase,
+    parse_json_kwargs,
+    reduce_metrics,
+)
+from reward.guards import NonFiniteError
 
 
 @dataclass
@@ -75,7 +84,8 @@ class DPOConfig(PolicyTrainConfig):
         default=False,
         metadata={
             "help": "If `data` does not exist, first write it as a pair manifest of the initial "
-            "policy's samples ranked by `reward` (tiny runs and tests)."
+            "policy's samples ranked by `reward` (tiny runs and tests); a relative `data` path "
+            "is then taken under output_dir."
         },
     )
     build_data_offset: float = field(
@@ -151,14 +161,31 @@ class DPOConfig(PolicyTrainConfig):
     tracker_project: str = field(default="diffusion-dpo", metadata={"help": "Tracker project."})
     output_dir: str = field(default="outputs/dpo", metadata={"help": "Run folder."})
 
+    RANGES: ClassVar[dict[str, str]] = {
+        "max_pairs": ">= 1",
+        "resolution": ">= 8",
+        "build_data_offset": ">= 0",
+        "images_per_prompt": ">= 2",
+        "prompts_per_refresh": ">= 1",
+        "refresh_every": ">= 1",
+        "reward_margin": ">= 0",
+        "num_steps": ">= 1",
+        "eta": ">= 0",
+        "guidance_scale": ">= 0",
+        "sample_batch_size": ">= 1",
+        "beta": "> 0",
+        "eval_every": ">= 0",
+        "eval_prompts": ">= 1",
+        "eval_seeds": ">= 1",
+    }
+
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.reward_kwargs = parse_json_kwargs(self.reward_kwargs, "reward_kwargs")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
         if self.pairing not in ("best_worst", "margin"):
             raise ValueError(f"pairing must be 'best_worst' or 'margin', got {self.pairing!r}.")
-        if self.images_per_prompt < 2:
-            raise ValueError("images_per_prompt must be at least 2 to form a pair.")
 
     @property
     def online(self) -> bool:
@@ -175,19 +202,23 @@ def select_pairs(
 
     ``best_worst``: ``(argmax, argmin)`` per prompt; ``margin``: every ``(i, j)`` with
     ``r_i - r_j > margin``. Either way a pair is kept only if its gap exceeds ``margin`` (so exact
-    ties are never pairs).
+    ties are never pairs). Non-finite rewards (NaN, inf) never enter a pair.
     """
     out: list[tuple[int, int, int]] = []
     r = rewards.detach().float().cpu()
+    finite = torch.isfinite(r)
     for p in range(r.shape[0]):
         if pairing == "best_worst":
-            i, j = int(r[p].argmax()), int(r[p].argmin())
+            if not finite[p].any():
+                continue
+            i = int(torch.where(finite[p], r[p], float("-inf")).argmax())
+            j = int(torch.where(finite[p], r[p], float("inf")).argmin())
             if r[p, i] - r[p, j] > margin:
                 out.append((p, i, j))
         elif pairing == "margin":
             for i in range(r.shape[1]):
                 for j in range(r.shape[1]):
-                    if r[p, i] - r[p, j] > margin:
+                    if finite[p, i] and finite[p, j] and r[p, i] - r[p, j] > margin:
                         out.append((p, i, j))
         else:
             raise ValueError(f"unknown pairing {pairing!r}")
@@ -206,21 +237,27 @@ def sample_ranked(
     batch_size: int = 16,
     generator_seed: int | None = None,
     autocast: Any = None,
+    prompt_ids: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Sample ``N = images_per_prompt`` images for each of ``P`` prompts and score them.
 
     Returns ``{"latents": [P, N, C, h, w] (clean x_0), "images": [P, N, 3, H, W],
     "rewards": [P, N]}``. With ``generator_seed`` image ``n`` of prompt ``p`` is seeded with
-    ``generator_seed + p * N + n``.
+    ``generator_seed + prompt_ids[p] * N + n`` (``prompt_ids`` default ``0 .. P - 1``; a process
+    sampling its share of a larger prompt list passes the prompts' global indices, so the images
+    do not depend on how the list was shared out).
     """
-    flat = [p for p in prompts for _ in range(images_per_prompt)]
+    n_img = images_per_prompt
+    ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
+    flat = [p for p in prompts for _ in range(n_img)]
+    seeds = [ids[p] * n_img + n for p in range(len(prompts)) for n in range(n_img)]
     lat, imgs, rews = [], [], []
     for s in range(0, len(flat), batch_size):
         chunk = flat[s : s + batch_size]
         gens = None
         if generator_seed is not None:
             gens = [
-                torch.Generator().manual_seed(generator_seed + s + k) for k in range(len(chunk))
+                torch.Generator().manual_seed(generator_seed + k) for k in seeds[s : s + batch_size]
             ]
         ctx = autocast() if autocast is not None else torch.autocast("cpu", enabled=False)
         with ctx:
@@ -252,6 +289,7 @@ def build_pair_manifest(
     seed: int = 0,
     batch_size: int = 16,
     brightness_offset: float = 0.0,
+    accelerator: Any = None,
 ) -> Path:
     """Write a pair manifest (JSONL ``{prompt, chosen, rejected, id, reward_chosen,
     reward_rejected}``, PNG images in ``images/`` next to it) of ``policy``'s own samples ranked
@@ -260,39 +298,82 @@ def build_pair_manifest(
 
     ``brightness_offset = a > 0`` adds a uniform random offset in ``[-a, a]`` to every sampled
     image (clamped to [0, 1]) before it is scored: a photometric augmentation that widens the
-    spread of simple properties (a tiny random pipeline's images all have a mean near 0.5)."""
-    from reward.images import to_pil
+    spread of simple properties (a tiny random pipeline's images all have a mean near 0.5).
 
+    With ``accelerator`` (call it on every process then) each process samples its share of the
+    prompts (``prompts[rank::P]``, padded so that every process makes the same number of UNet
+    calls, as DeepSpeed ZeRO-3 needs); image ``n`` of prompt ``p`` is seeded by ``(seed, p, n)``
+    alone, so the manifest is the one a single process writes. The pairs and their PNG bytes are
+    gathered, and the main process writes the files.
+    """
+    rank, world = (
+        (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+    )
     path = Path(path)
-    img_dir = path.parent / "images"
-    img_dir.mkdir(parents=True, exist_ok=True)
+    n_img = images_per_prompt
+    ids = list(range(rank, len(prompts), world))
+    real = len(ids)
+    ids += [ids[0] if ids else 0] * (-(-len(prompts) // world) - real)  # pad: same UNet calls
     res = sample_ranked(
         policy,
-        prompts,
+        [prompts[p] for p in ids],
         reward_fn,
-        images_per_prompt,
+        n_img,
         num_steps,
         eta,
         guidance_scale,
         batch_size,
         generator_seed=seed,
+        prompt_ids=ids,
     )
-    if brightness_offset > 0:
+    ids = ids[:real]
+    res = {k: v[:real] for k, v in res.items()}
+    if brightness_offset > 0 and ids:
         g = torch.Generator().manual_seed(seed)
-        shape = res["images"].shape[:2]
-        off = (torch.rand(shape, generator=g) * 2 - 1) * brightness_offset
-        res["images"] = (res["images"] + off[..., None, None, None]).clamp(0, 1)
+        off = (torch.rand((len(prompts), n_img), generator=g) * 2 - 1) * brightness_offset
+        res["images"] = (res["images"] + off[ids][..., None, None, None]).clamp(0, 1)
         flat = res["images"].flatten(0, 1)
-        prompts_flat = [p for p in prompts for _ in range(shape[1])]
-        res["rewards"] = torch.as_tensor(reward_fn(flat, prompts_flat), dtype=torch.float32)
-        res["rewards"] = res["rewards"].reshape(shape)
+        prompts_flat = [prompts[p] for p in ids for _ in range(n_img)]
+        rewards = torch.as_tensor(reward_fn(flat, prompts_flat), dtype=torch.float32)
+        res["rewards"] = rewards.reshape(real, n_img)
+    found = []  # (global prompt, chosen, rejected, PNG bytes of both, rewards)
+    for p, i, j in select_pairs(res["rewards"], pairing, margin) if ids else []:
+        pngs = [_png_bytes(res["images"][p, n]) for n in (i, j)]
+        found.append((ids[p], i, j, pngs, float(res["rewards"][p, i]), float(res["rewards"][p, j])))
+    if accelerator is not None and world > 1:
+        from accelerate.utils import gather_object
+
+        found = gather_object(found)  # every process gets all of them
+    if not found:
+        raise ValueError("No pair has a reward gap above the margin: nothing to write.")
+    if accelerator is None or accelerator.is_main_process:
+        _write_manifest(path, prompts, sorted(found, key=lambda x: x[:3]))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return path
+
+
+def _png_bytes(image: torch.Tensor) -> bytes:
+    import io
+
+    from reward.images import to_pil
+
+    buf = io.BytesIO()
+    to_pil(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_manifest(path: Path, prompts: Sequence[str], found: list) -> None:
+    """The manifest and images of :func:`build_pair_manifest` (written atomically)."""
+    img_dir = path.parent / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
     lines = []
-    for k, (p, i, j) in enumerate(select_pairs(res["rewards"], pairing, margin)):
+    for k, (p, i, j, pngs, r_chosen, r_rejected) in enumerate(found):
         names = []
-        for n in (i, j):
+        for n, data in zip((i, j), pngs):
             name = f"p{p:04d}_{n:02d}.png"
             if not (img_dir / name).exists():
-                to_pil(res["images"][p, n]).save(img_dir / name)
+                (img_dir / name).write_bytes(data)
             names.append(f"images/{name}")
         lines.append(
             {
@@ -300,16 +381,13 @@ def build_pair_manifest(
                 "prompt": prompts[p],
                 "chosen": names[0],
                 "rejected": names[1],
-                "reward_chosen": float(res["rewards"][p, i]),
-                "reward_rejected": float(res["rewards"][p, j]),
+                "reward_chosen": r_chosen,
+                "reward_rejected": r_rejected,
             }
         )
-    if not lines:
-        raise ValueError("No pair has a reward gap above the margin: nothing to write.")
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
     tmp.replace(path)
-    return path
 
 
 def load_pair_dataset(
@@ -381,7 +459,8 @@ class DPOTrainer(PolicyTrainerBase):
     Args:
         config: the run's settings.
         policy: an existing :class:`~alignment.policy.DiffusionPolicy` (default: built).
-        reward_fn: a reward callable (default: ``get_reward_fn(config.reward, **reward_kwargs)``).
+        reward_fn: a reward callable (default: ``get_reward_fn(config.reward,
+            device=accelerator.device, **reward_kwargs)``).
         prompts: prompts for online pairs / build_data / evaluation (default: ``config.prompts``).
         dataset: an offline paired dataset (default: read from ``config.data``).
     """
@@ -402,7 +481,7 @@ class DPOTrainer(PolicyTrainerBase):
         self.reward_fn = reward_fn
         if self.reward_fn is None and cfg.reward:
             with self.frozen_outside_zero3():
-                self.reward_fn = get_reward_fn(cfg.reward, **cfg.reward_kwargs)
+                self.reward_fn = get_reward_fn(cfg.reward, **self.reward_kwargs(cfg.reward_kwargs))
         if self.reward_fn is None and (cfg.online or cfg.build_data or cfg.eval_every):
             raise ValueError(
                 "Online pairs, build_data and eval_every need a reward: set `reward` (e.g. "
@@ -418,44 +497,51 @@ class DPOTrainer(PolicyTrainerBase):
         self.dataset = dataset
         self._buffer: dict[str, Any] | None = None
         self._orders: dict[int, torch.Tensor] = {}
+        #: the preference file; with build_data a relative path lies under output_dir
+        self.data_path = cfg.data
+        if cfg.build_data and not cfg.online and not Path(cfg.data).is_absolute():
+            self.data_path = str(self.output_dir / cfg.data)
         if not cfg.online and self.dataset is None:
-            if cfg.build_data and not Path(cfg.data).exists():
-                if acc.is_main_process:
-                    Path(cfg.data).parent.mkdir(parents=True, exist_ok=True)
-                    build_pair_manifest(
-                        cfg.data,
-                        self.policy,
-                        self.prompts,
-                        self.reward_fn,
-                        cfg.images_per_prompt,
-                        cfg.pairing,
-                        cfg.reward_margin,
-                        cfg.num_steps,
-                        cfg.eta,
-                        cfg.guidance_scale,
-                        cfg.seed,
-                        cfg.sample_batch_size,
-                        cfg.build_data_offset,
-                    )
-                acc.wait_for_everyone()
+            if cfg.build_data and not Path(self.data_path).exists():
+                acc.print(f"Building the pair manifest {self.data_path} from the policy.")
+                # every process samples its share (the UNet may be sharded: ZeRO-3)
+                build_pair_manifest(
+                    self.data_path,
+                    self.policy,
+                    self.prompts,
+                    self.reward_fn,
+                    cfg.images_per_prompt,
+                    cfg.pairing,
+                    cfg.reward_margin,
+                    cfg.num_steps,
+                    cfg.eta,
+                    cfg.guidance_scale,
+                    cfg.seed,
+                    cfg.sample_batch_size,
+                    cfg.build_data_offset,
+                    accelerator=acc,
+                )
             self.dataset = load_pair_dataset(
-                cfg.data, cfg.data_format, cfg.image_root, cfg.max_pairs
+                self.data_path, cfg.data_format, cfg.image_root, cfg.max_pairs
             )
 
     # ------------------------------------------------------------------------------ data
     def _order(self, epoch: int) -> torch.Tensor:
         if epoch not in self._orders:
-            g = torch.Generator().manual_seed(self.config.seed + epoch)
+            from alignment.seeding import stream_generator
+
+            g = stream_generator(self.config.seed, "dpo_order", epoch)
             self._orders = {epoch: torch.randperm(len(self.dataset), generator=g)}
         return self._orders[epoch]
 
-    def offline_batch(self, micro_step: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-        """Micro-batch ``micro_step`` of this process: a deterministic stream over shuffled
-        epochs (so a resumed run continues where it stopped)."""
-        cfg, acc = self.config, self.accelerator
-        b, n = cfg.train_batch_size, len(self.dataset)
-        start = (micro_step * acc.num_processes + acc.process_index) * b
-        idx = [int(self._order(k // n)[k % n]) for k in range(start, start + b)]
+    def offline_batch(
+        self, sample_ids: Sequence[int]
+    ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """The pairs at global stream positions ``sample_ids``: position ``k`` is pair
+        ``order_e[k % n]`` of epoch ``e = k // n``, each epoch a fresh shuffle of the ``n``
+        pairs (:func:`alignment.seeding.stream_generator` ``(seed, "dpo_order", e)``)."""
+        acc, n = self.accelerator, len(self.dataset)
+        idx = [int(self._order(k // n)[k % n]) for k in sample_ids]
         rows = self.dataset[idx] if len(set(idx)) == len(idx) else None
         if rows is None:  # tiny data sets: a batch may wrap to the next epoch
             rows = {"prompt": [], "chosen": [], "rejected": []}
@@ -472,9 +558,20 @@ class DPOTrainer(PolicyTrainerBase):
         return list(rows["prompt"]), lat_w, lat_l
 
     def refresh_pairs(self) -> dict[str, float]:
-        """Sample and rank fresh online pairs from the current policy; returns their stats."""
+        """Sample and rank fresh online pairs from the current policy; returns their stats.
+
+        Prompt slot ``j`` of this refresh (``rank * prompts_per_refresh + i`` over all
+        processes) and its images are drawn from streams keyed by ``(seed, step, j)``."""
+        from alignment.seeding import stream_generator, stream_seed
+
         cfg, acc = self.config, self.accelerator
-        prompts = [random.choice(self.prompts) for _ in range(cfg.prompts_per_refresh)]
+        k = cfg.prompts_per_refresh
+        slots = range(acc.process_index * k, (acc.process_index + 1) * k)
+        step = self.global_step
+        gens = [stream_generator(cfg.seed, "dpo_online_prompt", step, j) for j in slots]
+        prompts = [
+            self.prompts[int(torch.randint(len(self.prompts), (), generator=g))] for g in gens
+        ]
         self.unet.eval()
         res = sample_ranked(
             self.policy,
@@ -485,44 +582,89 @@ class DPOTrainer(PolicyTrainerBase):
             cfg.eta,
             cfg.guidance_scale,
             cfg.sample_batch_size,
+            generator_seed=stream_seed(cfg.seed, "dpo_online_noise", self.global_step),
             autocast=acc.autocast,
+            prompt_ids=slots,
         )
-        pairs = select_pairs(res["rewards"], cfg.pairing, cfg.reward_margin)
-        if not pairs:  # every image scored the same: fall back to best-vs-worst without margin
-            pairs = select_pairs(res["rewards"], "best_worst", float("-inf"))
-        p, i, j = (torch.tensor(x) for x in zip(*pairs))
         r = res["rewards"]
-        self._buffer = {
-            "prompts": [prompts[k] for k in p.tolist()],
-            "latents_w": res["latents"][p, i].to(acc.device),
-            "latents_l": res["latents"][p, j].to(acc.device),
+        pairs = select_pairs(r, cfg.pairing, cfg.reward_margin)
+        if not pairs:  # every image scored the same: fall back to best-vs-worst without margin
+            pairs = select_pairs(r, "best_worst", float("-inf"))
+        # statistics over every process: the rewards gathered, the pairs' means weighted by count
+        all_r = acc.gather(r.to(acc.device)).cpu()
+        finite = all_r[torch.isfinite(all_r)]
+        stats = {
+            "online/reward_mean": float(finite.mean()) if finite.numel() else float("nan"),
+            "online/reward_std": float(finite.std()) if finite.numel() > 1 else float("nan"),
+            "rewards/nonfinite": float(all_r.numel() - finite.numel()),
         }
-        return {
-            "online/reward_mean": float(r.mean()),
-            "online/reward_std": float(r.std()),
-            "online/reward_chosen": float(r[p, i].mean()),
-            "online/reward_rejected": float(r[p, j].mean()),
-            "online/reward_margin": float((r[p, i] - r[p, j]).mean()),
-            "online/num_pairs": float(len(pairs)),
-        }
+        local = {"online/reward_chosen": 0.0, "online/reward_rejected": 0.0}
+        if pairs:
+            p, i, j = (torch.tensor(x) for x in zip(*pairs))
+            local = {
+                "online/reward_chosen": float(r[p, i].mean()),
+                "online/reward_rejected": float(r[p, j].mean()),
+            }
+            self._buffer = {
+                "prompts": [prompts[k] for k in p.tolist()],
+                "latents_w": res["latents"][p, i].to(acc.device),
+                "latents_l": res["latents"][p, j].to(acc.device),
+            }
+        elif self._buffer is None:
+            raise NonFiniteError(
+                f"No online pair: every reward of the {len(prompts)} prompts sampled at step "
+                f"{self.global_step} is non-finite (or all are equal). Check the reward."
+            )
+        local = reduce_metrics(acc, local, weight=len(pairs))
+        local["online/reward_margin"] = (
+            local["online/reward_chosen"] - local["online/reward_rejected"]
+        )
+        count = reduce_metrics(acc, {"online/num_pairs": len(pairs)}, sum_keys=["online/num_pairs"])
+        return {**stats, **local, **count}
 
-    def online_batch(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    def online_batch(
+        self, sample_ids: Sequence[int]
+    ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """Pairs of this process's buffer, drawn with replacement (one stream per position)."""
+        from alignment.seeding import stream_generator
+
         buf = self._buffer
         n = len(buf["prompts"])
-        idx = torch.randint(0, n, (self.config.train_batch_size,)).tolist()
+        seed = self.config.seed
+        idx = [
+            int(torch.randint(n, (), generator=stream_generator(seed, "dpo_online_batch", k)))
+            for k in sample_ids
+        ]
         return [buf["prompts"][k] for k in idx], buf["latents_w"][idx], buf["latents_l"][idx]
 
     # ------------------------------------------------------------------------------ loss
     def compute_loss(
-        self, prompts: list[str], lat_w: torch.Tensor, lat_l: torch.Tensor
+        self,
+        prompts: list[str],
+        lat_w: torch.Tensor,
+        lat_l: torch.Tensor,
+        sample_ids: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Diffusion-DPO loss of one micro-batch of pairs (shared noise and timestep per pair)."""
+        """Diffusion-DPO loss of one micro-batch of pairs (shared noise and timestep per pair).
+
+        With ``sample_ids`` (the pairs' global stream positions) pair ``k``'s noise and timestep
+        come from the stream ``(seed, "dpo_noise", k)``, whatever process draws it; without, from
+        the global torch RNG."""
         cfg, acc, policy = self.config, self.accelerator, self.policy
         sched = policy.scheduler
         b = lat_w.shape[0]
         embeds = policy.encode_prompts(prompts)
-        noise = torch.randn_like(lat_w)
-        t = torch.randint(0, sched.config.num_train_timesteps, (b,), device=lat_w.device)
+        n_train = sched.config.num_train_timesteps
+        if sample_ids is None:
+            noise = torch.randn_like(lat_w)
+            t = torch.randint(0, n_train, (b,), device=lat_w.device)
+        else:
+            from alignment.seeding import stream_generator
+
+            gens = [stream_generator(cfg.seed, "dpo_noise", k) for k in sample_ids]
+            noise = torch.stack([torch.randn(lat_w.shape[1:], generator=g) for g in gens])
+            t = torch.stack([torch.randint(0, n_train, (), generator=g) for g in gens])
+            noise, t = noise.to(lat_w.device, lat_w.dtype), t.to(lat_w.device)
         x0 = torch.cat([lat_w, lat_l])
         noise2, t2, emb2 = torch.cat([noise, noise]), torch.cat([t, t]), torch.cat([embeds, embeds])
         x_t = sched.add_noise(x0, noise2, t2)
@@ -560,7 +702,7 @@ class DPOTrainer(PolicyTrainerBase):
                 cfg.guidance_scale,
                 cfg.eta,
             )
-        return float(r.mean())
+        return float(r[torch.isfinite(r)].mean())
 
     def train(self) -> list[dict[str, float]]:
         """Run (or resume) training; checkpoint, log, export. Returns the per-step history."""
@@ -582,28 +724,23 @@ class DPOTrainer(PolicyTrainerBase):
                 online_stats = self.refresh_pairs()
             self.unet.train()
             infos = []
-            for a in range(ga):
-                if cfg.online:
-                    batch = self.online_batch()
-                else:
-                    batch = self.offline_batch(self.global_step * ga + a)
+            for _a in range(ga):
+                ids = self.next_sample_ids()
+                batch = self.online_batch(ids) if cfg.online else self.offline_batch(ids)
                 with acc.accumulate(self.unet):
-                    loss, info = self.compute_loss(*batch)
-                    acc.backward(loss)
-                    self.optimizer_step()
+                    loss, info = self.compute_loss(*batch, sample_ids=ids)
+                    self.backward_and_step(loss)
                 infos.append(info)
             self.global_step += 1
-            record: dict[str, float] = {"step": self.global_step}
-            for k in infos[0]:
-                v = torch.tensor(float(np.mean([i[k] for i in infos])), device=acc.device)
-                record[k] = float(acc.reduce(v, reduction="mean"))
-            record["lr"] = float(self.lr_scheduler.get_last_lr()[0])
+            record = self.step_record(infos)
             record.update(online_stats)
             online_stats = {}
             if cfg.eval_every and self.global_step % cfg.eval_every == 0:
                 record["eval/reward_mean"] = self.evaluate()
             if self.global_step % cfg.log_every == 0 or "eval/reward_mean" in record:
                 self.log(record)
+            if cfg.log_images_every and self.global_step % cfg.log_images_every == 0:
+                self.log_policy_samples(self.prompts, cfg.num_steps, cfg.eta, cfg.guidance_scale)
             bar.set_postfix(loss=f"{record['loss']:.4g}", acc=f"{record['implicit_acc']:.2f}")
             if self.should_save():
                 self.save_checkpoint()

@@ -146,7 +146,9 @@ def sample_with_grad(
     return {"images": images, "latents": x, "unet_calls": calls}
 
 
-def differentiable_reward_fn(name: str, **kwargs: Any) -> RewardFn:
+def differentiable_reward_fn(
+    name: str, device: str | torch.device | None = None, **kwargs: Any
+) -> RewardFn:
     """A reward differentiable in the pixels, by name.
 
     ``"llava_reward"`` (kwargs ``path``, ``perspective`` (a name or ``{name: weight}``),
@@ -154,11 +156,12 @@ def differentiable_reward_fn(name: str, **kwargs: Any) -> RewardFn:
     ``RewardScorer.as_reward_fn(..., differentiable=True)``; ``"brightness"``: the mean pixel
     (a toy); anything else goes to :func:`alignment.rewards.get_reward_fn` (e.g.
     ``"package.module:function"``) and must itself be differentiable (checked at the first step).
+    ``device`` (the trainers pass ``accelerator.device``) places the reward model; None: this
+    process's device (:func:`reward.guards.process_device`).
     """
     if name == "llava_reward":
         from reward.scorer import RewardScorer
 
-        device = kwargs.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = kwargs.get("dtype")
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
@@ -170,7 +173,7 @@ def differentiable_reward_fn(name: str, **kwargs: Any) -> RewardFn:
         return mean_brightness
     from alignment.rewards import get_reward_fn
 
-    return get_reward_fn(name, **kwargs)
+    return get_reward_fn(name, device=device, **kwargs)
 
 
 def mean_brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

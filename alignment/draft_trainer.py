@@ -6,16 +6,21 @@ random prompts are sampled with a graph through the last ``K = grad_steps`` DDIM
 differentiable reward and the loss (``-r`` or ``relu(margin - r)``) back-propagated into the LoRA
 (or full UNet) weights. Checkpoints, resume, logging and export are the shared ones
 (:mod:`alignment.trainer_utils`, :mod:`alignment.checkpointing`, :mod:`alignment.export`).
+
+Randomness comes from :mod:`alignment.seeding` streams, not from the process: the prompt and the
+initial noise of global sample ``k`` (the processes take consecutive slices of one stream whose
+position the trainer state counts) are keyed by ``k``, so a run resumed on another number of
+processes continues with the samples the uninterrupted run would have drawn; ReFL's stop step is
+keyed by ``(optimiser step, micro-batch)`` and therefore the same on every process (under
+DeepSpeed ZeRO-3 every process must make the same number of UNet calls).
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
 from alignment.draft import differentiable_reward_fn, reward_loss, sample_with_grad
@@ -80,7 +85,21 @@ class DraftConfig(PolicyTrainConfig):
     tracker_project: str = field(default="draft", metadata={"help": "Tracker project."})
     output_dir: str = field(default="outputs/draft", metadata={"help": "Run folder."})
 
+    RANGES: ClassVar[dict[str, str]] = {
+        "grad_steps": ">= 1",
+        "refl_min_step": ">= 0",
+        "refl_max_step": ">= 1",
+        "reward_scale": "> 0",
+        "num_steps": ">= 1",
+        "eta": ">= 0",
+        "guidance_scale": ">= 0",
+        "eval_every": ">= 0",
+        "eval_prompts": ">= 1",
+        "eval_seeds": ">= 1",
+    }
+
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.reward_kwargs = parse_json_kwargs(self.reward_kwargs, "reward_kwargs")
         if self.method not in ("draft", "refl"):
             raise ValueError(f"method must be 'draft' or 'refl', got {self.method!r}.")
@@ -103,7 +122,8 @@ class DraftTrainer(PolicyTrainerBase):
     Args:
         config: the run's settings.
         policy: an existing :class:`~alignment.policy.DiffusionPolicy` (default: built).
-        reward_fn: a differentiable reward (default: :func:`differentiable_reward_fn`).
+        reward_fn: a differentiable reward (default: :func:`differentiable_reward_fn` on
+            ``accelerator.device``).
         prompts: a prompt list (default: ``load_prompts(config.prompts, ...)``).
     """
 
@@ -120,7 +140,9 @@ class DraftTrainer(PolicyTrainerBase):
         self.reward_fn = reward_fn
         if self.reward_fn is None:
             with self.frozen_outside_zero3():
-                self.reward_fn = differentiable_reward_fn(config.reward, **config.reward_kwargs)
+                self.reward_fn = differentiable_reward_fn(
+                    config.reward, **self.reward_kwargs(config.reward_kwargs)
+                )
         self.prompts = (
             list(prompts)
             if prompts is not None
@@ -128,11 +150,42 @@ class DraftTrainer(PolicyTrainerBase):
         )
         self._checked = False
 
-    def compute_loss(self, prompts: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
+    def next_batch(self) -> tuple[list[str], list[torch.Generator]]:
+        """This process's next micro-batch: the prompts and initial-noise generators of its
+        global samples (:meth:`next_sample_ids`). Call on every process once per micro-batch."""
+        from alignment.seeding import stream_generator
+
+        cfg = self.config
+        prompts, gens = [], []
+        for k in self.next_sample_ids():
+            g = stream_generator(cfg.seed, "draft_prompt", k)
+            prompts.append(self.prompts[int(torch.randint(len(self.prompts), (), generator=g))])
+            gens.append(stream_generator(cfg.seed, "draft_noise", k))  # CPU: same on any device
+        return prompts, gens
+
+    def refl_stop_step(self, micro_batch: int) -> int:
+        """ReFL's stop step for micro-batch ``micro_batch`` of the current optimiser step:
+        uniform in the window, from the stream ``(seed, "refl_stop", step, micro_batch)``,
+        the same on every process."""
+        from alignment.seeding import stream_generator
+
+        lo, hi = self.config.refl_window()
+        g = stream_generator(self.config.seed, "refl_stop", self.global_step, micro_batch)
+        return lo + int(torch.randint(hi - lo, (), generator=g))
+
+    def compute_loss(
+        self,
+        prompts: list[str],
+        generator: list[torch.Generator] | None = None,
+        stop_step: int | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one micro-batch: sample ``prompts`` with a graph (initial noise from
+        ``generator``, default the global RNG), score, :func:`reward_loss`. ReFL stops at
+        ``stop_step`` (default: :meth:`refl_stop_step` ``(0)``)."""
         cfg, acc = self.config, self.accelerator
         stop = None
         if cfg.method == "refl":
-            stop = random.randrange(*cfg.refl_window())
+            stop = stop_step if stop_step is not None else self.refl_stop_step(0)
         with acc.autocast():
             out = sample_with_grad(
                 self.policy,
@@ -141,6 +194,7 @@ class DraftTrainer(PolicyTrainerBase):
                 cfg.grad_steps,
                 cfg.eta,
                 cfg.guidance_scale,
+                generator=generator,
                 use_checkpoint=cfg.checkpoint_unet,
                 stop_step=stop,
             )
@@ -153,8 +207,16 @@ class DraftTrainer(PolicyTrainerBase):
                     "brightness, or a 'module:function' written in torch."
                 )
             self._checked = True
-        loss = reward_loss(rewards, cfg.loss_type, cfg.reward_margin) * cfg.reward_scale
-        info = {"loss": loss.item(), "reward_mean": rewards.mean().item()}
+        # a non-finite reward is counted and left out of the loss; none finite: a NaN loss, and
+        # the guarded step skips the update
+        finite = torch.isfinite(rewards.detach())
+        kept = rewards[finite] if finite.any() else rewards
+        loss = reward_loss(kept, cfg.loss_type, cfg.reward_margin) * cfg.reward_scale
+        info = {
+            "loss": loss.item(),
+            "reward_mean": kept.mean().item(),
+            "rewards/nonfinite": float((~finite).sum()),
+        }
         if stop is not None:
             info["refl_stop_step"] = float(stop)
         return loss, info
@@ -172,7 +234,8 @@ class DraftTrainer(PolicyTrainerBase):
                     prompts, cfg.num_steps, cfg.eta, cfg.guidance_scale, generator=gens
                 )
                 out.append(self.reward_fn(s.images.float(), prompts).float().cpu())
-        return float(torch.cat(out).mean())
+        r = torch.cat(out)
+        return float(r[torch.isfinite(r)].mean())
 
     def train(self) -> list[dict[str, float]]:
         """Run (or resume) training; checkpoint, log, export. Returns the per-step history."""
@@ -190,23 +253,21 @@ class DraftTrainer(PolicyTrainerBase):
         for _ in bar:
             self.unet.train()
             infos = []
-            for _a in range(cfg.gradient_accumulation_steps):
-                prompts = [random.choice(self.prompts) for _ in range(cfg.train_batch_size)]
+            for a in range(cfg.gradient_accumulation_steps):
+                prompts, gens = self.next_batch()
+                stop = self.refl_stop_step(a) if cfg.method == "refl" else None
                 with acc.accumulate(self.unet):
-                    loss, info = self.compute_loss(prompts)
-                    acc.backward(loss)
-                    self.optimizer_step()
+                    loss, info = self.compute_loss(prompts, gens, stop)
+                    self.backward_and_step(loss)
                 infos.append(info)
             self.global_step += 1
-            record: dict[str, float] = {"step": self.global_step}
-            for k in infos[0]:
-                v = torch.tensor(float(np.mean([i[k] for i in infos])), device=acc.device)
-                record[k] = float(acc.reduce(v, reduction="mean"))
-            record["lr"] = float(self.lr_scheduler.get_last_lr()[0])
+            record = self.step_record(infos)
             if cfg.eval_every and self.global_step % cfg.eval_every == 0:
                 record["eval/reward_mean"] = self.evaluate()
             if self.global_step % cfg.log_every == 0 or "eval/reward_mean" in record:
                 self.log(record)
+            if cfg.log_images_every and self.global_step % cfg.log_images_every == 0:
+                self.log_policy_samples(self.prompts, cfg.num_steps, cfg.eta, cfg.guidance_scale)
             bar.set_postfix(reward=f"{record['reward_mean']:.4g}")
             if self.should_save():
                 self.save_checkpoint()

@@ -5,9 +5,18 @@
 - ``export_dir/``: a complete ``StableDiffusionPipeline`` folder whose UNet is the tuned one (LoRA
   merged into the weights), so ``StableDiffusionPipeline.from_pretrained(export_dir)`` works;
 - ``export_dir/unet``: that UNet on its own (``UNet2DConditionModel.from_pretrained``);
-- ``export_dir/pytorch_lora_weights.safetensors`` (LoRA runs only): the adapter in diffusers'
-  LoRA format with its config as metadata, so ``pipe.load_lora_weights(export_dir)`` on the base
-  model works too.
+- ``export_dir/pytorch_lora_weights.safetensors`` (LoRA runs only): the adapter as peft writes it
+  (``get_peft_model_state_dict``: ``unet.<module>.lora_A/lora_B.weight``) with its ``LoraConfig``
+  (rank, ``lora_alpha``, targets) as diffusers' adapter metadata, written by
+  ``StableDiffusionPipeline.save_lora_weights``; ``pipe.load_lora_weights(export_dir)`` on the base
+  model restores every adapted module, whatever the targets (attention, ``conv_out``, resnet convs,
+  ``proj_in/out``, the time embedding) and the scale ``lora_alpha / r``.
+
+The LoRA state dict is deliberately *not* passed through diffusers'
+``convert_state_dict_to_diffusers``: its PEFT -> diffusers table renames only the attention
+projections (``to_q.lora_A`` -> ``to_q.lora.down``), so a target list with any other module gave
+a file of two key formats of which ``load_lora_weights`` kept only the unrenamed ones. The
+loaders read peft's own keys (with the metadata's ``lora_alpha``) directly.
 
 The folder is written to ``export_dir.tmp`` first and renamed into place.
 """
@@ -70,9 +79,7 @@ def export_policy(
     unet = build_tuned_unet(policy, unet_state_dict)
     lora_layers = metadata = None
     if policy.lora_config is not None:
-        from diffusers.utils import convert_state_dict_to_diffusers
-
-        lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        lora_layers = get_peft_model_state_dict(unet)
         metadata = unet.peft_config["default"].to_dict()
         unet.fuse_lora()
         unet.unload_lora()

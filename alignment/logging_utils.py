@@ -47,13 +47,17 @@ def log_image_grid(
     tag: str,
     images: torch.Tensor,
     prompts: Sequence[str],
-    rewards: Sequence[float],
+    rewards: Sequence[float] | None,
     step: int,
     save_dir: str | os.PathLike | None = None,
 ) -> None:
-    """Send a captioned grid (prompt + reward under each image) to every accelerate tracker
-    (tensorboard image + text, wandb images) and optionally save it as a PNG."""
-    captions = [f"{p} | r={float(r):.3g}" for p, r in zip(prompts, rewards)]
+    """Send a captioned grid (prompt + reward under each image; no reward when ``rewards`` is
+    None) to every accelerate tracker (tensorboard image + text, wandb images) and optionally save
+    it as a PNG."""
+    if rewards is None:
+        captions = [str(p) for p in prompts]
+    else:
+        captions = [f"{p} | r={float(r):.3g}" for p, r in zip(prompts, rewards)]
     grid = image_grid(images, captions)
     if save_dir is not None:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
@@ -70,6 +74,17 @@ def log_image_grid(
             tracker.log(
                 {tag: [wandb.Image(a, caption=c) for a, c in zip(arr, captions)]}, step=step
             )
+
+
+def _save_figure(fig: Any, path: str | os.PathLike) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def plot_reward_curve(
@@ -93,9 +108,41 @@ def plot_reward_curve(
     ax.set_ylabel("reward")
     ax.set_title(title)
     ax.legend(loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
+
+
+#: metrics :func:`plot_history` draws when a history has them, one panel each
+CURVE_KEYS = (
+    "reward_mean",
+    "eval/reward_mean",
+    "online/reward_mean",
+    "loss",
+    "implicit_acc",
+)
+
+
+def plot_history(
+    history: Sequence[dict[str, float]],
+    path: str | os.PathLike,
+    x: str = "step",
+    keys: Sequence[str] = CURVE_KEYS,
+) -> Path | None:
+    """Plot each of ``keys`` that ``history`` has (one panel per metric, its records in order)
+    against ``x`` to a PNG; None when no record has any of them."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    present = [k for k in keys if any(k in h for h in history)]
+    if not present:
+        return None
+    fig, axes = plt.subplots(
+        len(present), 1, figsize=(5, 2.2 * len(present)), dpi=100, sharex=True, squeeze=False
+    )
+    for ax, key in zip(axes[:, 0], present):
+        rows = [h for h in history if key in h]
+        ax.plot([h[x] for h in rows], [h[key] for h in rows], marker="o", ms=3)
+        ax.set_ylabel(key)
+    axes[-1, 0].set_xlabel(x)
+    return _save_figure(fig, path)

@@ -15,6 +15,7 @@ with :func:`register_reward`.
 from __future__ import annotations
 
 import importlib
+import inspect
 import io
 from collections.abc import Callable
 from typing import Any
@@ -47,11 +48,23 @@ def available_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_reward_fn(name: str, **kwargs: Any) -> RewardFn:
+def _takes_device(factory: Callable) -> bool:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    return "device" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def get_reward_fn(name: str, device: str | torch.device | None = None, **kwargs: Any) -> RewardFn:
     """Return the reward function called ``name`` (a registered name or ``"module:function"``).
 
     Args:
         name: registered name, or ``"package.module:function"``.
+        device: where the reward runs (the trainers pass ``accelerator.device``, or the user's
+            ``reward_kwargs["device"]``): given to the reward's factory only when it takes a
+            ``device`` argument (``llava_reward`` does), so that each process's reward model
+            lives on its own GPU, while rewards without one (``brightness``) are built as before.
         **kwargs: passed to the reward's factory (e.g. ``path=``, ``perspective=`` for
             ``llava_reward``; ``quality=`` for the JPEG rewards).
 
@@ -59,8 +72,8 @@ def get_reward_fn(name: str, **kwargs: Any) -> RewardFn:
         KeyError: an unknown name (the message lists the registered ones).
     """
     if name in _REGISTRY:
-        return _REGISTRY[name](**kwargs)
-    if ":" in name:
+        factory = _REGISTRY[name]
+    elif ":" in name:
         module_name, _, attr = name.partition(":")
         try:
             obj = getattr(importlib.import_module(module_name), attr)
@@ -69,13 +82,17 @@ def get_reward_fn(name: str, **kwargs: Any) -> RewardFn:
                 f"Cannot import reward {name!r} ({err}); give 'package.module:function' of an "
                 "importable module."
             ) from err
-        if kwargs or getattr(obj, "is_reward_factory", False):
-            return obj(**kwargs)
-        return obj
-    raise KeyError(
-        f"Unknown reward {name!r}. Registered: {available_rewards()}; or give "
-        "'package.module:function' of your own fn(images, prompts) -> Tensor[N]."
-    )
+        if not (kwargs or getattr(obj, "is_reward_factory", False)):
+            return obj
+        factory = obj
+    else:
+        raise KeyError(
+            f"Unknown reward {name!r}. Registered: {available_rewards()}; or give "
+            "'package.module:function' of your own fn(images, prompts) -> Tensor[N]."
+        )
+    if device is not None and _takes_device(factory):
+        kwargs["device"] = device
+    return factory(**kwargs)
 
 
 def _check_images(images: torch.Tensor) -> torch.Tensor:
@@ -158,7 +175,8 @@ def llava_reward(
         perspective: a perspective name (``"alignment"``, ``"fidelity"``, ``"safety"``,
             ``"overall"``) or ``{perspective: weight}``; None: the folder's only perspective,
             else ``overall``, else an error listing them (``reward.scorer.default_perspective``).
-        device: where the reward model runs (None: the scorer's default, CUDA when available).
+        device: where the reward model runs (None: this process's device,
+            :func:`reward.guards.process_device`; the trainers pass ``accelerator.device``).
         dtype: its dtype (e.g. ``"bfloat16"``); None keeps the scorer's default.
     """
     from reward.scorer import RewardScorer

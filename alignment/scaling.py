@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -126,18 +126,23 @@ def best_of_n(
     batch_size: int = 16,
     keep_all: bool = False,
     noise_level: float = 0.7,
+    progress: bool = False,
 ) -> ScalingResult:
     """Sample ``n`` images per prompt (batched, ``batch_size`` images per call), score them with
-    ``reward_fn`` and keep the best one per prompt. See :class:`ScalingResult`.
+    ``reward_fn`` and keep the best one per prompt (``progress``: a bar over the batches). See
+    :class:`ScalingResult`.
 
     ``eta`` is the DDIM noise of a ``DiffusionPolicy``, ``noise_level`` the SDE noise of a
     ``FlowPolicy`` (0: its ODE); the other one is ignored."""
+    from tqdm.auto import tqdm
+
     if n < 1:
         raise ValueError("n must be at least 1.")
     prompts = list(prompts)
     jobs = [(p, k) for p in range(len(prompts)) for k in range(n)]
     images, scores = [], []
-    for s in range(0, len(jobs), batch_size):
+    starts = range(0, len(jobs), batch_size)
+    for s in tqdm(starts, desc="best-of-N batches", disable=not progress, dynamic_ncols=True):
         chunk = jobs[s : s + batch_size]
         gens = [torch.Generator().manual_seed(_seed(seed, p, k)) for p, k in chunk]
         texts = [prompts[p] for p, _ in chunk]
@@ -207,8 +212,10 @@ def fk_steering(
     keep_all: bool = False,
     batch_size: int | None = None,
     noise_level: float = 0.7,
+    progress: bool = False,
 ) -> ScalingResult:
-    """Feynman-Kac steering with ``K = num_particles`` particles per prompt (module docstring).
+    """Feynman-Kac steering with ``K = num_particles`` particles per prompt (module docstring);
+    ``progress``: a bar over each chunk's denoising steps.
 
     The particles of up to ``max(1, batch_size // K)`` prompts run as one batch (all prompts at
     once when ``batch_size`` is None); the initial noise, step noise and resampling draws of a
@@ -244,6 +251,7 @@ def fk_steering(
             ess_threshold=ess_threshold,
             keep_all=keep_all,
             noise_level=noise_level,
+            progress=progress,
         )
         parts = []
         for c in range(0, len(prompts), per_chunk):
@@ -292,7 +300,15 @@ def fk_steering(
         "lmbda": lmbda,
     }
     reward_evals = 0
-    for i, t in enumerate(timesteps):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        list(enumerate(timesteps)),
+        desc=f"FK steering ({P} prompts)",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    for i, t in bar:
         if flow:
             eps = policy.predict_velocity(x, t, embeds, guidance_scale, negative)
         else:
@@ -368,7 +384,37 @@ class ScalingConfig:
     )
     save_all: bool = field(default=False, metadata={"help": "Also write every candidate image."})
     output_dir: str = field(default="outputs/scaling", metadata={"help": "Images + scores.json."})
-    device: str | None = field(default=None, metadata={"help": "cuda / cpu (default: auto)."})
+    device: str | None = field(
+        default=None, metadata={"help": "cuda, cuda:1, cpu (None: this process's GPU, else cpu)."}
+    )
+    progress_bar: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "n": ">= 1",
+        "max_prompts": ">= 1",
+        "num_steps": ">= 1",
+        "eta": ">= 0",
+        "noise_level": ">= 0",
+        "guidance_scale": ">= 0",
+        "batch_size": ">= 1",
+        "lmbda": ">= 0",
+        "resample_every": ">= 1",
+        "resample_start": "[0, 1]",
+        "resample_end": "[0, 1]",
+        "ess_threshold": "(0, 1]",
+    }
+
+    def __post_init__(self) -> None:
+        from reward.guards import validate_config
+
+        validate_config(self)
+        if self.method not in ("best_of_n", "fk"):
+            raise ValueError(f"method must be 'best_of_n' or 'fk', got {self.method!r}.")
+        if self.resample_start >= self.resample_end:
+            raise ValueError(
+                f"resample_start ({self.resample_start}) must be below resample_end "
+                f"({self.resample_end})."
+            )
 
 
 def run_scaling(cfg: ScalingConfig) -> dict[str, Any]:
@@ -382,9 +428,10 @@ def run_scaling(cfg: ScalingConfig) -> dict[str, Any]:
     from alignment.prompts import load_prompts
     from alignment.rewards import get_reward_fn
     from alignment.trainer_utils import parse_json_kwargs
+    from reward.guards import process_device
     from reward.images import to_pil
 
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(cfg.device) if cfg.device else process_device()
     if pipeline_kind(cfg.pretrained_model) is not None:
         policy = FlowPolicy.from_pretrained(cfg.pretrained_model, use_lora=False, device=device)
         policy.transformer.requires_grad_(False).eval()
@@ -393,8 +440,13 @@ def run_scaling(cfg: ScalingConfig) -> dict[str, Any]:
             cfg.pretrained_model, use_lora=False, device=device
         )
         policy.unet.requires_grad_(False).eval()
-    reward_fn = get_reward_fn(cfg.reward, **parse_json_kwargs(cfg.reward_kwargs, "reward_kwargs"))
+    kwargs = parse_json_kwargs(cfg.reward_kwargs, "reward_kwargs")
+    reward_fn = get_reward_fn(cfg.reward, device=device, **kwargs)
     prompts = load_prompts(cfg.prompts, cfg.prompt_category)[: cfg.max_prompts]
+    print(
+        f"{cfg.method}: {len(prompts)} prompts x {cfg.n} {'images' if cfg.method == 'best_of_n' else 'particles'}, "
+        f"{cfg.num_steps} steps, reward {cfg.reward!r}, on {device}."
+    )
     common = dict(
         num_steps=cfg.num_steps,
         eta=cfg.eta,
@@ -402,6 +454,7 @@ def run_scaling(cfg: ScalingConfig) -> dict[str, Any]:
         seed=cfg.seed,
         keep_all=cfg.save_all,
         noise_level=cfg.noise_level,
+        progress=cfg.progress_bar,
     )
     if cfg.method == "best_of_n":
         res = best_of_n(policy, prompts, reward_fn, n=cfg.n, batch_size=cfg.batch_size, **common)
@@ -451,6 +504,11 @@ def run_scaling(cfg: ScalingConfig) -> dict[str, Any]:
         "prompts": records,
     }
     (out / "scores.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    print(
+        f"Wrote the best image of each of {len(prompts)} prompts (p0000.png ...) and "
+        f"scores.json to {out.resolve()} (mean best score {report['mean_best_score']:.4g}, "
+        f"mean score {report['mean_score']:.4g})."
+    )
     return report
 
 

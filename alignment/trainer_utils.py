@@ -1,28 +1,45 @@
-"""Pieces shared by the policy trainers (Diffusion-DPO, DRaFT/ReFL): config base, accelerator,
-policy, optimizer and DeepSpeed preparation, trackers, checkpoints, export.
+"""Pieces shared by the policy trainers (DDPO and the online-RL base, Diffusion-DPO, DRaFT/ReFL):
+config base, accelerator, policy, optimizer and DeepSpeed preparation, the guarded optimiser step,
+metrics reduced over processes, trackers, curves and sample grids, checkpoints, export.
 
-Checkpoints and export go through :mod:`alignment.checkpointing` and :mod:`alignment.export`
-(the same code as DDPO): :meth:`PolicyTrainerBase.save_checkpoint`, :meth:`maybe_resume` and
-:meth:`export` only wire them to a trainer's state. Only the trained UNet goes through
-``accelerator.prepare`` (DeepSpeed ZeRO-2/3 included); the text encoder, the VAE, a frozen
-reference UNet and the reward stay outside the engine.
+Checkpoints and export go through :mod:`alignment.checkpointing` and :mod:`alignment.export`:
+:meth:`PolicyTrainerBase.save_checkpoint`, :meth:`maybe_resume` and :meth:`export` only wire them
+to a trainer's state. Only the trained UNet goes through ``accelerator.prepare`` (DeepSpeed
+ZeRO-2/3 included); the text encoder, the VAE, a frozen reference UNet and the reward stay outside
+the engine. The non-finite guard and config ranges are :mod:`reward.guards`'.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
+
+from reward.guards import (
+    NonFiniteError,
+    StepGuard,
+    any_process,
+    is_finite,
+    params_finite,
+    poison_nonfinite,
+    validate_config,
+)
 
 
 @dataclass
-class PolicyTrainConfig:
-    """Settings every policy trainer shares (model, LoRA, optimiser, output, logging)."""
+class TrainConfig:
+    """Settings every policy trainer shares (model, LoRA, optimiser, output, logging).
+
+    Numeric fields are checked at construction against ``RANGES`` (and the subclasses' own), see
+    :func:`reward.guards.validate_config`.
+    """
 
     # --- model
     pretrained_model: str = field(
@@ -36,7 +53,7 @@ class PolicyTrainConfig:
     )
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: float | None = field(
-        default=None, metadata={"help": "LoRA alpha (default: equal to the rank, scale 1)."}
+        default=None, metadata={"help": "LoRA alpha (None: equal to the rank, scale 1)."}
     )
     lora_target_modules: str = field(
         default="to_q,to_k,to_v,to_out.0",
@@ -46,7 +63,6 @@ class PolicyTrainConfig:
         default=False, metadata={"help": "UNet gradient checkpointing (less memory, slower)."}
     )
     # --- optimiser
-    max_steps: int = field(default=1000, metadata={"help": "Optimiser steps."})
     train_batch_size: int = field(
         default=4, metadata={"help": "Micro-batch per process (pairs for DPO, prompts for DRaFT)."}
     )
@@ -63,6 +79,13 @@ class PolicyTrainConfig:
         default=False, metadata={"help": "bitsandbytes' 8-bit AdamW (needs bitsandbytes + GPU)."}
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    max_consecutive_skips: int = field(
+        default=3,
+        metadata={
+            "help": "Stop with an error after this many optimiser steps in a row were skipped "
+            "for a non-finite loss or gradient (each skip is counted in train/skipped_steps)."
+        },
+    )
     mixed_precision: str | None = field(
         default=None,
         metadata={"help": "'no', 'fp16' or 'bf16'; None takes accelerate's launch setting."},
@@ -71,14 +94,20 @@ class PolicyTrainConfig:
     seed: int = field(default=42, metadata={"help": "Random seed (per process offset)."})
     # --- output, logging, checkpoints
     output_dir: str = field(default="outputs/run", metadata={"help": "Run folder."})
-    save_every: int = field(
-        default=500,
-        metadata={"help": "Checkpoint every N optimiser steps (and at the end); 0: never."},
+    keep_last: int = field(
+        default=2, metadata={"help": "Checkpoints to keep (0: all); the newest is always finite."}
     )
-    keep_last: int = field(default=2, metadata={"help": "Checkpoints to keep."})
     resume_from: str | None = field(
         default=None,
         metadata={"help": "'latest' (newest checkpoint in output_dir, if any) or a checkpoint."},
+    )
+    resume_weights_only: bool = field(
+        default=False,
+        metadata={
+            "help": "With resume_from: restore only the trained weights and the trainer state "
+            "(step, statistics, history) with a fresh optimiser; resumes a DeepSpeed checkpoint "
+            "on another number of processes or ZeRO stage."
+        },
     )
     export_dir: str | None = field(
         default=None, metadata={"help": "Write the tuned pipeline (LoRA merged + LoRA file) here."}
@@ -88,11 +117,57 @@ class PolicyTrainConfig:
         metadata={"help": "accelerate trackers: 'tensorboard', 'wandb', 'all' or 'none'."},
     )
     tracker_project: str = field(default="alignment", metadata={"help": "Tracker project name."})
-    log_every: int = field(default=1, metadata={"help": "Log metrics every N optimiser steps."})
     progress_bar: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "lora_rank": ">= 1",
+        "lora_alpha": "> 0",
+        "train_batch_size": ">= 1",
+        "gradient_accumulation_steps": ">= 1",
+        "learning_rate": "> 0",
+        "lr_warmup_steps": ">= 0",
+        "adam_beta1": "[0, 1)",
+        "adam_beta2": "[0, 1)",
+        "adam_weight_decay": ">= 0",
+        "adam_epsilon": "> 0",
+        "max_grad_norm": "> 0",
+        "max_consecutive_skips": ">= 1",
+        "keep_last": ">= 0",
+    }
+
+    def __post_init__(self) -> None:
+        validate_config(self)
 
     def target_modules(self) -> list[str]:
         return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
+
+@dataclass
+class PolicyTrainConfig(TrainConfig):
+    """Settings of the step-based policy trainers (Diffusion-DPO, DRaFT/ReFL)."""
+
+    max_steps: int = field(default=1000, metadata={"help": "Optimiser steps."})
+    save_every: int = field(
+        default=500,
+        metadata={"help": "Checkpoint every N optimiser steps (and at the end); 0: never."},
+    )
+    log_every: int = field(default=1, metadata={"help": "Log metrics every N optimiser steps."})
+    log_images_every: int = field(
+        default=100,
+        metadata={
+            "help": "Every N optimiser steps, sample num_log_images images on fixed prompts and "
+            "seeds and log them as a captioned grid (0: never)."
+        },
+    )
+    num_log_images: int = field(default=4, metadata={"help": "Images in the logged grid."})
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "max_steps": ">= 1",
+        "save_every": ">= 0",
+        "log_every": ">= 1",
+        "log_images_every": ">= 0",
+        "num_log_images": ">= 1",
+    }
 
 
 def parse_json_kwargs(value: Any, name: str) -> dict[str, Any]:
@@ -110,28 +185,86 @@ def parse_json_kwargs(value: Any, name: str) -> dict[str, Any]:
     return out
 
 
-class PolicyTrainerBase:
-    """Accelerator + policy + optimizer set-up and the shared checkpoint/export/logging wiring.
+@contextlib.contextmanager
+def frozen_models_outside_zero3(accelerator: Any) -> Iterator[None]:
+    """Build models here to keep them whole under DeepSpeed ZeRO-3.
 
-    Subclasses call :meth:`setup` in their ``__init__`` and implement :meth:`trainer_state` /
-    :meth:`load_trainer_state` for what their checkpoints carry beyond the step counter.
+    With a ZeRO-3 config, accelerate registers it with transformers, whose ``from_pretrained``
+    then partitions every model it loads (``zero.Init``), the text encoder and the reward model
+    included, though they never enter the DeepSpeed engine. Inside this context that registration
+    is lifted (and restored on exit).
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.dschf = None
+        plugin.set_deepspeed_weakref()
+
+
+def reduce_metrics(
+    accelerator: Any,
+    metrics: Mapping[str, float],
+    weight: float = 1.0,
+    sum_keys: Sequence[str] = (),
+) -> dict[str, float]:
+    """Metrics of every process combined in one all-reduce, before logging.
+
+    ``out[k] = sum_p w_p * m_p[k] / sum_p w_p`` (the weighted mean; ``w_p = weight`` of process
+    ``p``, e.g. how many samples its values average over; equal weights give the plain mean),
+    except for ``sum_keys`` (counts), which are summed: ``out[k] = sum_p m_p[k]``. Every process
+    must pass the same keys. A single process gets its values back unchanged (as floats).
+    """
+    keys = list(metrics)
+    if accelerator.num_processes == 1:
+        return {k: float(metrics[k]) for k in keys}
+    w = float(weight)
+    values = [float(metrics[k]) * (1.0 if k in sum_keys else w) for k in keys] + [w]
+    t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(t, reduction="sum").cpu().tolist()
+    w_sum = total[-1]
+    return {
+        k: total[i] if k in sum_keys else (total[i] / w_sum if w_sum else float("nan"))
+        for i, k in enumerate(keys)
+    }
+
+
+class PolicyTrainerBase:
+    """Accelerator + policy + optimizer set-up and the shared step/checkpoint/export/logging wiring.
+
+    Subclasses call :meth:`setup` in their ``__init__`` and extend :meth:`trainer_state` /
+    :meth:`load_trainer_state` for what their checkpoints carry beyond the counters. A different
+    policy class (a flow-matching transformer, say) plugs in through :meth:`build_policy`,
+    :meth:`trained_module` and :meth:`use_prepared_module`.
     """
 
-    config: PolicyTrainConfig
+    config: TrainConfig
+    #: the record key that is the tracker's x axis (and the history's)
+    step_key: ClassVar[str] = "step"
 
     def setup(
         self,
-        config: PolicyTrainConfig,
+        config: TrainConfig,
         policy: Any = None,
         keep_reference: bool = False,
         micro_batch_size: int | None = None,
+        accumulation_steps: int | None = None,
     ) -> None:
         """Build the accelerator, the policy (unless given), the optimizer and LR schedule, and
-        prepare the UNet (DeepSpeed's ``auto`` micro-batch and clipping filled from the config)."""
+        prepare the UNet (DeepSpeed's ``auto`` micro-batch and clipping filled from the config).
+
+        ``accumulation_steps``: backward calls per optimiser step (default
+        ``config.gradient_accumulation_steps``; DDPO's timestep chunks multiply it)."""
         from accelerate import Accelerator
         from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
-        from alignment.policy import DiffusionPolicy
+        from reward.distributed import process_group_kwargs
 
         self.config = cfg = config
         self.output_dir = Path(cfg.output_dir)
@@ -144,7 +277,8 @@ class PolicyTrainerBase:
             project_config=ProjectConfiguration(
                 project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
             ),
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            gradient_accumulation_steps=accumulation_steps or cfg.gradient_accumulation_steps,
+            kwargs_handlers=process_group_kwargs(),  # gloo for DeepSpeed on CPUs
         )
         self.is_deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         set_seed(cfg.seed, device_specific=True)
@@ -156,17 +290,7 @@ class PolicyTrainerBase:
         )
         with self.frozen_outside_zero3():
             if policy is None:
-                policy = DiffusionPolicy.from_pretrained(
-                    cfg.pretrained_model,
-                    revision=cfg.revision,
-                    use_lora=cfg.use_lora,
-                    lora_rank=cfg.lora_rank,
-                    lora_alpha=cfg.lora_alpha,
-                    lora_target_modules=cfg.target_modules(),
-                    keep_reference=keep_reference and not cfg.use_lora,
-                    weight_dtype=self.weight_dtype if cfg.use_lora else torch.float32,
-                    gradient_checkpointing=cfg.gradient_checkpointing,
-                )
+                policy = self.build_policy(keep_reference)
         self.policy = policy
         policy.to(acc.device)
         if not policy.use_lora and self.weight_dtype != torch.float32:
@@ -184,20 +308,47 @@ class PolicyTrainerBase:
                 ds["train_micro_batch_size_per_gpu"] = micro_batch_size or cfg.train_batch_size
             if ds.get("gradient_clipping", "auto") == "auto":
                 ds["gradient_clipping"] = cfg.max_grad_norm
-        self.unet, self.optimizer = acc.prepare(policy.unet, optimizer)
+        self.unet, self.optimizer = acc.prepare(self.trained_module(policy), optimizer)
         # stepped by hand once per optimiser step (a prepared scheduler steps once per process)
         self.lr_scheduler = scheduler
         acc.register_for_checkpointing(scheduler)
-        policy.set_forward_unet(self.unet)
+        self.use_prepared_module(policy, self.unet)
         self.global_step = 0
+        self.samples_seen = 0  # samples drawn so far by all processes together
         self.history: list[dict[str, float]] = []
+        self.guard = StepGuard(cfg.max_consecutive_skips)
+
+    # ------------------------------------------------------------------------------ policy hooks
+    def build_policy(self, keep_reference: bool) -> Any:
+        """The policy to train, built from the config (a :class:`~alignment.policy.DiffusionPolicy`;
+        override for another policy class)."""
+        from alignment.policy import DiffusionPolicy
+
+        cfg = self.config
+        return DiffusionPolicy.from_pretrained(
+            cfg.pretrained_model,
+            revision=cfg.revision,
+            use_lora=cfg.use_lora,
+            lora_rank=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            lora_target_modules=cfg.target_modules(),
+            keep_reference=keep_reference and not cfg.use_lora,
+            weight_dtype=self.weight_dtype if cfg.use_lora else torch.float32,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+        )
+
+    def trained_module(self, policy: Any) -> torch.nn.Module:
+        """The module that goes through ``accelerator.prepare`` (the UNet)."""
+        return policy.unet
+
+    def use_prepared_module(self, policy: Any, module: Any) -> None:
+        """Make the policy run its forward through the prepared (wrapped) module."""
+        policy.set_forward_unet(module)
 
     def frozen_outside_zero3(self) -> Any:
         """Context in which models are built whole under ZeRO-3 (frozen VAE, text encoder,
         reference and reward models never enter the engine); see
-        :func:`alignment.ddpo_trainer.frozen_models_outside_zero3`."""
-        from alignment.ddpo_trainer import frozen_models_outside_zero3
-
+        :func:`frozen_models_outside_zero3`."""
         return frozen_models_outside_zero3(self.accelerator)
 
     def _make_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -221,6 +372,60 @@ class PolicyTrainerBase:
             eps=cfg.adam_epsilon,
         )
 
+    def reward_device(self) -> torch.device:
+        """Where this process's reward model lives: the accelerator's device."""
+        return self.accelerator.device
+
+    def reward_kwargs(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The reward factory's keyword arguments: the user's, with ``device`` set to
+        :meth:`reward_device` unless they name one (the registry passes it on only to factories
+        that take a ``device``)."""
+        out = dict(kwargs)
+        if out.get("device") is None:
+            out["device"] = self.reward_device()
+        return out
+
+    # ------------------------------------------------------------------------------ the step
+    def backward_and_step(self, loss: torch.Tensor) -> bool | None:
+        """``accelerator.backward(loss)``, then, when gradients sync, clip and step the optimizer
+        and the LR schedule, unless a loss of the accumulation window or the gradient is not
+        finite on any process: then every process skips the step (counted in
+        ``guard.skipped``; :class:`~reward.guards.NonFiniteError` after
+        ``max_consecutive_skips`` in a row). Call inside ``accelerator.accumulate``.
+
+        Under DeepSpeed the engine steps inside ``backward``: a non-finite loss is turned into
+        NaN gradients (:func:`~reward.guards.poison_nonfinite`) so that the engine's overflow
+        check skips the step on every rank, and the skip is read back from the engine. With a
+        dynamic fp16 loss scale a gradient overflow is the scaler's to skip (it recalibrates);
+        only a non-finite loss counts then.
+
+        Returns True (stepped), False (skipped) or None (not the window's last micro-batch).
+        """
+        acc, cfg = self.accelerator, self.config
+        self.guard.observe(loss)
+        if self.is_deepspeed:
+            loss = poison_nonfinite(loss)
+        acc.backward(loss)
+        if not acc.sync_gradients:
+            return None
+        loss_bad = any_process(acc, self.guard.pending)
+        if self.is_deepspeed:
+            engine = acc.deepspeed_engine_wrapped.engine
+            skipped = not engine.was_step_applied()
+            if skipped and not loss_bad and engine.fp16_enabled():
+                skipped = False  # the loss scaler's own overflow skip
+        else:
+            norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+            grad_bad = acc.scaler is None and not is_finite(norm)
+            skipped = loss_bad or any_process(acc, grad_bad)
+            if not skipped:
+                self.optimizer.step()
+        if not skipped:
+            self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.guard.record(skipped, step=self.global_step + 1)
+        return not skipped
+
     # ------------------------------------------------------------------------------ logging
     def pbar(self, iterable: Any = None, **kw: Any) -> Any:
         from tqdm.auto import tqdm
@@ -240,37 +445,149 @@ class PolicyTrainerBase:
             acc.init_trackers(cfg.tracker_project, config=flat)
 
     def log(self, record: dict[str, float]) -> None:
+        """Append ``record`` to the history and send it to the trackers (x axis: its
+        ``step_key``)."""
         self.history.append(record)
         if self.accelerator.log_with:
-            self.accelerator.log(
-                {k: v for k, v in record.items() if k != "step"}, step=record["step"]
+            key = self.step_key
+            self.accelerator.log({k: v for k, v in record.items() if k != key}, step=record[key])
+
+    #: metrics that are counts: summed over micro-batches and processes (others are averaged)
+    count_keys: ClassVar[tuple[str, ...]] = ("rewards/nonfinite",)
+
+    def step_record(self, infos: Sequence[Mapping[str, float]]) -> dict[str, float]:
+        """The record of the optimiser step just taken from its micro-batches' ``infos``: each
+        metric averaged over the micro-batches and then over every process (counts summed), plus
+        the learning rate and ``train/skipped_steps``."""
+        local = {
+            k: float((np.sum if k in self.count_keys else np.mean)([i[k] for i in infos]))
+            for k in infos[0]
+        }
+        record: dict[str, float] = {"step": self.global_step}
+        record.update(reduce_metrics(self.accelerator, local, sum_keys=self.count_keys))
+        record["lr"] = float(self.lr_scheduler.get_last_lr()[0])
+        record.update(self.guard_metrics())
+        return record
+
+    def log_policy_samples(
+        self, prompts: Sequence[str], num_steps: int, eta: float, guidance_scale: float
+    ) -> None:
+        """Sample ``num_log_images`` images of the current policy on the first prompts with fixed
+        seeds (0, 1, ...), score them with ``self.reward_fn`` when there is one, and log the
+        captioned grid. Every process samples (a ZeRO-3 UNet needs every rank in its forward);
+        the main one logs."""
+        acc, n = self.accelerator, self.config.num_log_images
+        chosen = [prompts[i % len(prompts)] for i in range(n)]
+        gens = [torch.Generator().manual_seed(i) for i in range(n)]
+        self.unet.eval()
+        with torch.no_grad(), acc.autocast():
+            out = self.policy.sample(chosen, num_steps, eta, guidance_scale, generator=gens)
+            images = out.images.float()
+            reward_fn = getattr(self, "reward_fn", None)
+            rewards = None if reward_fn is None else reward_fn(images, chosen)
+        if rewards is not None:
+            rewards = torch.as_tensor(rewards).float().reshape(-1).tolist()
+        self.log_sample_grid(images, chosen, rewards, self.global_step)
+
+    def guard_metrics(self) -> dict[str, float]:
+        """``train/skipped_steps``: optimiser steps skipped so far for a non-finite loss or
+        gradient (the run's total)."""
+        return {"train/skipped_steps": float(self.guard.skipped)}
+
+    def log_sample_grid(
+        self,
+        images: torch.Tensor,
+        prompts: Sequence[str],
+        rewards: Sequence[float] | None,
+        step: int,
+    ) -> None:
+        """A captioned grid (prompt and reward under each image) to the trackers and
+        ``output_dir/samples``; main process only."""
+        from alignment.logging_utils import log_image_grid
+
+        if self.accelerator.is_main_process:
+            log_image_grid(
+                self.accelerator,
+                "samples",
+                images,
+                prompts,
+                rewards,
+                step,
+                save_dir=self.output_dir / "samples",
             )
+
+    def plot_curves(self) -> None:
+        """The run's curves as a PNG in ``output_dir`` (main process): loss and reward against
+        the step (override for another layout)."""
+        from alignment.logging_utils import plot_history
+
+        plot_history(self.history, self.output_dir / "training_curves.png", x=self.step_key)
 
     def write_history(self) -> None:
         if self.accelerator.is_main_process and self.history:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with open(self.output_dir / "history.json", "w", encoding="utf-8") as f:
                 json.dump(self.history, f, indent=1)
+            self.plot_curves()
 
     # ------------------------------------------------------------------------------ state
+    def checkpoint_index(self) -> int:
+        """The number naming the next checkpoint (``checkpoint-{N:06d}``): the optimiser step."""
+        return self.global_step
+
+    def progress_text(self) -> str:
+        return f"step {self.global_step}"
+
     def trainer_state(self) -> dict[str, Any]:
         return {
             "global_step": self.global_step,
+            "samples_seen": self.samples_seen,
             "history": self.history,
+            "guard": self.guard.state_dict(),
             "config": asdict(self.config),
         }
 
     def load_trainer_state(self, state: dict[str, Any]) -> None:
         self.global_step = int(state["global_step"])
         self.history = list(state.get("history", []))
+        self.guard.load_state_dict(state.get("guard", {}))
+        cfg, acc = self.config, self.accelerator
+        # checkpoints from before the counter: the position this launch's batch size implies
+        per_step = cfg.gradient_accumulation_steps * cfg.train_batch_size * acc.num_processes
+        self.samples_seen = int(state.get("samples_seen", self.global_step * per_step))
+
+    def next_sample_ids(self) -> list[int]:
+        """The global sample indices of this process's next micro-batch (``train_batch_size``).
+
+        The processes take consecutive slices of one global stream (``samples_seen + rank * B``,
+        ...) and ``samples_seen`` advances by ``num_processes * B``: the position is counted in
+        samples, so a run resumed on another number of processes continues at the same sample.
+        Trainers key their data order and noise by these indices (:mod:`alignment.seeding`).
+        Call on every process once per micro-batch.
+        """
+        acc, b = self.accelerator, self.config.train_batch_size
+        start = self.samples_seen + acc.process_index * b
+        self.samples_seen += acc.num_processes * b
+        return list(range(start, start + b))
 
     def save_checkpoint(self) -> Path:
-        from alignment.checkpointing import save_checkpoint
+        """Write a checkpoint (every process). Weights that are not finite are never written, so
+        ``keep_last`` rotation can never drop the newest finite checkpoint.
 
+        Raises:
+            NonFiniteError: the trainable weights are not finite on some process.
+        """
+        from alignment.checkpointing import latest_checkpoint, save_checkpoint
+
+        if any_process(self.accelerator, not params_finite(self.trainable)):
+            raise NonFiniteError(
+                f"The trainable weights at {self.progress_text()} are not finite: no checkpoint "
+                f"written (the newest finite one, {latest_checkpoint(self.output_dir)}, is kept)."
+            )
         return save_checkpoint(
             self.accelerator,
             self.output_dir,
-            self.global_step,
+            self.checkpoint_index(),
             self.trainer_state(),
             keep_last=self.config.keep_last,
         )
@@ -280,12 +597,17 @@ class PolicyTrainerBase:
         fresh). Returns whether a checkpoint was loaded."""
         from alignment.checkpointing import resume_if_requested
 
-        loaded = resume_if_requested(self.accelerator, self.output_dir, self.config.resume_from)
+        loaded = resume_if_requested(
+            self.accelerator,
+            self.output_dir,
+            self.config.resume_from,
+            weights_only=self.config.resume_weights_only,
+        )
         if loaded is None:
             return False
         path, state = loaded
         self.load_trainer_state(state)
-        self.accelerator.print(f"Resumed from {path} at step {self.global_step}.")
+        self.accelerator.print(f"Resumed from {path} at {self.progress_text()}.")
         return True
 
     def should_save(self) -> bool:
@@ -293,17 +615,6 @@ class PolicyTrainerBase:
         return bool(cfg.save_every) and (
             self.global_step % cfg.save_every == 0 or self.global_step == cfg.max_steps
         )
-
-    def optimizer_step(self) -> None:
-        """Clip (when gradients sync), step the optimizer and LR schedule, zero the gradients.
-        Call inside ``accelerator.accumulate`` after ``accelerator.backward``."""
-        acc = self.accelerator
-        if acc.sync_gradients and not self.is_deepspeed:
-            acc.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
-        self.optimizer.step()
-        if acc.sync_gradients:
-            self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
 
     def export(self, export_dir: str) -> None:
         """Export the tuned pipeline (see :mod:`alignment.export`); call on every process."""
@@ -319,4 +630,11 @@ class PolicyTrainerBase:
         self.accelerator.end_training()
 
 
-__all__ = ["PolicyTrainConfig", "PolicyTrainerBase", "parse_json_kwargs"]
+__all__ = [
+    "PolicyTrainConfig",
+    "PolicyTrainerBase",
+    "TrainConfig",
+    "frozen_models_outside_zero3",
+    "parse_json_kwargs",
+    "reduce_metrics",
+]

@@ -84,8 +84,7 @@ def main() -> None:
             trainer.unet.train()
             with acc.accumulate(trainer.unet):
                 loss, _ = trainer.compute_loss(prompts, lat_w, lat_l)
-                acc.backward(loss)
-                trainer.optimizer_step()
+                trainer.backward_and_step(loss)
 
         vae = policy.vae
 

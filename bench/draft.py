@@ -102,8 +102,7 @@ def main() -> None:
             trainer.unet.train()
             with acc.accumulate(trainer.unet):
                 loss, i = trainer.compute_loss(prompts)
-                acc.backward(loss)
-                trainer.optimizer_step()
+                trainer.backward_and_step(loss)
             info.update(i)
 
         if gpu:

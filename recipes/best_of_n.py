@@ -11,13 +11,12 @@ Any field of alignment.scaling.ScalingConfig is an option (or put them in --conf
 
 from __future__ import annotations
 
-from trl import TrlParser
-
+from alignment.recipe_utils import parse_recipe_args
 from alignment.scaling import ScalingConfig, run_scaling
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (config,) = TrlParser(ScalingConfig).parse_args_and_config(args=argv)
+    (config,) = parse_recipe_args(ScalingConfig, argv)
     return run_scaling(config)
 
 

@@ -14,14 +14,12 @@ Resume an interrupted run: add ``--resume_from latest``.
 
 from __future__ import annotations
 
-from trl import TrlParser
-
 from alignment.ddpo_trainer import DDPOConfig, DDPOTrainer
+from alignment.recipe_utils import parse_recipe_args
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = TrlParser(DDPOConfig)
-    (config,) = parser.parse_args_and_config(args=argv)
+    (config,) = parse_recipe_args(DDPOConfig, argv)
     return DDPOTrainer(config).train()
 
 

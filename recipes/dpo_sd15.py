@@ -13,14 +13,12 @@ Resume an interrupted run: add ``--resume_from latest``.
 
 from __future__ import annotations
 
-from trl import TrlParser
-
 from alignment.dpo_trainer import DPOConfig, DPOTrainer
+from alignment.recipe_utils import parse_recipe_args
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = TrlParser(DPOConfig)
-    (config,) = parser.parse_args_and_config(args=argv)
+    (config,) = parse_recipe_args(DPOConfig, argv)
     return DPOTrainer(config).train()
 
 

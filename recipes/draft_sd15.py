@@ -12,14 +12,12 @@ Resume: add ``--resume_from latest``. Any field of alignment.draft_trainer.Draft
 
 from __future__ import annotations
 
-from trl import TrlParser
-
 from alignment.draft_trainer import DraftConfig, DraftTrainer
+from alignment.recipe_utils import parse_recipe_args
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = TrlParser(DraftConfig)
-    (config,) = parser.parse_args_and_config(args=argv)
+    (config,) = parse_recipe_args(DraftConfig, argv)
     return DraftTrainer(config).train()
 
 

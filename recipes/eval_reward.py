@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import json
 
-from trl import TrlParser
-
+from alignment.recipe_utils import parse_recipe_args
 from reward.evaluate import EvalScriptArguments, evaluate_reward_folder
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (script,) = TrlParser(EvalScriptArguments).parse_args_and_config(args=argv)
+    (script,) = parse_recipe_args(EvalScriptArguments, argv)
     results = evaluate_reward_folder(script)
     for name, metrics in results.items():
         files = ", ".join(metrics["data_files"])

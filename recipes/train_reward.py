@@ -24,8 +24,7 @@ from __future__ import annotations
 import json
 import logging
 
-from trl import TrlParser
-
+from alignment.recipe_utils import parse_recipe_args
 from reward.training import (
     RewardScriptArguments,
     RewardTrainer,
@@ -37,8 +36,7 @@ from reward.training import (
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    parser = TrlParser((RewardScriptArguments, RewardTrainingArguments))
-    script, args = parser.parse_args_and_config(args=argv)
+    script, args = parse_recipe_args((RewardScriptArguments, RewardTrainingArguments), argv)
     logging.basicConfig(level=logging.INFO if args.should_log else logging.WARNING)
 
     model = build_reward_model(script, args)

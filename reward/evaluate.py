@@ -38,11 +38,12 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from reward.data import ON_ERROR_HELP, load_image_ref
+from reward.guards import validate_config
 from reward.losses import preference_logit
 
 logger = logging.getLogger(__name__)
@@ -483,13 +484,21 @@ class EvalScriptArguments:
         default="skip", metadata={"help": ON_ERROR_HELP.format(skipped="skipped_eval.jsonl")}
     )
     batch_size: int = field(default=16, metadata={"help": "Scoring batch size."})
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda)."})
+    device: str | None = field(
+        default=None,
+        metadata={"help": "cpu, cuda, cuda:1 ... (None: this process's GPU when there is one)."},
+    )
     dtype: str | None = field(
         default=None, metadata={"help": "float32, bfloat16 ... (default: bf16 on a GPU)."}
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow the backbone's own code (Phi-3.5-vision)."}
     )
+
+    RANGES: ClassVar[dict[str, str]] = {"batch_size": ">= 1"}
+
+    def __post_init__(self) -> None:
+        validate_config(self)
 
 
 def evaluate_reward_folder(script: EvalScriptArguments) -> dict[str, dict[str, Any]]:

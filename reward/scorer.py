@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from .guards import process_device
 from .images import ImageInputError, ImageLike, check_image_batch, load_images
 from .losses import pairwise_probability
 from .modeling import LlavaRewardModel
@@ -56,12 +57,10 @@ def default_perspective(perspectives: Sequence[str]) -> str:
 def default_device_dtype(
     device: str | torch.device | None, dtype: torch.dtype | str | None
 ) -> tuple[torch.device, torch.dtype]:
-    """``device`` defaults to CUDA when available; ``dtype`` to bf16 on CUDA, fp32 elsewhere."""
-    dev = (
-        torch.device(device)
-        if device is not None
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    """``device`` defaults to this process's device (:func:`reward.guards.process_device`:
+    ``cuda:{LOCAL_RANK}`` or the current CUDA device, else the CPU); ``dtype`` to bf16 on CUDA,
+    fp32 elsewhere."""
+    dev = torch.device(device) if device is not None else process_device()
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if dtype is None:

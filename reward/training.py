@@ -42,14 +42,24 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .data import ON_ERROR_HELP, load_image_ref, load_reward_data, write_skipped
+from .distributed import cpu_deepspeed_backend
+from .guards import (
+    NonFiniteError,
+    StepGuard,
+    any_process,
+    grads_finite,
+    params_finite,
+    poison_nonfinite,
+    validate_config,
+)
 from .losses import bradley_terry_loss, gpm_loss, paired_bce_loss, unpaired_bce_loss
 from .modeling import LlavaRewardModel, check_backbone
 
@@ -115,16 +125,44 @@ class RewardTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "Gradient checkpointing of the backbone (default: on with a GPU)."},
     )
+    max_consecutive_skips: int = field(
+        default=3,
+        metadata={
+            "help": "Stop with an error after this many optimiser steps in a row were skipped "
+            "for a non-finite loss or gradient (each skip is counted in train/skipped_steps)."
+        },
+    )
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "tau": "> 0",
+        "learning_rate": "> 0",
+        "adam_beta1": "[0, 1)",
+        "adam_beta2": "[0, 1)",
+        "adam_epsilon": "> 0",
+        "weight_decay": ">= 0",
+        "max_grad_norm": ">= 0",
+        "warmup_steps": ">= 0",
+        "num_train_epochs": "> 0",
+        "per_device_train_batch_size": ">= 1",
+        "per_device_eval_batch_size": ">= 1",
+        "gradient_accumulation_steps": ">= 1",
+        "max_consecutive_skips": ">= 1",
+    }
 
     def __post_init__(self):
+        validate_config(self)
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
+        if not _cuda():  # pinned host memory only helps copies to a GPU (and warns without one)
+            self.dataloader_pin_memory = False
         if self.report_to == "auto":
             self.report_to = default_report_to()
         if self.bf16 is None:
             self.bf16 = bool(_cuda() and torch.cuda.is_bf16_supported()) and not self.use_cpu
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = _cuda() and not self.use_cpu
+        if self.ddp_backend is None:  # gloo for DeepSpeed on CPUs (reward.distributed)
+            self.ddp_backend = cpu_deepspeed_backend()
         super().__post_init__()
 
 
@@ -414,13 +452,33 @@ class ModelScorer:
 # ----------------------------------------------------------------------------- trainer
 
 
+class _NonFiniteStepGuard(TrainerCallback):
+    """Hands the optimiser-step events of ``Trainer``'s loop to :class:`RewardTrainer`'s guard."""
+
+    def __init__(self, trainer: RewardTrainer) -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._guard_before_step()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._guard_after_step(state.global_step + 1)
+
+
 class RewardTrainer(Trainer):
     """``transformers.Trainer`` for one perspective of a :class:`LlavaRewardModel`.
 
     ``train_dataset`` / ``eval_dataset``: ``datasets.Dataset`` s in the common schemas (paired,
     unpaired, or mixed with :func:`mix_datasets`). Everything but the perspective's LoRA, projector
     copy, SkipCA and head is frozen. Logs ``loss``, pair ``accuracy`` / ``margin`` and
-    ``unpaired_accuracy`` (train and eval).
+    ``unpaired_accuracy`` (train and eval) and ``train/skipped_steps``.
+
+    Non-finite guard (:mod:`reward.guards`): an optimiser step whose loss (any micro-batch) or
+    gradient is not finite on any process is skipped (its gradients are dropped, so AdamW leaves
+    the weights and its moments as they are; the LR schedule still advances) and counted; after
+    ``max_consecutive_skips`` in a row training stops with :class:`~reward.guards.NonFiniteError`.
+    Under DeepSpeed a non-finite loss becomes NaN gradients, which the engine's overflow check
+    skips on every rank. A checkpoint is never written of non-finite weights.
     """
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
@@ -477,6 +535,9 @@ class RewardTrainer(Trainer):
             "train": defaultdict(list),
             "eval": defaultdict(list),
         }
+        self.guard = StepGuard(args.max_consecutive_skips)
+        self._skip_step = False
+        self.add_callback(_NonFiniteStepGuard(self))
 
     # ---------------------------------------------------------------- loss
     def _cast_inputs(self, model: torch.nn.Module, inputs: dict) -> dict:
@@ -495,10 +556,40 @@ class RewardTrainer(Trainer):
         with _autocast_for(self.accelerator.unwrap_model(model)):
             outputs = model(**self._cast_inputs(model, inputs), perspective=self.perspective)
         loss, stats = reward_loss(outputs.rewards, n_pairs, labels, self.args.loss_type, self.tau)
+        if model.training:
+            self.guard.observe(loss)
+            if self.is_deepspeed_enabled:
+                loss = poison_nonfinite(loss)
         mode = "train" if model.training else "eval"
         for k, v in stats.items():
             self._metrics[mode][k].append(v)
         return (loss, outputs) if return_outputs else loss
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _guard_before_step(self) -> None:
+        """Before the optimiser steps (not under DeepSpeed, whose engine stepped in backward):
+        drop the gradients when a loss of the window or the gradient is non-finite anywhere.
+        With a dynamic fp16 loss scale a gradient overflow is the scaler's to skip."""
+        if self.is_deepspeed_enabled:
+            return
+        grad_bad = self.accelerator.scaler is None and not grads_finite(self._trainable())
+        self._skip_step = any_process(self.accelerator, self.guard.pending or grad_bad)
+        if self._skip_step:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def _guard_after_step(self, step: int) -> None:
+        if self.is_deepspeed_enabled:
+            engine = self.accelerator.deepspeed_engine_wrapped.engine
+            loss_bad = any_process(self.accelerator, self.guard.pending)
+            skipped = not engine.was_step_applied()
+            if skipped and not loss_bad and engine.fp16_enabled():
+                skipped = False  # the loss scaler's own overflow skip
+        else:
+            skipped = self._skip_step
+        self._skip_step = False
+        self.guard.record(skipped, step)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -519,6 +610,8 @@ class RewardTrainer(Trainer):
             if vals:
                 logs[f"{prefix}{k}"] = sum(vals) / len(vals)
         self._metrics[mode].clear()
+        if mode == "train":
+            logs["train/skipped_steps"] = self.guard.skipped
         super().log(logs, start_time)
 
     # ---------------------------------------------------------------- saving / loading
@@ -604,7 +697,14 @@ class RewardTrainer(Trainer):
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _save_checkpoint(self, model, trial) -> None:
-        """The library's checkpoint, written under a staging folder and renamed into place."""
+        """The library's checkpoint, written under a staging folder and renamed into place;
+        never of non-finite weights (so rotation keeps the newest finite checkpoint)."""
+        if any_process(self.accelerator, not params_finite(self._trainable())):
+            raise NonFiniteError(
+                f"The {self.perspective!r} weights at step {self.state.global_step} are not "
+                f"finite: no checkpoint written (the newest finite one, "
+                f"{self.last_checkpoint()}, is kept)."
+            )
         run_dir = self.checkpoint_dir(trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging = os.path.join(run_dir, ".staging")
@@ -830,6 +930,23 @@ class RewardScriptArguments:
         default=4,
         metadata={"help": "Eval examples whose in-memory rewards go to fixed_scores_<p>.json."},
     )
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "eval_split": "[0, 1)",
+        "lora_r": ">= 1",
+        "lora_alpha": "> 0",
+        "lora_dropout": "[0, 1)",
+        "head_dim": "[1, 2]",
+        "max_length": ">= 1",
+        "min_pixels": ">= 1",
+        "max_pixels": ">= 1",
+        "toy_n_train": ">= 1",
+        "toy_n_eval": ">= 1",
+        "n_fixed_scores": ">= 0",
+    }
+
+    def __post_init__(self) -> None:
+        validate_config(self)
 
 
 @contextlib.contextmanager

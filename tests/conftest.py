@@ -22,3 +22,15 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Reset accelerate's process-wide state after a test that built an ``Accelerator`` (the next
+    test may ask for another mixed precision or accumulation). Use with
+    ``pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")``."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
