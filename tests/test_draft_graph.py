@@ -246,8 +246,9 @@ def test_differentiable_reward_fn_by_name(tmp_path):
 
 
 def test_llava_reward_by_name_passes_device_and_dtype_and_freezes_the_scorer(tmp_path, monkeypatch):
-    """The scorer is built with the given device and dtype (default: this machine's device) and
-    frozen, so DRaFT's backward reaches the pixels, never the reward model's weights."""
+    """The scorer is built with the given device and dtype (None: the scorer's default, this
+    process's device) and frozen, so DRaFT's backward reaches the pixels, never the reward model's
+    weights."""
     from alignment.draft import differentiable_reward_fn
     from reward.modeling import LlavaRewardModel
     from reward.scorer import RewardScorer
@@ -271,4 +272,4 @@ def test_llava_reward_by_name_passes_device_and_dtype_and_freezes_the_scorer(tmp
     assert built[0] == ("cpu:0", None)
     assert not any(p.requires_grad for p in built[1].model.parameters())
     differentiable_reward_fn("llava_reward", path=str(tmp_path / "rm"), dtype=torch.float32)
-    assert built[2] == ("cuda" if torch.cuda.is_available() else "cpu", torch.float32)
+    assert built[2] == (None, torch.float32)

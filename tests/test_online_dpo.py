@@ -66,8 +66,9 @@ def test_online_pairs_take_the_best_and_the_worst_sample_of_their_prompt(tmp_pat
     stats = trainer.refresh_pairs()
     images = torch.cat(reward.images)  # [P * n, 3, H, W], prompt-major
     rewards = torch.cat(reward.rewards).reshape(-1, n)
-    for _ in range(3):
-        prompts, lat_w, lat_l = trainer.online_batch()
+    for step in range(3):
+        ids = range(step * cfg.train_batch_size, (step + 1) * cfg.train_batch_size)
+        prompts, lat_w, lat_l = trainer.online_batch(ids)
         with torch.no_grad():
             img_w, img_l = trainer.policy.decode(lat_w), trainer.policy.decode(lat_l)
         for prompt, win, lose in zip(prompts, img_w, img_l):
