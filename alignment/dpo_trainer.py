@@ -33,6 +33,20 @@ given to DeepSpeed) without a graph; :func:`alignment.dpo.diffusion_dpo_loss` (`
 implicit accuracy, the model and reference error differences, and for online pairs the rewards
 and reward margins of the pairs; optionally the mean reward of the policy on fixed evaluation
 seeds. Checkpoints, resume and export are the shared ones (:mod:`alignment.trainer_utils`).
+
+**Flow-matching policies** (SD 3.x, FLUX: ``pretrained_model`` a folder or hub id of a
+``StableDiffusion3Pipeline`` / ``FluxPipeline``, or ``tiny-sd3`` / ``tiny-flux``) train with the
+flow form of the loss, selected by the policy type (a
+:class:`~alignment.flow_policy.FlowPolicy`): online pairs come from the policy's own flow SDE
+sampler (``noise_level``; 0 is its ODE), ranked by ``reward``; each pair's latents are
+interpolated to ``x_s = (1 - s) x0 + s eps`` with shared noise and a sigma drawn as SD3 trains
+(``timestep_sampling``: logit-normal by default), the transformer predicts the velocity (FLUX
+with ``guidance_scale`` in its guidance embedding, SD3 without CFG) and
+:func:`alignment.dpo.flow_dpo_loss`'s errors against ``eps - x0`` go into the same loss, with
+``beta`` 100 by default (:data:`alignment.dpo.FLOW_DPO_BETA`). The reference is the adapter
+switched off; accelerate/DeepSpeed, checkpoints and resume are shared. Evaluation samples flow
+policies with the ODE (the sampler of the exported pipeline). Exporting a flow policy needs the
+flow export of :mod:`alignment.export`, which is not there yet: ``export_dir`` is refused up front.
 """
 
 from __future__ import annotations
@@ -46,7 +60,17 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from alignment.dpo import LOSS_TYPES, denoising_target, diffusion_dpo_loss, per_image_error
+from alignment.dpo import (
+    DIFFUSION_DPO_BETA,
+    FLOW_DPO_BETA,
+    LOSS_TYPES,
+    TIMESTEP_SAMPLING,
+    denoising_target,
+    diffusion_dpo_loss,
+    flow_training_sigmas,
+    per_image_error,
+)
+from alignment.flow import flow_interpolate, flow_velocity_target
 from alignment.trainer_utils import (
     PolicyTrainConfig,
     PolicyTrainerBase,
@@ -137,17 +161,37 @@ class DPOConfig(PolicyTrainConfig):
         default=0.0, metadata={"help": "Keep a pair only if r_chosen - r_rejected > this."}
     )
     # --- sampling (online pairs, build_data, evaluation)
-    num_steps: int = field(default=50, metadata={"help": "DDIM steps when sampling."})
-    eta: float = field(default=1.0, metadata={"help": "DDIM eta when sampling."})
+    num_steps: int = field(default=50, metadata={"help": "Denoising steps when sampling."})
+    eta: float = field(default=1.0, metadata={"help": "DDIM eta when sampling (SD 1.x/2.x)."})
+    noise_level: float = field(
+        default=0.7,
+        metadata={
+            "help": "Flow policies (SD 3.x, FLUX): the SDE noise level of the pair sampler "
+            "(0: the ODE; evaluation always uses the ODE)."
+        },
+    )
     guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale when sampling."})
     sample_batch_size: int = field(default=16, metadata={"help": "Images per sampling call."})
     # --- DPO
-    beta: float = field(
-        default=5000.0,
+    beta: float | None = field(
+        default=None,
         metadata={
-            "help": "DPO beta with the 1/2 inside the loss (5000 for SD 1.5 = 2500 "
-            "without the 1/2)."
+            "help": "DPO beta with the 1/2 inside the loss. Default by the policy: 5000 for "
+            "SD 1.x (= 2500 without the 1/2), 100 for flow policies (Flow-GRPO's SD 3.5-M DPO)."
         },
+    )
+    timestep_sampling: str = field(
+        default="logit_normal",
+        metadata={
+            "help": "Flow policies: how each pair's sigma is drawn from the 1000 training "
+            "sigmas: 'logit_normal' (SD3's training density) or 'uniform'."
+        },
+    )
+    logit_mean: float = field(
+        default=0.0, metadata={"help": "Flow policies, logit_normal: mean of the logit."}
+    )
+    logit_std: float = field(
+        default=1.0, metadata={"help": "Flow policies, logit_normal: std of the logit."}
     )
     loss_type: str = field(
         default="sigmoid", metadata={"help": "'sigmoid' (Diffusion-DPO), 'hinge' or 'ipo'."}
@@ -171,9 +215,11 @@ class DPOConfig(PolicyTrainConfig):
         "reward_margin": ">= 0",
         "num_steps": ">= 1",
         "eta": ">= 0",
+        "noise_level": ">= 0",
         "guidance_scale": ">= 0",
         "sample_batch_size": ">= 1",
         "beta": "> 0",
+        "logit_std": "> 0",
         "eval_every": ">= 0",
         "eval_prompts": ">= 1",
         "eval_seeds": ">= 1",
@@ -186,10 +232,29 @@ class DPOConfig(PolicyTrainConfig):
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
         if self.pairing not in ("best_worst", "margin"):
             raise ValueError(f"pairing must be 'best_worst' or 'margin', got {self.pairing!r}.")
+        if self.timestep_sampling not in TIMESTEP_SAMPLING:
+            raise ValueError(
+                f"timestep_sampling must be one of {TIMESTEP_SAMPLING}, got "
+                f"{self.timestep_sampling!r}."
+            )
 
     @property
     def online(self) -> bool:
         return self.data.strip().lower() == "online"
+
+
+def _is_flow(policy: Any) -> bool:
+    """Whether ``policy`` is a flow-matching policy (predicts a velocity: FlowPolicy)."""
+    return hasattr(policy, "predict_velocity")
+
+
+def vae_latents(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """Model latents of images ``[B, 3, H, W]`` in [-1, 1]: ``(z - shift) * scale`` with ``z``
+    the VAE posterior's mode (SD 1.x has no shift; SD3 and FLUX do), as the pipelines' inverse
+    of their decode."""
+    cfg = vae.config
+    z = vae.encode(pixels).latent_dist.mode()
+    return (z - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
 
 
 # ----------------------------------------------------------------------------- pair selection
@@ -240,6 +305,11 @@ def sample_ranked(
     prompt_ids: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Sample ``N = images_per_prompt`` images for each of ``P`` prompts and score them.
+
+    ``policy`` is a :class:`~alignment.policy.DiffusionPolicy` (``eta``: its DDIM eta) or a
+    :class:`~alignment.flow_policy.FlowPolicy` (``eta``: the flow SDE's ``noise_level``; 0 is the
+    ODE): the third positional argument of either's ``sample``. Either way the latents are the
+    sampler's last, clean ones.
 
     Returns ``{"latents": [P, N, C, h, w] (clean x_0), "images": [P, N, 3, H, W],
     "rewards": [P, N]}``. With ``generator_seed`` image ``n`` of prompt ``p`` is seeded with
@@ -294,7 +364,8 @@ def build_pair_manifest(
     """Write a pair manifest (JSONL ``{prompt, chosen, rejected, id, reward_chosen,
     reward_rejected}``, PNG images in ``images/`` next to it) of ``policy``'s own samples ranked
     by ``reward_fn``: a small offline preference set, e.g. "the brighter image wins" for tests.
-    Readable by :func:`reward.data.read_pairs`. Returns the manifest path.
+    Readable by :func:`reward.data.read_pairs`. Returns the manifest path. ``policy`` and ``eta``
+    as in :func:`sample_ranked` (a FlowPolicy's ``eta`` is its SDE ``noise_level``).
 
     ``brightness_offset = a > 0`` adds a uniform random offset in ``[-a, a]`` to every sampled
     image (clamped to [0, 1]) before it is scored: a photometric augmentation that widens the
@@ -456,9 +527,15 @@ class DPOTrainer(PolicyTrainerBase):
     """Builds policy, pairs (offline or online), reward and accelerator from a
     :class:`DPOConfig` and trains with the Diffusion-DPO loss.
 
+    The policy type selects the form of the loss: a :class:`~alignment.policy.DiffusionPolicy`
+    (SD 1.x/2.x: noise or v prediction) or a :class:`~alignment.flow_policy.FlowPolicy` (SD 3.x,
+    FLUX: the flow-matching form, :func:`alignment.dpo.flow_dpo_loss`); built from
+    ``pretrained_model`` by its pipeline class when not given.
+
     Args:
         config: the run's settings.
-        policy: an existing :class:`~alignment.policy.DiffusionPolicy` (default: built).
+        policy: an existing :class:`~alignment.policy.DiffusionPolicy` or
+            :class:`~alignment.flow_policy.FlowPolicy` (default: built).
         reward_fn: a reward callable (default: ``get_reward_fn(config.reward,
             device=accelerator.device, **reward_kwargs)``).
         prompts: prompts for online pairs / build_data / evaluation (default: ``config.prompts``).
@@ -473,11 +550,38 @@ class DPOTrainer(PolicyTrainerBase):
         prompts: Sequence[str] | None = None,
         dataset: Any = None,
     ) -> None:
+        from alignment.flow_policy import pipeline_kind
         from alignment.prompts import load_prompts
         from alignment.rewards import get_reward_fn
 
+        flow = (
+            pipeline_kind(config.pretrained_model) is not None
+            if policy is None
+            else _is_flow(policy)
+        )
+        if flow and config.export_dir:
+            raise ValueError(
+                "export_dir: exporting a flow policy (SD 3.x / FLUX) needs the flow export of "
+                "alignment/export.py, which is not there yet. Drop export_dir; the checkpoints "
+                "(output_dir/checkpoints) hold the trained weights."
+            )
         self.setup(config, policy, keep_reference=True)
         cfg, acc = config, self.accelerator
+        #: the flow-matching form (FlowPolicy) or the noise-prediction form (DiffusionPolicy)
+        self.is_flow = _is_flow(self.policy)
+        self.beta = cfg.beta
+        if self.beta is None:
+            self.beta = FLOW_DPO_BETA if self.is_flow else DIFFUSION_DPO_BETA
+        #: the sampler's noise for pairs (DDIM eta or the flow SDE's noise_level) and evaluation
+        self.sample_noise = cfg.noise_level if self.is_flow else cfg.eta
+        self.eval_noise = 0.0 if self.is_flow else cfg.eta
+        if self.is_flow:
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            # the training schedule (N = num_train_timesteps sigmas, shift applied as at training)
+            train = FlowMatchEulerDiscreteScheduler.from_config(self.policy.scheduler.config)
+            self._flow_sigmas = train.sigmas.float()
+            self._flow_timesteps = train.timesteps.float()
         self.reward_fn = reward_fn
         if self.reward_fn is None and cfg.reward:
             with self.frozen_outside_zero3():
@@ -514,7 +618,7 @@ class DPOTrainer(PolicyTrainerBase):
                     cfg.pairing,
                     cfg.reward_margin,
                     cfg.num_steps,
-                    cfg.eta,
+                    self.sample_noise,
                     cfg.guidance_scale,
                     cfg.seed,
                     cfg.sample_batch_size,
@@ -524,6 +628,40 @@ class DPOTrainer(PolicyTrainerBase):
             self.dataset = load_pair_dataset(
                 self.data_path, cfg.data_format, cfg.image_root, cfg.max_pairs
             )
+
+    # ------------------------------------------------------------------------------ policy hooks
+    def build_policy(self, keep_reference: bool) -> Any:
+        """A :class:`~alignment.flow_policy.FlowPolicy` for SD 3.x / FLUX pipelines (by
+        ``model_index.json``, or ``tiny-sd3`` / ``tiny-flux``), else the base's
+        :class:`~alignment.policy.DiffusionPolicy`."""
+        from alignment.flow_policy import FlowPolicy, pipeline_kind
+
+        cfg = self.config
+        if pipeline_kind(cfg.pretrained_model) is None:
+            return super().build_policy(keep_reference)
+        size = {} if cfg.resolution is None else {"resolution": cfg.resolution}
+        return FlowPolicy.from_pretrained(
+            cfg.pretrained_model,
+            **self.policy_kwargs(keep_reference),
+            **size,  # default: the pipeline's (tiny-flux: 32 px)
+        )
+
+    def trained_module(self, policy: Any) -> torch.nn.Module:
+        return policy.transformer if _is_flow(policy) else super().trained_module(policy)
+
+    def use_prepared_module(self, policy: Any, module: Any) -> None:
+        if _is_flow(policy):
+            policy.set_forward_transformer(module)
+        else:
+            super().use_prepared_module(policy, module)
+
+    def export(self, export_dir: str) -> None:
+        if self.is_flow:
+            raise NotImplementedError(
+                "Exporting a flow policy needs the flow export of alignment/export.py (not there "
+                "yet); the checkpoints hold the trained weights."
+            )
+        super().export(export_dir)
 
     # ------------------------------------------------------------------------------ data
     def _order(self, epoch: int) -> torch.Tensor:
@@ -552,8 +690,7 @@ class DPOTrainer(PolicyTrainerBase):
         pix = pil_to_model_input(list(rows["chosen"]) + list(rows["rejected"]), self.resolution)
         vae = self.policy.vae
         with torch.no_grad():
-            pix = pix.to(acc.device, next(vae.parameters()).dtype)
-            lat = vae.encode(pix).latent_dist.mode() * vae.config.scaling_factor
+            lat = vae_latents(vae, pix.to(acc.device, next(vae.parameters()).dtype))
         lat_w, lat_l = lat.float().chunk(2)
         return list(rows["prompt"]), lat_w, lat_l
 
@@ -579,7 +716,7 @@ class DPOTrainer(PolicyTrainerBase):
             self.reward_fn,
             cfg.images_per_prompt,
             cfg.num_steps,
-            cfg.eta,
+            self.sample_noise,
             cfg.guidance_scale,
             cfg.sample_batch_size,
             generator_seed=stream_seed(cfg.seed, "dpo_online_noise", self.global_step),
@@ -638,6 +775,70 @@ class DPOTrainer(PolicyTrainerBase):
         return [buf["prompts"][k] for k in idx], buf["latents_w"][idx], buf["latents_l"][idx]
 
     # ------------------------------------------------------------------------------ loss
+    def pair_draws(
+        self, lat: torch.Tensor, sample_ids: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noise ``[B, C, h, w]`` and the timestep draw ``[B]`` of ``B`` pairs.
+
+        The draw is an integer timestep in ``[0, num_train_timesteps)`` (noise-prediction form)
+        or a uniform ``r`` in [0, 1) that :func:`alignment.dpo.flow_training_sigmas` maps to the
+        pair's sigma (flow form). With ``sample_ids`` (the pairs' global stream positions) pair
+        ``k``'s noise and draw come from the stream ``(seed, "dpo_noise", k)``, whatever process
+        draws it; without, from the global torch RNG."""
+        n_train = self.policy.scheduler.config.num_train_timesteps
+        if sample_ids is None:
+            noise = torch.randn_like(lat)
+            if self.is_flow:
+                return noise, torch.rand(lat.shape[0], device=lat.device)
+            return noise, torch.randint(0, n_train, (lat.shape[0],), device=lat.device)
+        from alignment.seeding import stream_generator
+
+        gens = [stream_generator(self.config.seed, "dpo_noise", k) for k in sample_ids]
+        noise = torch.stack([torch.randn(lat.shape[1:], generator=g) for g in gens])
+        if self.is_flow:
+            draw = torch.stack([torch.rand((), generator=g) for g in gens])
+        else:
+            draw = torch.stack([torch.randint(0, n_train, (), generator=g) for g in gens])
+        return noise.to(lat.device, lat.dtype), draw.to(lat.device)
+
+    def noised_pairs(
+        self, lat_w: torch.Tensor, lat_l: torch.Tensor, noise: torch.Tensor, draw: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_t, t, target)`` of the ``2B`` images ``[preferred; rejected]``, each pair with
+        its shared noise and timestep.
+
+        Noise-prediction form: ``x_t`` from the scheduler's ``add_noise``, target ``eps`` (or the
+        v target). Flow form: ``s`` from :func:`alignment.dpo.flow_training_sigmas`,
+        ``x_s = (1 - s) x0 + s eps``, target ``eps - x0``, ``t = 1000 s`` (scheduler units)."""
+        x0 = torch.cat([lat_w, lat_l])
+        noise2 = torch.cat([noise, noise])
+        if self.is_flow:
+            cfg = self.config
+            sigma, t = flow_training_sigmas(
+                draw,
+                self._flow_sigmas,
+                self._flow_timesteps,
+                cfg.timestep_sampling,
+                cfg.logit_mean,
+                cfg.logit_std,
+            )
+            sigma2 = torch.cat([sigma, sigma]).to(x0.device)
+            x_t = flow_interpolate(x0, noise2, sigma2)
+            return x_t, torch.cat([t, t]).to(x0.device), flow_velocity_target(x0, noise2)
+        sched = self.policy.scheduler
+        t2 = torch.cat([draw, draw])
+        return sched.add_noise(x0, noise2, t2), t2, denoising_target(sched, x0, noise2, t2)
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, embeds: Any) -> torch.Tensor:
+        """The model's prediction at ``x_t`` without CFG: the noise (or v) of a UNet, the
+        velocity of a flow transformer (FLUX with ``guidance_scale`` in its guidance embedding,
+        as it was distilled)."""
+        policy = self.policy
+        if self.is_flow:
+            g = self.config.guidance_scale if policy.kind == "flux" else 1.0
+            return policy.predict_velocity(x_t, t, embeds, g)
+        return policy.predict_noise(x_t, t, embeds, 1.0)
+
     def compute_loss(
         self,
         prompts: list[str],
@@ -645,37 +846,24 @@ class DPOTrainer(PolicyTrainerBase):
         lat_l: torch.Tensor,
         sample_ids: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Diffusion-DPO loss of one micro-batch of pairs (shared noise and timestep per pair).
+        """Diffusion-DPO loss of one micro-batch of pairs (shared noise and timestep per pair),
+        in the noise-prediction or the flow form (:meth:`pair_draws`, :meth:`noised_pairs`).
 
-        With ``sample_ids`` (the pairs' global stream positions) pair ``k``'s noise and timestep
-        come from the stream ``(seed, "dpo_noise", k)``, whatever process draws it; without, from
-        the global torch RNG."""
+        In the flow form the loss equals :func:`alignment.dpo.flow_dpo_loss` of the policy's and
+        the reference's velocities at the pairs' ``x_s`` (tests/test_flow_dpo.py); the errors
+        are computed once here, for the loss and the log."""
         cfg, acc, policy = self.config, self.accelerator, self.policy
-        sched = policy.scheduler
-        b = lat_w.shape[0]
         embeds = policy.encode_prompts(prompts)
-        n_train = sched.config.num_train_timesteps
-        if sample_ids is None:
-            noise = torch.randn_like(lat_w)
-            t = torch.randint(0, n_train, (b,), device=lat_w.device)
-        else:
-            from alignment.seeding import stream_generator
-
-            gens = [stream_generator(cfg.seed, "dpo_noise", k) for k in sample_ids]
-            noise = torch.stack([torch.randn(lat_w.shape[1:], generator=g) for g in gens])
-            t = torch.stack([torch.randint(0, n_train, (), generator=g) for g in gens])
-            noise, t = noise.to(lat_w.device, lat_w.dtype), t.to(lat_w.device)
-        x0 = torch.cat([lat_w, lat_l])
-        noise2, t2, emb2 = torch.cat([noise, noise]), torch.cat([t, t]), torch.cat([embeds, embeds])
-        x_t = sched.add_noise(x0, noise2, t2)
-        target = denoising_target(sched, x0, noise2, t2)
+        noise, draw = self.pair_draws(lat_w, sample_ids)
+        x_t, t2, target = self.noised_pairs(lat_w, lat_l, noise, draw)
+        emb2 = type(embeds).cat([embeds, embeds]) if self.is_flow else torch.cat([embeds, embeds])
         with acc.autocast():
-            err = per_image_error(target, policy.predict_noise(x_t, t2, emb2, 1.0))
+            err = per_image_error(target, self.predict(x_t, t2, emb2))
         with torch.no_grad(), acc.autocast(), policy.reference():
-            ref = per_image_error(target, policy.predict_noise(x_t, t2, emb2, 1.0))
+            ref = per_image_error(target, self.predict(x_t, t2, emb2))
         mw, ml = err.chunk(2)
         rw, rl = ref.chunk(2)
-        loss, accuracy = diffusion_dpo_loss(mw, ml, rw, rl, cfg.beta, cfg.loss_type)
+        loss, accuracy = diffusion_dpo_loss(mw, ml, rw, rl, self.beta, cfg.loss_type)
         info = {
             "loss": loss.item(),
             "implicit_acc": accuracy.item(),
@@ -687,7 +875,8 @@ class DPOTrainer(PolicyTrainerBase):
 
     # ------------------------------------------------------------------------------ loop
     def evaluate(self) -> float:
-        """Mean reward of the policy on the first ``eval_prompts`` prompts and fixed seeds."""
+        """Mean reward of the policy on the first ``eval_prompts`` prompts and fixed seeds
+        (flow policies sample with the ODE)."""
         from alignment.ddpo_trainer import evaluate_policy
 
         cfg = self.config
@@ -700,7 +889,7 @@ class DPOTrainer(PolicyTrainerBase):
                 list(range(cfg.eval_seeds)),
                 cfg.num_steps,
                 cfg.guidance_scale,
-                cfg.eta,
+                self.eval_noise,
             )
         return float(r[torch.isfinite(r)].mean())
 
@@ -740,7 +929,9 @@ class DPOTrainer(PolicyTrainerBase):
             if self.global_step % cfg.log_every == 0 or "eval/reward_mean" in record:
                 self.log(record)
             if cfg.log_images_every and self.global_step % cfg.log_images_every == 0:
-                self.log_policy_samples(self.prompts, cfg.num_steps, cfg.eta, cfg.guidance_scale)
+                self.log_policy_samples(
+                    self.prompts, cfg.num_steps, self.eval_noise, cfg.guidance_scale
+                )
             bar.set_postfix(loss=f"{record['loss']:.4g}", acc=f"{record['implicit_acc']:.2f}")
             if self.should_save():
                 self.save_checkpoint()
@@ -756,4 +947,5 @@ __all__ = [
     "pil_to_model_input",
     "sample_ranked",
     "select_pairs",
+    "vae_latents",
 ]

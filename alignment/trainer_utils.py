@@ -295,7 +295,8 @@ class PolicyTrainerBase:
         policy.to(acc.device)
         if not policy.use_lora and self.weight_dtype != torch.float32:
             policy.vae.to(dtype=self.weight_dtype)
-            policy.text_encoder.to(dtype=self.weight_dtype)
+            for encoder in getattr(policy, "text_encoders", None) or [policy.text_encoder]:
+                encoder.to(dtype=self.weight_dtype)
         self.trainable = policy.trainable_parameters()
         optimizer = self._make_optimizer(self.trainable)
         warm = max(0, cfg.lr_warmup_steps)
@@ -324,9 +325,15 @@ class PolicyTrainerBase:
         override for another policy class)."""
         from alignment.policy import DiffusionPolicy
 
-        cfg = self.config
         return DiffusionPolicy.from_pretrained(
-            cfg.pretrained_model,
+            self.config.pretrained_model, **self.policy_kwargs(keep_reference)
+        )
+
+    def policy_kwargs(self, keep_reference: bool) -> dict[str, Any]:
+        """The config's keyword arguments for a policy's ``from_pretrained`` (revision, LoRA,
+        reference copy, frozen-weight dtype, gradient checkpointing)."""
+        cfg = self.config
+        return dict(
             revision=cfg.revision,
             use_lora=cfg.use_lora,
             lora_rank=cfg.lora_rank,
