@@ -10,7 +10,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export HF_HOME := $(CURDIR)/.cache/huggingface
 export MPLBACKEND := Agg
 
-.PHONY: test demo lint format install clean
+.PHONY: test demo lint format install clean mutate
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -39,6 +39,19 @@ format: $(STAMP)
 # two pytest workers on a 2-core machine: one thread each (more threads oversubscribe the cores)
 test: lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile
+
+# Mutation testing of the maths modules with their fast tests (docs/testing.md); not part of
+# `make test`. One worker, niced: the machine is shared. The globs name the mutated functions
+# (all of the listed modules, and SkipCA's two functions in reward/modeling.py); keep them in step
+# with tools/mutation_score.py.
+MUTATE_TARGETS := "alignment.ddpo.*" "alignment.dpo.*" "alignment.draft.*" "alignment.flow.*" \
+	"reward.losses.*" "reward.modeling.x_masked_skip_cross_attention__mutmut_*" \
+	"reward.modeling.x*RewardHead*forward__mutmut_*"
+mutate: $(STAMP)
+	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q -e ".[dev,mutate]"
+	rm -rf mutants
+	OMP_NUM_THREADS=1 nice -n 10 $(VENV)/bin/mutmut run --max-children 1 $(MUTATE_TARGETS)
+	$(PY) tools/mutation_score.py --min 90
 
 demo: $(STAMP)
 	$(PY) -m alignment.demo $(DEMO_ARGS)

@@ -46,6 +46,8 @@ The sigma is drawn as SD3's training draws it (:func:`flow_training_sigmas`): ``
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -58,6 +60,29 @@ TIMESTEP_SAMPLING = ("logit_normal", "uniform")
 DIFFUSION_DPO_BETA = 5000.0
 #: beta (1/2 inside) of the flow-matching form: Flow-GRPO's SD 3.5-M DPO setting
 FLOW_DPO_BETA = 100.0
+
+
+def denoising_target(
+    scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet is trained to output at ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``.
+
+    By the scheduler's ``config.prediction_type``: ``"epsilon"``: ``eps``; ``"v_prediction"``:
+    ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0``; ``"sample"``: ``x0``. ``abar_t`` is
+    ``scheduler.alphas_cumprod[t]`` per sample.
+
+    Shapes: ``x0, noise [B, C, h, w]``, ``timesteps [B]`` -> ``[B, C, h, w]`` (float32).
+    """
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise.float()
+    if kind == "sample":
+        return x0.float()
+    if kind != "v_prediction":
+        raise ValueError(f"Unsupported prediction_type {kind!r}: epsilon, v_prediction or sample.")
+    abar = scheduler.alphas_cumprod.to(x0.device)[timesteps.long()].float()
+    abar = abar.reshape(abar.shape + (1,) * (x0.ndim - abar.ndim))
+    return abar.sqrt() * noise.float() - (1 - abar).sqrt() * x0.float()
 
 
 def per_image_error(target: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
@@ -208,6 +233,7 @@ __all__ = [
     "FLOW_DPO_BETA",
     "LOSS_TYPES",
     "TIMESTEP_SAMPLING",
+    "denoising_target",
     "diffusion_dpo_loss",
     "dpo_logits",
     "flow_dpo_loss",

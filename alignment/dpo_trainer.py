@@ -69,6 +69,7 @@ from alignment.dpo import (
     FLOW_DPO_BETA,
     LOSS_TYPES,
     TIMESTEP_SAMPLING,
+    denoising_target,
     diffusion_dpo_loss,
     flow_training_sigmas,
     per_image_error,
@@ -779,14 +780,7 @@ class DPOTrainer(PolicyTrainerBase):
             return x_t, torch.cat([t, t]).to(x0.device), flow_velocity_target(x0, noise2)
         sched = self.policy.scheduler
         t2 = torch.cat([draw, draw])
-        kind = sched.config.prediction_type
-        if kind == "epsilon":
-            target = noise2
-        elif kind == "v_prediction":
-            target = sched.get_velocity(x0, noise2, t2)
-        else:
-            raise ValueError(f"Diffusion-DPO supports epsilon / v_prediction models, not {kind!r}.")
-        return sched.add_noise(x0, noise2, t2), t2, target
+        return sched.add_noise(x0, noise2, t2), t2, denoising_target(sched, x0, noise2, t2)
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, embeds: Any) -> torch.Tensor:
         """The model's prediction at ``x_t`` without CFG: the noise (or v) of a UNet, the

@@ -113,12 +113,12 @@ def test_resume_continues_identically_and_export_loads_both_ways(tmp_path):
         ).images
     merged = StableDiffusionPipeline.from_pretrained(export)
     got = merged("a cat", generator=torch.Generator().manual_seed(11), **kw).images
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, want, rtol=0, atol=5e-6)  # merged LoRA: measured 4.8e-7
     base = StableDiffusionPipeline.from_pretrained(saved_tiny_pipeline())
     before = base("a cat", generator=torch.Generator().manual_seed(11), **kw).images
     base.load_lora_weights(export)
     got2 = base("a cat", generator=torch.Generator().manual_seed(11), **kw).images
-    torch.testing.assert_close(got2, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got2, want, rtol=0, atol=1e-6)  # measured 0.0
     assert (before - want).abs().max() > 1e-3  # the tuned policy differs from the base
 
 

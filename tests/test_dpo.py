@@ -182,7 +182,7 @@ def test_offline_resume_continues_identically_and_export_generates(tmp_path):
         output_type="pt",
         generator=torch.Generator().manual_seed(5),
     ).images
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, want, rtol=0, atol=5e-6)  # merged LoRA: measured 4.2e-7
 
 
 def test_online_pairs_refresh_and_margin_pairing(tmp_path):

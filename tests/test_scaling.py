@@ -64,12 +64,15 @@ def test_best_of_n_and_fk_raise_the_reward_over_n1():
     print(
         f"\nmean brightness over {len(PROMPTS)} prompts, same seeds: N=1 {base:.4f} | "
         f"best-of-4 {b:.4f} | FK 4 particles {f:.4f} (all FK particles {fk.scores.mean():.4f}) "
-        f"| UNet evals {bon.unet_evals} each, FK reward evals {fk.reward_evals} vs "
+        f"(best-of-4 particles {bon.scores.mean():.4f}) | UNet evals {bon.unet_evals} each, FK reward evals {fk.reward_evals} vs "
         f"{bon.reward_evals}; FK ESS per resampling {[round(e, 2) for e in fk.info['ess']]}"
     )
     assert b > base and f > base
-    # FK's particles are all pulled towards the reward, not just the best one
-    assert fk.scores.mean() > one.scores.mean()
+    # FK's particles are all pulled towards the reward, not just the best one: their mean beats
+    # best-of-N's particles from the same seeds (equal without resampling, see test_fk_steering)
+    # best-of-N's particles from the same seeds (equal without resampling, see test_fk_steering).
+    # Measured 0.5097 vs 0.5033; the old comparison with N = 1 passed without resampling.
+    assert fk.scores.mean() > bon.scores.mean()
 
 
 def test_sampling_recipe_writes_images_and_scores(tmp_path):
@@ -126,6 +129,6 @@ def test_fk_in_prompt_chunks_equals_one_batch():
     )
     whole = fk_steering(policy, PROMPTS[:3], mean_brightness, **kw)
     chunked = fk_steering(policy, PROMPTS[:3], mean_brightness, batch_size=2, **kw)
-    torch.testing.assert_close(chunked.scores, whole.scores, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(chunked.scores, whole.scores, rtol=0, atol=1e-6)  # 6.0e-8
     assert chunked.unet_evals == whole.unet_evals == 3 * 2 * 4
     assert len(chunked.info["ess"]) == len(whole.info["ess"]) == 4
