@@ -45,8 +45,12 @@ with ``guidance_scale`` in its guidance embedding, SD3 without CFG) and
 :func:`alignment.dpo.flow_dpo_loss`'s errors against ``eps - x0`` go into the same loss, with
 ``beta`` 100 by default (:data:`alignment.dpo.FLOW_DPO_BETA`). The reference is the adapter
 switched off; accelerate/DeepSpeed, checkpoints and resume are shared. Evaluation samples flow
-policies with the ODE (the sampler of the exported pipeline). Exporting a flow policy needs the
-flow export of :mod:`alignment.export`, which is not there yet: ``export_dir`` is refused up front.
+policies with the ODE (the sampler of the exported pipeline). The policy is built and prepared by
+:class:`~alignment.trainer_utils.PolicyTrainerBase` (as for DDPO, DRaFT and GRPO), with GRPO's
+memory options (:class:`~alignment.trainer_utils.FlowPolicyOptions`: ``max_sequence_length``, the
+prompt set encoded once and the text encoders moved off the accelerator); ``export_dir`` writes a
+``StableDiffusion3Pipeline`` / ``FluxPipeline`` folder and the LoRA file
+(:func:`alignment.export.export_from_accelerator`, GRPO's export).
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ from alignment.dpo import (
 )
 from alignment.flow import flow_interpolate, flow_velocity_target
 from alignment.trainer_utils import (
+    FlowPolicyOptions,
     PolicyTrainConfig,
     PolicyTrainerBase,
     parse_json_kwargs,
@@ -81,7 +86,7 @@ from reward.guards import NonFiniteError
 
 
 @dataclass
-class DPOConfig(PolicyTrainConfig):
+class DPOConfig(FlowPolicyOptions, PolicyTrainConfig):
     """Settings of a Diffusion-DPO run (YAML + command line through ``trl.TrlParser``)."""
 
     # --- data
@@ -101,9 +106,6 @@ class DPOConfig(PolicyTrainConfig):
         default=None, metadata={"help": "Folder for relative image paths (default: the file's)."}
     )
     max_pairs: int | None = field(default=None, metadata={"help": "Use at most this many pairs."})
-    resolution: int | None = field(
-        default=None, metadata={"help": "Training resolution (default: the model's, 512 for SD)."}
-    )
     build_data: bool = field(
         default=False,
         metadata={
@@ -207,7 +209,6 @@ class DPOConfig(PolicyTrainConfig):
 
     RANGES: ClassVar[dict[str, str]] = {
         "max_pairs": ">= 1",
-        "resolution": ">= 8",
         "build_data_offset": ">= 0",
         "images_per_prompt": ">= 2",
         "prompts_per_refresh": ">= 1",
@@ -241,11 +242,6 @@ class DPOConfig(PolicyTrainConfig):
     @property
     def online(self) -> bool:
         return self.data.strip().lower() == "online"
-
-
-def _is_flow(policy: Any) -> bool:
-    """Whether ``policy`` is a flow-matching policy (predicts a velocity: FlowPolicy)."""
-    return hasattr(policy, "predict_velocity")
 
 
 def vae_latents(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
@@ -550,25 +546,13 @@ class DPOTrainer(PolicyTrainerBase):
         prompts: Sequence[str] | None = None,
         dataset: Any = None,
     ) -> None:
-        from alignment.flow_policy import pipeline_kind
         from alignment.prompts import load_prompts
         from alignment.rewards import get_reward_fn
 
-        flow = (
-            pipeline_kind(config.pretrained_model) is not None
-            if policy is None
-            else _is_flow(policy)
-        )
-        if flow and config.export_dir:
-            raise ValueError(
-                "export_dir: exporting a flow policy (SD 3.x / FLUX) needs the flow export of "
-                "alignment/export.py, which is not there yet. Drop export_dir; the checkpoints "
-                "(output_dir/checkpoints) hold the trained weights."
-            )
         self.setup(config, policy, keep_reference=True)
         cfg, acc = config, self.accelerator
-        #: the flow-matching form (FlowPolicy) or the noise-prediction form (DiffusionPolicy)
-        self.is_flow = _is_flow(self.policy)
+        # self.is_flow (the base's): the flow-matching form (FlowPolicy) or the
+        # noise-prediction form (DiffusionPolicy)
         self.beta = cfg.beta
         if self.beta is None:
             self.beta = FLOW_DPO_BETA if self.is_flow else DIFFUSION_DPO_BETA
@@ -598,6 +582,9 @@ class DPOTrainer(PolicyTrainerBase):
         self.resolution = cfg.resolution or self.policy.latent_shape(1)[-1] * 2 ** (
             len(self.policy.vae.config.block_out_channels) - 1
         )
+        # flow policies: the prompt set (online pairs, build_data, evaluation) encoded once, then
+        # the text encoders off the accelerator (GRPO's memory options, the same code)
+        self.cache_prompts(self.prompts)
         self.dataset = dataset
         self._buffer: dict[str, Any] | None = None
         self._orders: dict[int, torch.Tensor] = {}
@@ -628,40 +615,6 @@ class DPOTrainer(PolicyTrainerBase):
             self.dataset = load_pair_dataset(
                 self.data_path, cfg.data_format, cfg.image_root, cfg.max_pairs
             )
-
-    # ------------------------------------------------------------------------------ policy hooks
-    def build_policy(self, keep_reference: bool) -> Any:
-        """A :class:`~alignment.flow_policy.FlowPolicy` for SD 3.x / FLUX pipelines (by
-        ``model_index.json``, or ``tiny-sd3`` / ``tiny-flux``), else the base's
-        :class:`~alignment.policy.DiffusionPolicy`."""
-        from alignment.flow_policy import FlowPolicy, pipeline_kind
-
-        cfg = self.config
-        if pipeline_kind(cfg.pretrained_model) is None:
-            return super().build_policy(keep_reference)
-        size = {} if cfg.resolution is None else {"resolution": cfg.resolution}
-        return FlowPolicy.from_pretrained(
-            cfg.pretrained_model,
-            **self.policy_kwargs(keep_reference),
-            **size,  # default: the pipeline's (tiny-flux: 32 px)
-        )
-
-    def trained_module(self, policy: Any) -> torch.nn.Module:
-        return policy.transformer if _is_flow(policy) else super().trained_module(policy)
-
-    def use_prepared_module(self, policy: Any, module: Any) -> None:
-        if _is_flow(policy):
-            policy.set_forward_transformer(module)
-        else:
-            super().use_prepared_module(policy, module)
-
-    def export(self, export_dir: str) -> None:
-        if self.is_flow:
-            raise NotImplementedError(
-                "Exporting a flow policy needs the flow export of alignment/export.py (not there "
-                "yet); the checkpoints hold the trained weights."
-            )
-        super().export(export_dir)
 
     # ------------------------------------------------------------------------------ data
     def _order(self, epoch: int) -> torch.Tensor:

@@ -113,16 +113,12 @@ def sample_with_grad(
         ``{"images": [B, 3, H, W] in [0, 1] with a graph, "latents": the final (or predicted)
         clean latents, "unet_calls": int}``.
     """
-    from diffusers.utils.torch_utils import randn_tensor
-
     embeds = policy.encode_prompts(prompts)
     b = embeds.shape[0]
     negative = policy.negative_embeds(b) if guidance_scale > 1.0 else None
     timesteps = policy.set_timesteps(num_steps)
     if latents is None:
-        latents = randn_tensor(
-            policy.latent_shape(b), generator=generator, device=policy.device, dtype=torch.float32
-        )
+        latents = policy.initial_latents(b, generator=generator)
     x = latents * policy.scheduler.init_noise_sigma
     if stop_step is not None and not 0 <= stop_step < num_steps:
         raise ValueError(f"stop_step must be in [0, {num_steps}), got {stop_step}.")

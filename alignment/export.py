@@ -42,11 +42,6 @@ from typing import Any
 import torch
 
 
-def trained_module(policy: Any) -> torch.nn.Module:
-    """The module a trainer tunes: a flow policy's ``transformer``, else the ``unet``."""
-    return policy.transformer if hasattr(policy, "transformer") else policy.unet
-
-
 def build_tuned_module(
     policy: Any,
     state_dict: dict[str, torch.Tensor] | None = None,
@@ -59,7 +54,7 @@ def build_tuned_module(
     Pass the full state dict gathered by the trainer (``accelerator.get_state_dict(module)``) when
     the live module is sharded (DeepSpeed ZeRO-3); keys may carry a ``module.`` prefix.
     """
-    live = trained_module(policy)
+    live = policy.trained_model
     if state_dict is None:
         state_dict = live.state_dict()
     state = {k.removeprefix("module."): v.detach().float().cpu() for k, v in state_dict.items()}
@@ -83,7 +78,7 @@ def build_tuned_module(
 
 def _pipeline(policy: Any, tuned: torch.nn.Module) -> Any:
     """The export's pipeline: the policy's components with the tuned module."""
-    if not hasattr(policy, "transformer"):
+    if policy.trained_attr == "unet":
         from diffusers import StableDiffusionPipeline
 
         return StableDiffusionPipeline(
@@ -127,7 +122,7 @@ def export_policy(
     pipe = _pipeline(policy, tuned)
     pipe.save_pretrained(tmp, safe_serialization=True)
     if lora_layers is not None:
-        prefix = "transformer" if hasattr(policy, "transformer") else "unet"
+        prefix = policy.trained_attr  # "unet" / "transformer": the pipelines' LoRA prefixes
         type(pipe).save_lora_weights(
             tmp,
             safe_serialization=True,

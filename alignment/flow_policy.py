@@ -30,18 +30,17 @@ for both families.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from alignment.flow import sde_step_with_logprob
+from alignment.policy_base import PolicyBase
 
 #: Flow-GRPO's LoRA targets: the joint-attention projections of the image and text streams.
 FLOW_LORA_TARGETS: tuple[str, ...] = (
@@ -126,6 +125,12 @@ class FlowSampleOutput:
     negative_prompt_embeds: FlowEmbeds | None
 
 
+def is_flow_policy(policy: Any) -> bool:
+    """Whether ``policy`` is a flow-matching policy (it predicts a velocity: a
+    :class:`FlowPolicy`) rather than a noise-predicting :class:`~alignment.policy.DiffusionPolicy`."""
+    return hasattr(policy, "predict_velocity")
+
+
 def pipeline_kind(name_or_path: str) -> str | None:
     """``"sd3"``, ``"flux"`` or None (another pipeline) for a tiny name, a local diffusers folder
     or a cached hub id, read from its ``model_index.json`` without loading weights."""
@@ -187,8 +192,12 @@ def load_flow_pipeline(
     return pipe
 
 
-class FlowPolicy:
+class FlowPolicy(PolicyBase):
     """A flow-matching text-to-image policy (SD 3.x or FLUX.1) for Flow-GRPO and friends.
+
+    The LoRA / full set-up, :meth:`reference`, :meth:`trainable_parameters` and the forward
+    module are :class:`~alignment.policy_base.PolicyBase`'s (shared with
+    :class:`~alignment.policy.DiffusionPolicy`).
 
     Args:
         pipeline: a ``StableDiffusion3Pipeline`` or ``FluxPipeline``.
@@ -213,6 +222,10 @@ class FlowPolicy:
             None keeps all.
         source: where the pipeline came from (hub id / folder / tiny name), kept for export.
     """
+
+    trained_attr: ClassVar[str] = "transformer"
+    trained_name: ClassVar[str] = "transformer"
+    lora_alpha_per_rank: ClassVar[float] = 2.0
 
     def __init__(
         self,
@@ -268,39 +281,20 @@ class FlowPolicy:
         if t5_tok is not None:
             default_len = min(default_len, t5_tok.model_max_length)
         self.max_sequence_length = max_sequence_length or default_len
-        self.use_lora = use_lora
-        self.lora_config = None
         for m in (self.vae, *self.text_encoders):
             m.requires_grad_(False).eval()
             if weight_dtype != torch.float32:
                 m.to(dtype=weight_dtype)
-        self._ref_transformer = None
-        if use_lora:
-            from peft import LoraConfig
-
-            self.transformer.requires_grad_(False)
-            if weight_dtype != torch.float32:
-                self.transformer.to(dtype=weight_dtype)
-            self.lora_config = LoraConfig(
-                r=lora_rank,
-                lora_alpha=lora_alpha if lora_alpha is not None else 2 * lora_rank,
-                lora_dropout=lora_dropout,
-                init_lora_weights="gaussian",
-                target_modules=list(lora_target_modules),
-            )
-            self.transformer.add_adapter(self.lora_config)
-            for p in self.transformer.parameters():
-                if p.requires_grad:
-                    p.data = p.data.float()
-        else:
-            self.transformer.float().requires_grad_(True)
-            if keep_reference:
-                self._ref_transformer = copy.deepcopy(self.transformer).requires_grad_(False)
-                self._ref_transformer.eval()
-        if gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
-        self._forward_transformer: Any = self.transformer
-        self._in_reference = False
+        self.setup_trained_model(
+            use_lora=use_lora,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_target_modules=lora_target_modules,
+            lora_dropout=lora_dropout,
+            keep_reference=keep_reference,
+            weight_dtype=weight_dtype,
+            gradient_checkpointing=gradient_checkpointing,
+        )
         self._text_device: torch.device | None = None  # None: follow the policy
         self.cache_device = torch.device(cache_device)
         self.max_cached_prompts = max_cached_prompts
@@ -325,18 +319,14 @@ class FlowPolicy:
             revision=revision,
             torch_dtype=None if weight_dtype == torch.float32 else weight_dtype,
         )
-        if name_or_path == "tiny-flux":
-            kwargs.setdefault("resolution", 32)
+        if name_or_path == "tiny-flux" and kwargs.get("resolution") is None:
+            kwargs["resolution"] = 32
         return cls(pipe, source=name_or_path, weight_dtype=weight_dtype, **kwargs)
 
     # ----------------------------------------------------------------------------- plumbing
-    @property
-    def device(self) -> torch.device:
-        return next(self.vae.parameters()).device
-
     def to(self, device: str | torch.device) -> FlowPolicy:
         """Move the transformer, VAE, reference copy and (unless offloaded) the text encoders."""
-        for m in (self.transformer, self.vae, self._ref_transformer):
+        for m in (self.transformer, self.vae, self.reference_model):
             if m is not None:
                 m.to(device)
         if self._text_device is None:
@@ -351,38 +341,10 @@ class FlowPolicy:
         for m in self.text_encoders:
             m.to(self._text_device)
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """The parameters an optimiser should update (LoRA weights, or the whole transformer)."""
-        return [p for p in self.transformer.parameters() if p.requires_grad]
-
     def set_forward_transformer(self, module: Any) -> None:
         """Use ``module`` (e.g. the transformer returned by ``accelerator.prepare``) for forward
-        passes; ``policy.transformer`` stays the plain diffusers model."""
-        self._forward_transformer = module
-
-    @contextlib.contextmanager
-    def reference(self) -> Iterator[None]:
-        """Within this context the transformer is the reference policy (adapter off / frozen
-        copy): for the KL penalty and DPO references."""
-        if self.use_lora:
-            self.transformer.disable_adapters()
-            self._in_reference = True
-            try:
-                yield
-            finally:
-                self.transformer.enable_adapters()
-                self._in_reference = False
-        else:
-            if self._ref_transformer is None:
-                raise RuntimeError(
-                    "Full-transformer training has no reference model: build the policy with "
-                    "keep_reference=True (costs a transformer copy) or use LoRA."
-                )
-            self._in_reference = True
-            try:
-                yield
-            finally:
-                self._in_reference = False
+        passes (:meth:`set_forward_model`); ``policy.transformer`` stays the plain model."""
+        self.set_forward_model(module)
 
     # ----------------------------------------------------------------------------- text
     @torch.no_grad()
@@ -479,9 +441,7 @@ class FlowPolicy:
         Returns:
             ``[B, C, h, w]`` in the transformer's dtype.
         """
-        model = self._forward_transformer
-        if self._in_reference and not self.use_lora:
-            model = self._ref_transformer
+        model = self.forward_model()
         dtype = self.transformer.dtype
         b, _, h, w = latents.shape
         t = torch.as_tensor(t, device=latents.device, dtype=torch.float32)
@@ -611,8 +571,6 @@ class FlowPolicy:
                 :func:`alignment.flow.sde_window`); None: all of them.
             negative_prompt_embeds: unconditional :class:`FlowEmbeds` (default: empty prompt).
         """
-        from diffusers.utils.torch_utils import randn_tensor
-
         embeds = self.encode_prompts(prompts) if prompt_embeds is None else prompt_embeds
         batch = len(embeds)
         negative = None
@@ -624,39 +582,24 @@ class FlowPolicy:
             )
         timesteps = self.set_timesteps(num_steps, height)
         if latents is None:
-            latents = randn_tensor(
-                self.latent_shape(batch, height),
-                generator=generator,
-                device=self.device,
-                dtype=torch.float32,
-            )
-        sde = set(range(num_steps)) if sde_steps is None else {int(i) for i in sde_steps}
-        if any(not 0 <= i < num_steps for i in sde):
-            raise ValueError(f"sde_steps {sorted(sde)} must lie in [0, {num_steps}).")
+            latents = self.initial_latents(batch, height, generator)
+        sde = self.sde_step_set(num_steps, sde_steps)
         if noise_level == 0:
             sde = set()
-        grad_steps = num_steps if grad is True else int(grad)
-        latents = latents.float()
-        all_latents, all_log_probs = [latents.detach()], []
-        for i, t in enumerate(timesteps):
-            with torch.set_grad_enabled(i >= num_steps - grad_steps):
-                v = self.predict_velocity(latents, t, embeds, guidance_scale, negative)
-                latents, log_prob, _, _ = sde_step_with_logprob(
-                    self.scheduler,
-                    v,
-                    t,
-                    latents,
-                    noise_level=noise_level if i in sde else 0.0,
-                    generator=generator,
-                )
-            all_latents.append(latents.detach())
-            all_log_probs.append(log_prob.detach())
-        with torch.set_grad_enabled(grad_steps > 0):
-            images = self.decode(latents)
+
+        def step(i: int, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            v = self.predict_velocity(x, t, embeds, guidance_scale, negative)
+            a = noise_level if i in sde else 0.0
+            x_next, log_prob, _, _ = sde_step_with_logprob(
+                self.scheduler, v, t, x, noise_level=a, generator=generator
+            )
+            return x_next, log_prob
+
+        images, all_latents, log_probs = self.run_steps(latents.float(), timesteps, step, grad)
         return FlowSampleOutput(
             images=images,
-            latents=torch.stack(all_latents, dim=1),
-            log_probs=torch.stack(all_log_probs, dim=1),
+            latents=all_latents,
+            log_probs=log_probs,
             timesteps=timesteps.float(),
             sde_mask=torch.tensor([i in sde for i in range(num_steps)]),
             prompt_embeds=embeds,
@@ -744,6 +687,7 @@ __all__ = [
     "FlowEmbeds",
     "FlowPolicy",
     "FlowSampleOutput",
+    "is_flow_policy",
     "load_flow_pipeline",
     "pipeline_kind",
 ]

@@ -32,12 +32,16 @@ advantages -> PPO update, per epoch); GRPO supplies these parts:
 
 The same trainer takes a :class:`~alignment.flow_policy.FlowPolicy` (SD 3.x / FLUX: Flow-GRPO) or
 a :class:`~alignment.policy.DiffusionPolicy` (SD 1.x: GRPO with DDIM's SDE), built from
-``pretrained_model`` by :meth:`GRPOTrainer.build_policy` or passed in.
+``pretrained_model`` by the shared
+:meth:`~alignment.trainer_utils.PolicyTrainerBase.build_policy` (as every trainer's) or passed in.
 
-Memory (flow policies): every training and evaluation prompt is encoded once before training
+Memory (flow policies; :class:`~alignment.trainer_utils.FlowPolicyOptions`, shared with
+Diffusion-DPO): every training and evaluation prompt is encoded once before training
 (``cache_prompts``) and the text encoders then leave the accelerator (``offload_text_encoders``:
-SD3's T5-XXL alone is 4.7B parameters); ``gradient_checkpointing`` and ``use_8bit_adam``
-(bitsandbytes) are the other two options (README: what SD3.5-M needs on one 24 GB GPU).
+SD3's T5-XXL alone is 4.7B parameters), through
+:meth:`~alignment.trainer_utils.PolicyTrainerBase.cache_prompts`; ``gradient_checkpointing`` and
+``use_8bit_adam`` (bitsandbytes) are the other two options (README: what SD3.5-M needs on one
+24 GB GPU).
 """
 
 from __future__ import annotations
@@ -56,12 +60,13 @@ from alignment.flow import group_advantages, sde_window
 from alignment.flow_policy import FLOW_LORA_TARGETS
 from alignment.online_trainer import OnlineRLConfig, OnlineRLTrainerBase
 from alignment.seeding import stream_generator
+from alignment.trainer_utils import LORA_ALPHA_HELP, FlowPolicyOptions
 
 EMA_FILE = "ema.safetensors"
 
 
 @dataclass
-class GRPOConfig(OnlineRLConfig):
+class GRPOConfig(FlowPolicyOptions, OnlineRLConfig):
     """Settings of a Flow-GRPO run (YAML + command line through ``trl.TrlParser``).
 
     The defaults are the reference's SD3.5-M settings (yifan123/flow_grpo, ``config/grpo.py``) per
@@ -80,9 +85,7 @@ class GRPOConfig(OnlineRLConfig):
         },
     )
     lora_rank: int = field(default=32, metadata={"help": "LoRA rank."})
-    lora_alpha: float | None = field(
-        default=64.0, metadata={"help": "LoRA alpha (None: equal to the rank, scale 1)."}
-    )
+    lora_alpha: float | None = field(default=64.0, metadata={"help": LORA_ALPHA_HELP})
     lora_target_modules: str = field(
         default=",".join(FLOW_LORA_TARGETS),
         metadata={
@@ -163,31 +166,6 @@ class GRPOConfig(OnlineRLConfig):
         default=None,
         metadata={"help": "The Fast window ends by this step (None: num_steps; reference: half)."},
     )
-    resolution: int | None = field(
-        default=None,
-        metadata={"help": "Image size in pixels (None: the model's; 512 in Flow-GRPO)."},
-    )
-    max_sequence_length: int | None = field(
-        default=None,
-        metadata={"help": "T5 tokens per prompt (None: 256 SD3 / 512 FLUX; 128 in Flow-GRPO)."},
-    )
-    cache_prompts: bool = field(
-        default=True,
-        metadata={
-            "help": "Encode every training and evaluation prompt once before training (flow "
-            "policies; ~2.7 MB of CPU memory per SD3 prompt in bf16 at 256 tokens)."
-        },
-    )
-    offload_text_encoders: bool = field(
-        default=True,
-        metadata={
-            "help": "Move the text encoders to the CPU after caching (frees ~10 GB for SD3)."
-        },
-    )
-    max_cached_prompts: int | None = field(
-        default=None,
-        metadata={"help": "Keep at most this many prompt embeddings (None: all)."},
-    )
     ema: bool = field(
         default=True,
         metadata={"help": "Keep an EMA of the trained weights for evaluation and export."},
@@ -226,9 +204,6 @@ class GRPOConfig(OnlineRLConfig):
         "sde_window_size": ">= 0",
         "sde_window_lo": ">= 0",
         "sde_window_hi": ">= 1",
-        "resolution": ">= 8",
-        "max_sequence_length": ">= 1",
-        "max_cached_prompts": ">= 1",
         "ema_decay": "[0, 1)",
         "ema_update_every": ">= 1",
         "num_eval_images": ">= 1",
@@ -306,11 +281,7 @@ class GRPOTrainer(OnlineRLTrainerBase):
         if eval_prompts is None:
             eval_prompts = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else self.prompts
         self.eval_prompts = list(eval_prompts)[: cfg.num_eval_images]
-        self.is_flow = hasattr(self.policy, "transformer")
-        if self.is_flow and cfg.cache_prompts:
-            self.policy.cache_prompts([*self.prompts, *self.eval_prompts, ""])
-            if cfg.offload_text_encoders:
-                self.policy.offload_text_encoders("cpu")
+        self.cache_prompts([*self.prompts, *self.eval_prompts])
         self._names = [n for n, p in self.trained_named_parameters() if p.requires_grad]
         self.ema = None
         if cfg.ema:
@@ -324,40 +295,10 @@ class GRPOTrainer(OnlineRLTrainerBase):
         self._group_metrics: dict[str, float] = {}
         self._initial_eval: dict[str, float] = {}
 
-    # ------------------------------------------------------------------------------ policy hooks
-    def build_policy(self, keep_reference: bool) -> Any:
-        """A :class:`~alignment.flow_policy.FlowPolicy` for SD 3.x / FLUX pipelines, else the
-        base's :class:`~alignment.policy.DiffusionPolicy` (SD 1.x)."""
-        from alignment.flow_policy import FlowPolicy, pipeline_kind
-
-        cfg = self.config
-        if pipeline_kind(cfg.pretrained_model) is None:
-            return super().build_policy(keep_reference)
-        return FlowPolicy.from_pretrained(
-            cfg.pretrained_model,
-            **self.policy_kwargs(keep_reference),
-            max_sequence_length=cfg.max_sequence_length,
-            resolution=cfg.resolution,
-            max_cached_prompts=cfg.max_cached_prompts,
-        )
-
-    def trained_module(self, policy: Any) -> torch.nn.Module:
-        if hasattr(policy, "transformer"):
-            return policy.transformer
-        return super().trained_module(policy)
-
-    def use_prepared_module(self, policy: Any, module: Any) -> None:
-        if not hasattr(policy, "transformer"):
-            super().use_prepared_module(policy, module)
-            return
-        policy.set_forward_transformer(
-            torch.compile(module) if self.config.compile_unet else module
-        )
-
+    # ------------------------------------------------------------------------------ policy
     def trained_named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
         """``(name, parameter)`` of the trained module (names as in its state dict)."""
-        module = self.policy.transformer if self.is_flow else self.policy.unet
-        return module.named_parameters()
+        return self.policy.trained_model.named_parameters()
 
     # ------------------------------------------------------------------------------ sampling
     def choose_prompts(self, batch: int) -> list[str]:

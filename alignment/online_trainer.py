@@ -29,8 +29,9 @@ A subclass supplies the policy-specific parts as small methods: :meth:`sample_ba
 call and the transitions to store), :meth:`step_distribution` / :meth:`transition_log_prob` (the
 log-prob of a stored transition), :meth:`kl_to_reference`, :meth:`advantage_rule`,
 :meth:`timestep_order` / :meth:`timestep_weights`, :meth:`choose_prompts` (how images form
-groups), :meth:`epoch_metrics` (e.g. a held-out evaluation), and :meth:`build_policy` /
-:meth:`trained_module` / :meth:`use_prepared_module` for another policy class.
+groups) and :meth:`epoch_metrics` (e.g. a held-out evaluation). The policy (SD 1.x/2.x or, with a
+config that carries :class:`~alignment.trainer_utils.FlowPolicyOptions`, SD 3.x / FLUX) is built
+and prepared by :class:`~alignment.trainer_utils.PolicyTrainerBase`.
 """
 
 from __future__ import annotations
@@ -289,12 +290,17 @@ class OnlineRLTrainerBase(PolicyTrainerBase):
 
     # ------------------------------------------------------------------------------ hooks
     def trained_module(self, policy: Any) -> torch.nn.Module:
-        if self.config.channels_last:
-            policy.unet.to(memory_format=torch.channels_last)
-        return policy.unet
+        """The base's, a UNet kept in channels-last memory format with ``channels_last``."""
+        module = super().trained_module(policy)
+        if self.config.channels_last and not self.is_flow:
+            module.to(memory_format=torch.channels_last)
+        return module
 
     def use_prepared_module(self, policy: Any, module: Any) -> None:
-        policy.set_forward_unet(torch.compile(module) if self.config.compile_unet else module)
+        """The base's, through ``torch.compile`` with ``compile_unet``."""
+        super().use_prepared_module(
+            policy, torch.compile(module) if self.config.compile_unet else module
+        )
 
     def _stream_index(self, batch: int) -> int:
         """Sampling batch ``batch`` of this process counted over every process of the epoch."""

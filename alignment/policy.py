@@ -16,22 +16,22 @@ fine-tuning method needs:
   switched off, or a frozen copy for full-UNet training), for KL penalties and DPO references.
 
 LoRA is added with peft through diffusers' ``unet.add_adapter``; with ``use_lora=False`` the whole
-UNet is trainable. Trainers that wrap the UNet (``accelerator.prepare``, DeepSpeed) hand the
-wrapped module back with :meth:`DiffusionPolicy.set_forward_unet`; ``policy.unet`` stays the
-plain ``UNet2DConditionModel``.
+UNet is trainable (set-up shared with the flow policy: :mod:`alignment.policy_base`). Trainers that
+wrap the UNet (``accelerator.prepare``, DeepSpeed) hand the wrapped module back with
+``set_forward_model`` (or its alias :meth:`DiffusionPolicy.set_forward_unet`); ``policy.unet``
+stays the plain ``UNet2DConditionModel``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from alignment.ddpo import ddim_posterior, ddim_step_with_logprob, gaussian_log_prob
+from alignment.policy_base import PolicyBase
 
 #: Default LoRA targets: the UNet's attention projections (as in DDPO and diffusers' examples).
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
@@ -82,13 +82,17 @@ def load_pipeline(name_or_path: str, revision: str | None = None, **tiny_kwargs:
         ) from err
 
 
-class DiffusionPolicy:
+class DiffusionPolicy(PolicyBase):
     """A Stable Diffusion policy: sampling with log-probs, CFG, LoRA and a reference model.
+
+    The LoRA / full set-up, :meth:`reference`, :meth:`trainable_parameters` and the forward
+    module are :class:`~alignment.policy_base.PolicyBase`'s (shared with
+    :class:`~alignment.flow_policy.FlowPolicy`).
 
     Args:
         pipeline: a ``StableDiffusionPipeline`` (its scheduler config becomes a DDIM scheduler).
         use_lora: train a LoRA adapter on the UNet (else the whole UNet is trainable).
-        lora_rank, lora_alpha: LoRA rank and alpha (alpha defaults to the rank).
+        lora_rank, lora_alpha: LoRA rank and alpha (alpha defaults to the rank: scale 1).
         lora_target_modules: UNet module names to adapt.
         lora_dropout: LoRA dropout.
         keep_reference: in full-UNet mode, keep a frozen copy of the initial UNet so that
@@ -99,6 +103,10 @@ class DiffusionPolicy:
         gradient_checkpointing: enable the UNet's gradient checkpointing.
         source: where the pipeline came from (hub id / folder / "tiny"), kept for export.
     """
+
+    trained_attr: ClassVar[str] = "unet"
+    trained_name: ClassVar[str] = "UNet"
+    lora_alpha_per_rank: ClassVar[float] = 1.0
 
     def __init__(
         self,
@@ -124,41 +132,23 @@ class DiffusionPolicy:
         self.text_encoder = pipeline.text_encoder
         self.tokenizer = pipeline.tokenizer
         self.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
-        self.use_lora = use_lora
-        self.lora_config = None
         self.vae.requires_grad_(False)
         self.text_encoder.requires_grad_(False)
         self.vae.eval()
         self.text_encoder.eval()
-        self._ref_unet = None
-        if use_lora:
-            from peft import LoraConfig
-
-            self.unet.requires_grad_(False)
-            if weight_dtype != torch.float32:
-                self.unet.to(dtype=weight_dtype)
-            self.lora_config = LoraConfig(
-                r=lora_rank,
-                lora_alpha=lora_alpha if lora_alpha is not None else lora_rank,
-                lora_dropout=lora_dropout,
-                init_lora_weights="gaussian",
-                target_modules=list(lora_target_modules),
-            )
-            self.unet.add_adapter(self.lora_config)
-            for p in self.unet.parameters():
-                if p.requires_grad:
-                    p.data = p.data.float()
-        else:
-            self.unet.requires_grad_(True)
-            if keep_reference:
-                self._ref_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        self.setup_trained_model(
+            use_lora=use_lora,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_target_modules=lora_target_modules,
+            lora_dropout=lora_dropout,
+            keep_reference=keep_reference,
+            weight_dtype=weight_dtype,
+            gradient_checkpointing=gradient_checkpointing,
+        )
         if weight_dtype != torch.float32:
             self.vae.to(dtype=weight_dtype)
             self.text_encoder.to(dtype=weight_dtype)
-        if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        self._forward_unet: Any = self.unet
-        self._in_reference = False
         self._negative_cache: dict[tuple, torch.Tensor] = {}
         if device is not None:
             self.to(device)
@@ -171,47 +161,17 @@ class DiffusionPolicy:
         return cls(load_pipeline(name_or_path, revision=revision), source=name_or_path, **kwargs)
 
     # ----------------------------------------------------------------------------- plumbing
-    @property
-    def device(self) -> torch.device:
-        return next(self.vae.parameters()).device
-
     def to(self, device: str | torch.device) -> DiffusionPolicy:
-        for m in (self.unet, self.vae, self.text_encoder, self._ref_unet):
+        for m in (self.unet, self.vae, self.text_encoder, self.reference_model):
             if m is not None:
                 m.to(device)
         self._negative_cache.clear()
         return self
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """The parameters an optimiser should update (LoRA weights, or the whole UNet)."""
-        return [p for p in self.unet.parameters() if p.requires_grad]
-
     def set_forward_unet(self, module: Any) -> None:
-        """Use ``module`` (e.g. the UNet returned by ``accelerator.prepare``) for forward passes."""
-        self._forward_unet = module
-
-    @contextlib.contextmanager
-    def reference(self) -> Iterator[None]:
-        """Within this context the UNet is the reference policy (adapter off / frozen copy)."""
-        if self.use_lora:
-            self.unet.disable_adapters()
-            self._in_reference = True
-            try:
-                yield
-            finally:
-                self.unet.enable_adapters()
-                self._in_reference = False
-        else:
-            if self._ref_unet is None:
-                raise RuntimeError(
-                    "Full-UNet training has no reference model: build the policy with "
-                    "keep_reference=True (costs a UNet copy) or use LoRA."
-                )
-            self._in_reference = True
-            try:
-                yield
-            finally:
-                self._in_reference = False
+        """Use ``module`` (e.g. the UNet returned by ``accelerator.prepare``) for forward passes
+        (:meth:`set_forward_model`)."""
+        self.set_forward_model(module)
 
     # ----------------------------------------------------------------------------- building blocks
     @torch.no_grad()
@@ -253,9 +213,7 @@ class DiffusionPolicy:
         Returns:
             ``[B, C, h, w]``.
         """
-        unet = self._forward_unet
-        if self._in_reference and not self.use_lora:
-            unet = self._ref_unet
+        unet = self.forward_model()
         t = torch.as_tensor(t, device=latents.device)
         if t.ndim == 0:
             t = t.expand(latents.shape[0])
@@ -325,44 +283,26 @@ class DiffusionPolicy:
                 :func:`alignment.flow.sde_window`); the others are deterministic DDIM steps
                 (``eta = 0``, log-prob 0). None: every step at ``eta``.
         """
-        from diffusers.utils.torch_utils import randn_tensor
-
         embeds = self.encode_prompts(prompts) if prompt_embeds is None else prompt_embeds
         batch = embeds.shape[0]
         negative = self.negative_embeds(batch) if guidance_scale > 1.0 else None
         timesteps = self.set_timesteps(num_steps)
         if latents is None:
-            latents = randn_tensor(
-                self.latent_shape(batch, height),
-                generator=generator,
-                device=self.device,
-                dtype=torch.float32,
-            )
+            latents = self.initial_latents(batch, height, generator)
         latents = latents * self.scheduler.init_noise_sigma
-        grad_steps = num_steps if grad is True else int(grad)
-        sde = set(range(num_steps)) if sde_steps is None else {int(i) for i in sde_steps}
-        if any(not 0 <= i < num_steps for i in sde):
-            raise ValueError(f"sde_steps {sorted(sde)} must lie in [0, {num_steps}).")
-        all_latents, all_log_probs = [latents.detach()], []
-        for i, t in enumerate(timesteps):
-            with torch.set_grad_enabled(i >= num_steps - grad_steps):
-                eps = self.predict_noise(latents, t, embeds, guidance_scale, negative)
-                latents, log_prob = ddim_step_with_logprob(
-                    self.scheduler,
-                    eps,
-                    t,
-                    latents,
-                    eta=eta if i in sde else 0.0,
-                    generator=generator,
-                )
-            all_latents.append(latents.detach())
-            all_log_probs.append(log_prob.detach())
-        with torch.set_grad_enabled(grad_steps > 0):
-            images = self.decode(latents)
+        sde = self.sde_step_set(num_steps, sde_steps)
+
+        def step(i: int, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            eps = self.predict_noise(x, t, embeds, guidance_scale, negative)
+            return ddim_step_with_logprob(
+                self.scheduler, eps, t, x, eta=eta if i in sde else 0.0, generator=generator
+            )
+
+        images, all_latents, log_probs = self.run_steps(latents, timesteps, step, grad)
         return SampleOutput(
             images=images,
-            latents=torch.stack(all_latents, dim=1),
-            log_probs=torch.stack(all_log_probs, dim=1),
+            latents=all_latents,
+            log_probs=log_probs,
             timesteps=timesteps,
             prompt_embeds=embeds,
             negative_prompt_embeds=negative,

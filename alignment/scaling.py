@@ -44,6 +44,7 @@ import torch
 from alignment.ddpo import ddim_step_with_logprob
 from alignment.draft import predict_x0
 from alignment.flow import flow_predict_x0, sde_step_with_logprob
+from alignment.flow_policy import is_flow_policy
 
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
 POTENTIALS = ("diff", "max", "add")
@@ -53,18 +54,13 @@ def _seed(seed: int, p: int, n: int) -> int:
     return seed + p * 100_003 + n
 
 
-def _is_flow(policy: Any) -> bool:
-    """Whether ``policy`` is a flow policy (velocity model, flow SDE) rather than a DDIM one."""
-    return hasattr(policy, "predict_velocity")
-
-
 def _uses_cfg(policy: Any, guidance_scale: float) -> bool:
-    return policy.uses_cfg(guidance_scale) if _is_flow(policy) else guidance_scale > 1.0
+    return policy.uses_cfg(guidance_scale) if is_flow_policy(policy) else guidance_scale > 1.0
 
 
 def _stochasticity(policy: Any, eta: float, noise_level: float) -> float:
     """The sampler's noise argument: the flow SDE's ``noise_level`` or DDIM's ``eta``."""
-    return noise_level if _is_flow(policy) else eta
+    return noise_level if is_flow_policy(policy) else eta
 
 
 @dataclass
@@ -225,7 +221,7 @@ def fk_steering(
     ``eta`` is the DDIM noise of a ``DiffusionPolicy``, ``noise_level`` the SDE noise of a
     ``FlowPolicy``.
     """
-    flow = _is_flow(policy)
+    flow = is_flow_policy(policy)
     if _stochasticity(policy, eta, noise_level) <= 0:
         raise ValueError(
             f"FK steering needs stochastic steps ({'noise_level' if flow else 'eta'} > 0): "
@@ -233,8 +229,6 @@ def fk_steering(
         )
     if potential not in POTENTIALS:
         raise ValueError(f"potential must be one of {POTENTIALS}, got {potential!r}.")
-    from diffusers.utils.torch_utils import randn_tensor
-
     prompts = list(prompts)
     per_chunk = len(prompts) if batch_size is None else max(1, batch_size // num_particles)
     if len(prompts) > per_chunk:
@@ -282,9 +276,7 @@ def fk_steering(
     embeds = policy.encode_prompts(texts)
     negative = policy.negative_embeds(P * K) if _uses_cfg(policy, guidance_scale) else None
     timesteps = policy.set_timesteps(num_steps)
-    x = randn_tensor(
-        policy.latent_shape(P * K), generator=gens, device=policy.device, dtype=torch.float32
-    )
+    x = policy.initial_latents(P * K, generator=gens)
     if not flow:
         x = x * policy.scheduler.init_noise_sigma
     steps = set(resampling_steps(num_steps, resample_every, resample_start, resample_end))

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from alignment.flow_policy import is_flow_policy
 from reward.guards import (
     NonFiniteError,
     StepGuard,
@@ -30,6 +31,12 @@ from reward.guards import (
     params_finite,
     poison_nonfinite,
     validate_config,
+)
+
+#: help of ``lora_alpha`` (every trainer config): what None means for each policy
+LORA_ALPHA_HELP = (
+    "LoRA alpha; None: the policy's default, the rank for SD 1.x/2.x UNets (scale 1, as DDPO) "
+    "and 2 x the rank for SD 3.x / FLUX transformers (Flow-GRPO's rank 32 / alpha 64)."
 )
 
 
@@ -49,18 +56,20 @@ class TrainConfig:
     revision: str | None = field(default=None, metadata={"help": "Hub revision of the model."})
     use_lora: bool = field(
         default=True,
-        metadata={"help": "Train a LoRA adapter (reference = adapter off); else the full UNet."},
+        metadata={
+            "help": "Train a LoRA adapter (reference = adapter off); else the full UNet or "
+            "transformer."
+        },
     )
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: float | None = field(
-        default=None, metadata={"help": "LoRA alpha (None: equal to the rank, scale 1)."}
-    )
+    lora_alpha: float | None = field(default=None, metadata={"help": LORA_ALPHA_HELP})
     lora_target_modules: str = field(
         default="to_q,to_k,to_v,to_out.0",
-        metadata={"help": "Comma-separated UNet module names that get LoRA."},
+        metadata={"help": "Comma-separated UNet (or transformer) module names that get LoRA."},
     )
     gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "UNet gradient checkpointing (less memory, slower)."}
+        default=False,
+        metadata={"help": "UNet / transformer gradient checkpointing (less memory, slower)."},
     )
     # --- optimiser
     train_batch_size: int = field(
@@ -170,6 +179,55 @@ class PolicyTrainConfig(TrainConfig):
     }
 
 
+@dataclass
+class FlowPolicyOptions(TrainConfig):
+    """Settings of the trainers that take SD 3.x / FLUX policies (Diffusion-DPO, GRPO): image
+    size, T5 length and the memory options (prompts encoded once, then the text encoders off the
+    accelerator). :class:`PolicyTrainerBase` reads them when it builds and prepares a
+    :class:`~alignment.flow_policy.FlowPolicy`; a trainer whose config lacks them takes SD 1.x/2.x
+    policies only."""
+
+    resolution: int | None = field(
+        default=None,
+        metadata={"help": "Image size in pixels (None: the model's; 512 for SD 1.5 and SD3.5-M)."},
+    )
+    max_sequence_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Flow policies: T5 tokens per prompt (None: 256 SD3 / 512 FLUX; 128 in "
+            "Flow-GRPO)."
+        },
+    )
+    cache_prompts: bool = field(
+        default=True,
+        metadata={
+            "help": "Flow policies: encode every prompt of the prompt set (training and "
+            "evaluation) once before training (~2.7 MB of CPU memory per SD3 prompt in bf16 at "
+            "256 tokens)."
+        },
+    )
+    offload_text_encoders: bool = field(
+        default=True,
+        metadata={
+            "help": "Flow policies: move the text encoders to the CPU after caching (frees ~10 GB "
+            "for SD3); prompts not cached (an offline pair set's) are then encoded there."
+        },
+    )
+    max_cached_prompts: int | None = field(
+        default=None,
+        metadata={
+            "help": "Flow policies: keep at most this many prompt embeddings, the least recently "
+            "used leave first (None: all; bound it for large offline pair sets)."
+        },
+    )
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "resolution": ">= 8",
+        "max_sequence_length": ">= 1",
+        "max_cached_prompts": ">= 1",
+    }
+
+
 def parse_json_kwargs(value: Any, name: str) -> dict[str, Any]:
     """A mapping from YAML, a JSON string, or None -> dict (clear error on bad JSON)."""
     if value is None or value == "":
@@ -239,9 +297,14 @@ class PolicyTrainerBase:
     """Accelerator + policy + optimizer set-up and the shared step/checkpoint/export/logging wiring.
 
     Subclasses call :meth:`setup` in their ``__init__`` and extend :meth:`trainer_state` /
-    :meth:`load_trainer_state` for what their checkpoints carry beyond the counters. A different
-    policy class (a flow-matching transformer, say) plugs in through :meth:`build_policy`,
-    :meth:`trained_module` and :meth:`use_prepared_module`.
+    :meth:`load_trainer_state` for what their checkpoints carry beyond the counters.
+
+    Every trainer builds and prepares its policy here, of either kind: a
+    :class:`~alignment.policy.DiffusionPolicy` (SD 1.x/2.x, its ``unet`` trained) or, when the
+    config carries :class:`FlowPolicyOptions` (DPO, GRPO), a
+    :class:`~alignment.flow_policy.FlowPolicy` (SD 3.x / FLUX, its ``transformer``), chosen by the
+    pipeline class of ``pretrained_model`` (:meth:`build_policy`). ``self.is_flow`` says which;
+    :meth:`cache_prompts` applies the flow policies' memory options.
     """
 
     config: TrainConfig
@@ -292,6 +355,9 @@ class PolicyTrainerBase:
             if policy is None:
                 policy = self.build_policy(keep_reference)
         self.policy = policy
+        #: a flow-matching policy (SD 3.x / FLUX) rather than an SD 1.x/2.x one
+        self.is_flow = is_flow_policy(policy)
+        self.check_policy_kind(self.is_flow, f"the {type(policy).__name__} passed in")
         policy.to(acc.device)
         if not policy.use_lora and self.weight_dtype != torch.float32:
             policy.vae.to(dtype=self.weight_dtype)
@@ -320,13 +386,36 @@ class PolicyTrainerBase:
         self.guard = StepGuard(cfg.max_consecutive_skips)
 
     # ------------------------------------------------------------------------------ policy hooks
+    def check_policy_kind(self, flow: bool, what: str) -> None:
+        """Refuse a flow policy (SD 3.x / FLUX; ``what`` names it) in a trainer whose config
+        lacks :class:`FlowPolicyOptions` (DDPO, DRaFT/ReFL train SD 1.x/2.x UNets)."""
+        if flow and not isinstance(self.config, FlowPolicyOptions):
+            raise ValueError(
+                f"{type(self).__name__} trains SD 1.x/2.x pipelines; {what} is an SD 3.x / FLUX "
+                "pipeline (a flow policy). Train it with GRPOTrainer (recipes/grpo_sd3.py) or "
+                "DPOTrainer (recipes/dpo_sd15.py)."
+            )
+
     def build_policy(self, keep_reference: bool) -> Any:
-        """The policy to train, built from the config (a :class:`~alignment.policy.DiffusionPolicy`;
-        override for another policy class)."""
+        """The policy to train, built from the config: a
+        :class:`~alignment.flow_policy.FlowPolicy` for an SD 3.x / FLUX pipeline (its
+        ``model_index.json``, or ``tiny-sd3`` / ``tiny-flux``), else a
+        :class:`~alignment.policy.DiffusionPolicy`."""
+        from alignment.flow_policy import FlowPolicy, pipeline_kind
         from alignment.policy import DiffusionPolicy
 
-        return DiffusionPolicy.from_pretrained(
-            self.config.pretrained_model, **self.policy_kwargs(keep_reference)
+        cfg = self.config
+        flow = pipeline_kind(cfg.pretrained_model) is not None
+        self.check_policy_kind(flow, repr(cfg.pretrained_model))
+        kwargs = self.policy_kwargs(keep_reference)
+        if not flow:
+            return DiffusionPolicy.from_pretrained(cfg.pretrained_model, **kwargs)
+        return FlowPolicy.from_pretrained(
+            cfg.pretrained_model,
+            **kwargs,
+            max_sequence_length=cfg.max_sequence_length,
+            resolution=cfg.resolution,
+            max_cached_prompts=cfg.max_cached_prompts,
         )
 
     def policy_kwargs(self, keep_reference: bool) -> dict[str, Any]:
@@ -345,12 +434,25 @@ class PolicyTrainerBase:
         )
 
     def trained_module(self, policy: Any) -> torch.nn.Module:
-        """The module that goes through ``accelerator.prepare`` (the UNet)."""
-        return policy.unet
+        """The module that goes through ``accelerator.prepare``: the policy's trained model
+        (``unet`` / ``transformer``)."""
+        return policy.trained_model
 
     def use_prepared_module(self, policy: Any, module: Any) -> None:
         """Make the policy run its forward through the prepared (wrapped) module."""
-        policy.set_forward_unet(module)
+        policy.set_forward_model(module)
+
+    def cache_prompts(self, prompts: Sequence[str]) -> None:
+        """The flow policies' memory options: with ``cache_prompts``, encode ``prompts`` (and
+        the empty prompt of CFG) once now, then with ``offload_text_encoders`` keep the text
+        encoders on the CPU (SD3's T5-XXL alone is 4.7B parameters). A no-op for SD 1.x/2.x
+        policies. Call on every process once the prompt set is known."""
+        cfg = self.config
+        if not self.is_flow or not cfg.cache_prompts:
+            return
+        self.policy.cache_prompts([*prompts, ""])
+        if cfg.offload_text_encoders:
+            self.policy.offload_text_encoders("cpu")
 
     def frozen_outside_zero3(self) -> Any:
         """Context in which models are built whole under ZeRO-3 (frozen VAE, text encoder,
@@ -638,6 +740,8 @@ class PolicyTrainerBase:
 
 
 __all__ = [
+    "LORA_ALPHA_HELP",
+    "FlowPolicyOptions",
     "PolicyTrainConfig",
     "PolicyTrainerBase",
     "TrainConfig",

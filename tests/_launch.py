@@ -1,5 +1,5 @@
-"""Shared helper of the tests that run a recipe through ``accelerate launch`` in a subprocess:
-the offline, one-thread environment and a free local port for the process group."""
+"""Shared helper of the tests that run a recipe or a driver in a subprocess (``accelerate launch``,
+``torchrun``): the offline, one-thread environment and a free local port for the process group."""
 
 from __future__ import annotations
 
@@ -17,10 +17,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_env() -> dict[str, str]:
+def launch_env(*, pythonpath: bool = False, drop_accelerate: bool = False, **extra: str) -> dict:
     """This process's environment, offline, one thread, no trackers; DeepSpeed's compiled CPU
-    comm op cached under the repository's ``.cache`` (as ``make install`` builds it)."""
-    env = dict(os.environ)
+    comm op cached under the repository's ``.cache`` (as ``make install`` builds it).
+
+    Args:
+        pythonpath: put the repository first on ``PYTHONPATH`` (a script run by path that imports
+            the packages or the tests' helpers).
+        drop_accelerate: leave out this process's ``ACCELERATE_*`` variables (a ``torchrun``
+            driver whose accelerator must not inherit them).
+        extra: further variables, set last.
+    """
+    env = {
+        k: v for k, v in os.environ.items() if not (drop_accelerate and k.startswith("ACCELERATE_"))
+    }
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     env.update(
         HF_HUB_OFFLINE="1",
@@ -30,4 +40,7 @@ def launch_env() -> dict[str, str]:
         MPLBACKEND="Agg",
         WANDB_DISABLED="true",
     )
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env.update(extra)
     return env

@@ -4,13 +4,13 @@ through `accelerate launch`, and the learning test (held-out reward rises above 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _launch import free_port, launch_env
 from _tiny_sd import saved_tiny_pipeline, tiny_ddpo_config
 from diffusers import StableDiffusionPipeline
 
@@ -155,19 +155,10 @@ def test_kl_penalty_and_full_unet(tmp_path):
 
 
 def _launch(zero: int, out: Path, *extra: str) -> dict:
-    env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    env.update(
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        MPLBACKEND="Agg",
-        WANDB_DISABLED="true",
-    )
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", f"recipes/accelerate/zero{zero}.yaml",
+        "--main_process_port", str(free_port()),
         "--num_cpu_threads_per_process", "1",
         "recipes/ddpo_sd15.py", "--config", "recipes/configs/ddpo_tiny.yaml",
         "--pretrained_model", str(saved_tiny_pipeline()), "--output_dir", str(out),
@@ -176,7 +167,9 @@ def _launch(zero: int, out: Path, *extra: str) -> dict:
         "--timesteps_per_call", "2", "--save_every", "1", "--progress_bar", "false",
         "--log_with", "none", *extra,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads((out / "history.json").read_text())
 

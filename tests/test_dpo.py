@@ -4,7 +4,6 @@ pairs labelled by brightness), the recipe end to end through accelerate, export 
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -325,28 +324,12 @@ def test_offline_dpo_learns_the_brighter_preference(tmp_path):
     assert after_b.mean() > before_b.mean() + 3 * before_b.std() / before_b.numel() ** 0.5
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:  # other test workers may launch DeepSpeed at the same time
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_recipe_through_accelerate_launch_cpu_and_zero2(tmp_path):
+    from _launch import free_port, launch_env
     from diffusers import StableDiffusionPipeline
 
-    env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    env.update(
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        MPLBACKEND="Agg",
-        WANDB_DISABLED="true",
-    )
+    env = launch_env()
     small = [
         "--max_steps",
         "2",
@@ -370,7 +353,7 @@ def test_recipe_through_accelerate_launch_cpu_and_zero2(tmp_path):
             "--config_file",
             "recipes/accelerate/zero2.yaml",
             "--main_process_port",
-            str(_free_port()),
+            str(free_port()),
         ],
     }
     for name, launch in runs.items():
@@ -475,8 +458,8 @@ def test_full_unet_dpo_keeps_a_frozen_reference_copy(tmp_path):
     )
     trainer = DPOTrainer(cfg, prompts=["a cat", "a dog"])
     policy = trainer.policy
-    assert policy._ref_unet is not None and not any(
-        p.requires_grad for p in policy._ref_unet.parameters()
+    assert policy.reference_model is not None and not any(
+        p.requires_grad for p in policy.reference_model.parameters()
     )
     x = torch.randn(1, 4, 16, 16)
     emb = policy.encode_prompts(["a cat"])

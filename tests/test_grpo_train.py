@@ -96,7 +96,7 @@ def test_full_transformer_training_keeps_a_frozen_reference_for_the_kl(tmp_path)
         save_every=0,
         eval_every=0,
     )
-    ref = trainer.policy._ref_transformer
+    ref = trainer.policy.reference_model
     assert ref is not None and not any(p.requires_grad for p in ref.parameters())
     moved = [
         not torch.equal(p, q)

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _launch import free_port, launch_env
 from _multiprocess_scenarios import ROOT, SCENARIOS, run_scenario, weights_sha
 from _tiny_sd import saved_tiny_pipeline
 from safetensors.torch import load_file
@@ -39,31 +38,18 @@ ALL = list(SCENARIOS)  # ddpo, dpo_build, dpo_online, draft, refl, grpo, reward
 ZERO = {"zero2": "zero2.json", "zero3": "zero3_partition_all.json"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:  # other test workers may launch at the same time
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(world: dict, records: str, specs: list[str], nproc: int = 2) -> dict:
     """torchrun the scenario driver; returns ``{record: [rank 0, rank 1, ...]}``."""
     out = world["root"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    env.update(
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        MPLBACKEND="Agg",
-        WANDB_DISABLED="true",
+    env = launch_env(
+        pythonpath=True,
+        drop_accelerate=True,
         ACCELERATE_DEEPSPEED_ZERO3_INIT="false",
         ACCELERATE_MIXED_PRECISION="no",
-        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
     )
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
         str(DRIVER), "--out", str(out), "--records", str(out / records),
         "--tiny", world["tiny"], "--prompts", world["prompts"], *specs,
     ]  # fmt: skip

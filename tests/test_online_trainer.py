@@ -240,6 +240,44 @@ def test_trainers_build_the_reward_on_the_accelerator_device(tmp_path, monkeypat
     assert got["device"] == torch.device("cuda", 1)
 
 
+def test_every_trainer_builds_and_prepares_its_policy_through_the_shared_base(tmp_path):
+    """One build/prepare path (PolicyTrainerBase) for every trainer: the policy kind follows
+    ``pretrained_model`` (SD 1.x folder: DiffusionPolicy and its UNet; SD3: FlowPolicy and its
+    transformer), each with its own LoRA alpha default, and the forward runs through the prepared
+    module. DDPO and DRaFT (SD 1.x/2.x only) refuse an SD3 pipeline, by name before loading it,
+    or passed in."""
+    from alignment.dpo_trainer import DPOConfig, DPOTrainer
+    from alignment.draft_trainer import DraftConfig, DraftTrainer
+    from alignment.flow_policy import FlowPolicy
+    from alignment.policy import DiffusionPolicy
+    from alignment.trainer_utils import LORA_ALPHA_HELP
+
+    common = dict(data="online", reward="brightness", lora_rank=4, log_with="none")
+    for name, kind, model, alpha in [
+        (str(saved_tiny_pipeline()), DiffusionPolicy, "unet", 4),  # rank: scale 1
+        ("tiny-sd3", FlowPolicy, "transformer", 8),  # 2 x rank: Flow-GRPO's 32 / 64
+    ]:
+        cfg = DPOConfig(pretrained_model=name, output_dir=str(tmp_path / model), **common)
+        trainer = DPOTrainer(cfg, prompts=PROMPTS)
+        policy = trainer.policy
+        assert type(policy) is kind and trainer.is_flow == (kind is FlowPolicy)
+        assert policy.trained_model is getattr(policy, model) and cfg.lora_alpha is None
+        assert policy.lora_config.lora_alpha == alpha
+        assert policy.forward_model() is trainer.unet  # the prepared module
+        assert trainer.trainable == [
+            p for p in getattr(policy, model).parameters() if p.requires_grad
+        ]
+    assert "the rank for SD 1.x/2.x" in LORA_ALPHA_HELP and "2 x the rank" in LORA_ALPHA_HELP
+
+    with pytest.raises(ValueError, match="DDPOTrainer trains SD 1.x/2.x.*'tiny-sd3'.*GRPOTrainer"):
+        DDPOTrainer(_config(tmp_path / "ddpo", pretrained_model="tiny-sd3"), prompts=PROMPTS)
+    draft = DraftConfig(
+        pretrained_model="tiny-sd3", output_dir=str(tmp_path / "draft"), log_with="none"
+    )
+    with pytest.raises(ValueError, match="DraftTrainer trains.*the FlowPolicy passed in"):
+        DraftTrainer(draft, policy=FlowPolicy.from_pretrained("tiny-sd3"), prompts=PROMPTS)
+
+
 def test_async_reward_worker_thread_sets_the_device_before_scoring(tmp_path, monkeypatch):
     events = []
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _launch import free_port, launch_env
 
 from reward.modeling import LlavaRewardModel
 from reward.testing import save_tiny_backbone
@@ -284,14 +285,6 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(backbone_dir, toy, tmp
 # ----------------------------------------------------------------------------- recipe
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:  # other test workers may launch DeepSpeed at the same time
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(zero: int, out: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
@@ -300,7 +293,7 @@ def _launch(zero: int, out: Path, *extra: str) -> subprocess.CompletedProcess:
         "--config_file",
         f"recipes/accelerate/zero{zero}.yaml",
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
         "--num_cpu_threads_per_process",
         "1",
         "recipes/train_reward.py",
@@ -314,8 +307,7 @@ def _launch(zero: int, out: Path, *extra: str) -> subprocess.CompletedProcess:
         "8",
         *extra,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env = launch_env(pythonpath=True)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
