@@ -76,3 +76,47 @@ def test_demo_reward_can_be_one_oracle_part_and_ddpo_settings_are_overridable():
     assert _ddpo_overrides(cfg) == {"images_per_prompt": 4, "per_prompt_stat_tracking": True}
     with pytest.raises(ValueError, match="sample_size_typo"):
         _ddpo_overrides(DemoConfig(ddpo_kwargs='{"sample_size_typo": 1}'))
+
+
+def test_reward_rise_in_standard_errors_by_hand():
+    from alignment.demo import reward_rise
+
+    # first 2: mean 1, var 2 (ddof 1); last 2: mean 4, var 8 -> se = sqrt(2/2 + 8/2) = sqrt(5)
+    rise = reward_rise([0.0, 2.0, 9.0, 2.0, 6.0], window=2)
+    assert rise["first"] == 1.0 and rise["last"] == 4.0 and rise["diff"] == 3.0
+    assert rise["stderr"] == pytest.approx(5**0.5, abs=1e-12)
+    assert rise["z"] == pytest.approx(3 / 5**0.5, abs=1e-12)
+    assert reward_rise([1.0, 2.0, 3.0], window=2) is None  # too few epochs
+
+
+def test_words_wrap_whole_and_the_grid_shows_every_caption_and_verdict():
+    from alignment.world.figures import verdict_grid, wrap_words
+    from alignment.world.oracle import oracle_scores
+    from alignment.world.render import render_captions
+
+    caption = "a yellow triangle at the bottom right on a white background"
+    lines = wrap_words(caption, 60, lambda s: 6 * len(s))  # 10 characters per line
+    assert lines == [
+        "a yellow",
+        "triangle",
+        "at the",
+        "bottom",
+        "right on a",
+        "white",
+        "background",
+    ]
+    assert " ".join(lines) == caption
+    assert wrap_words("extraordinarily long", 30, len) == ["extraordinarily long"]
+    assert wrap_words("extraordinarily long", 10, len) == ["extraordinarily", "long"]  # not cut
+
+    prompts = [caption, "a red circle in the center on a black background"]
+    good = render_captions(prompts)
+    bad = render_captions([prompts[1], prompts[0]])  # each image drawn for the other caption
+    rows = [("before", bad), ("after DDPO", good)]
+    scores = [oracle_scores(bad, prompts), oracle_scores(good, prompts)]
+    grid = verdict_grid(prompts, rows, scores, cell=64)
+    assert grid.size[0] == 96 + 2 * (64 + 12)
+    pixels = set(grid.getdata())
+    assert (0, 128, 0) in pixels and (200, 0, 0) in pixels  # both verdict colours are drawn
+    with pytest.raises(ValueError, match="2 rows but 1 score"):
+        verdict_grid(prompts, rows, scores[:1])
