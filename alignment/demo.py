@@ -10,14 +10,13 @@
 4. measure again on the same prompts and seeds, export the tuned pipeline, and write
    ``report.md`` (reward curve, before/after grid, numbers) and ``summary.json``.
 
-    python -m alignment.demo                       # DDPO (the default), ~3 minutes on 2 cores
+    python -m alignment.demo                       # DDPO (the default), ~4-5 minutes on 2 cores
     python -m alignment.demo --method all          # + online DPO, DRaFT-1, best-of-N
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,7 +50,13 @@ class DemoConfig:
     method: str = field(
         default="ddpo", metadata={"help": f"One of {', '.join(METHODS)}, a comma list, or 'all'."}
     )
-    epochs: int = field(default=30, metadata={"help": "DDPO epochs."})
+    epochs: int = field(
+        default=20,
+        metadata={
+            "help": "DDPO epochs (the held-out oracle alignment did not rise reliably at 15, "
+            "20, 30 or 60; alignment/world/weights/README.md, third round)."
+        },
+    )
     ddpo_kwargs: str = field(
         default="{}",
         metadata={
@@ -62,11 +67,27 @@ class DemoConfig:
     learning_rate: float = field(default=1e-3, metadata={"help": "DDPO learning rate (LoRA)."})
     num_steps: int = field(default=10, metadata={"help": "DDIM steps (sampling and training)."})
     guidance_scale: float = field(default=3.0, metadata={"help": "Classifier-free guidance."})
-    eval_prompts: int = field(default=24, metadata={"help": "Held-out prompts evaluated."})
+    eval_prompts: int = field(
+        default=45,
+        metadata={
+            "help": "Held-out prompts evaluated, evenly spread over the 45 (all of them by "
+            "default: a subset of 24 or 16 gave gains of opposite signs for the same policy)."
+        },
+    )
     eval_seeds: int = field(default=4, metadata={"help": "Seeds per held-out prompt."})
     noise_seed_sets: int = field(
         default=4,
         metadata={"help": "Disjoint seed sets of the base policy for the seed-to-seed noise."},
+    )
+    eval_every: int = field(
+        default=5,
+        metadata={
+            "help": "Measure the held-out oracle alignment every this many DDPO epochs (the "
+            "right panel of training_curves.png; 0: only before and after)."
+        },
+    )
+    curve_seeds: int = field(
+        default=1, metadata={"help": "Seeds per held-out prompt in those interim measurements."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of everything."})
 
@@ -96,24 +117,77 @@ def _reward_fn(scorer, cfg: DemoConfig, differentiable: bool = False):
     return scorer.as_reward_fn(json.loads(cfg.reward_weights), differentiable=differentiable)
 
 
-def _evaluate(policy, prompts, seeds, cfg) -> dict:
+def _evaluate(policy, prompts, seeds, cfg, reward=None) -> dict:
     """Oracle scores of ``policy`` on fixed prompts and seeds: ``{"alignment": Tensor[S, P],
-    "parts": {part: mean}}`` (parts: background, colour, shape, position, fidelity)."""
+    "parts": {part: mean}, "part_rows": {part: Tensor[S, P]}, "reward": Tensor[S, P] | None,
+    "images": Tensor[P, 3, H, W], "scores": {key: Tensor[P]}}`` (parts: background, colour,
+    shape, position, fidelity; ``reward``: the training reward ``reward(images, prompts)`` of the
+    same images, when given; images and scores: the first seed's)."""
     import torch
 
     from alignment.ddpo_trainer import evaluate_policy
     from alignment.world.oracle import oracle_scores
 
     scored: list[dict] = []
+    rewarded: list[torch.Tensor] = []
+    first: list[torch.Tensor] = []
 
     def alignment(images, prompts):  # keeps every part of the oracle's scores
         scored.append(oracle_scores(images, prompts))
+        if reward is not None:
+            rewarded.append(torch.as_tensor(reward(images, prompts)).float().cpu())
+        if not first:
+            first.append(images.detach().float().cpu())
         return scored[-1]["alignment"]
 
     rows = evaluate_policy(policy, alignment, prompts, seeds, cfg.num_steps, cfg.guidance_scale)
+    part_rows = {k: torch.stack([p[k].float() for p in scored]) for k in PARTS}
     return {
         "alignment": rows,
-        "parts": {k: round(float(torch.cat([p[k] for p in scored]).mean()), 4) for k in PARTS},
+        "parts": {k: round(float(v.mean()), 4) for k, v in part_rows.items()},
+        "part_rows": part_rows,
+        "reward": torch.stack(rewarded) if rewarded else None,
+        "images": first[0],
+        "scores": scored[0],
+    }
+
+
+def _std(values) -> float:
+    """Sample standard deviation (ddof 1) of scalar tensors; 0 for fewer than two."""
+    import torch
+
+    return torch.stack(list(values)).std().item() if len(values) > 1 else 0.0
+
+
+def _mean_and_stderr(rows) -> dict:
+    """``{"mean", "stderr"}`` of a ``Tensor[S, P]`` of scores over its prompt-seed pairs."""
+    n = rows.numel()
+    se = rows.std().item() / n**0.5 if n > 1 else 0.0
+    return {"mean": rows.mean().item(), "stderr": se}
+
+
+def reward_rise(means: list[float], window: int = 5) -> dict:
+    """How far the training reward rose: the mean of the last ``window`` per-epoch means against
+    the first ``window``, in standard errors.
+
+    ``first = mean(m[:w])``, ``last = mean(m[-w:])``, ``se = sqrt(var(m[:w]) / w + var(m[-w:]) / w)``
+    (sample variances, ddof 1, of the per-epoch means: epoch-to-epoch scatter counts as noise),
+    ``z = (last - first) / se``. Needs at least ``2 * window`` epochs (``None`` otherwise).
+    """
+    import statistics
+
+    if window < 2 or len(means) < 2 * window:
+        return None
+    a, b = list(means[:window]), list(means[-window:])
+    first, last = statistics.fmean(a), statistics.fmean(b)
+    se = (statistics.variance(a) / window + statistics.variance(b) / window) ** 0.5
+    return {
+        "first": first,
+        "last": last,
+        "diff": last - first,
+        "stderr": se,
+        "z": (last - first) / se if se > 0 else float("inf"),
+        "window": window,
     }
 
 
@@ -135,9 +209,68 @@ def _ddpo_overrides(cfg: DemoConfig) -> dict:
     return extra
 
 
-def _train(method: str, cfg: DemoConfig, out: Path, train_prompts: list[str], scorer):
+def _ddpo_settings(cfg: DemoConfig) -> dict:
+    """The demo's DDPOConfig fields (beyond model, output and seed), ``cfg.ddpo_kwargs`` applied."""
+    settings = dict(
+        num_steps=cfg.num_steps,
+        guidance_scale=cfg.guidance_scale,
+        num_epochs=cfg.epochs,
+        sample_batch_size=16,
+        num_batches_per_epoch=2,
+        # 4 images of each prompt, advantages against that prompt's own images
+        images_per_prompt=4,
+        per_prompt_stat_tracking=True,
+        stat_min_count=4,
+        # weight 0.5^k on denoising step k: the first steps decide colour and layout; the
+        # last ones only add gradient noise (at 1.0 the oracle's alignment did not move)
+        temporal_discount=0.5,
+        train_batch_size=16,
+        gradient_accumulation_steps=2,
+        timesteps_per_call=cfg.num_steps,
+        lora_rank=8,
+        lora_target_modules="to_q,to_k,to_v,to_out.0,conv_out",
+        learning_rate=cfg.learning_rate,
+        clip_range=1e-3,
+        save_every=0,
+        log_images_every=2,
+    )
+    settings.update(_ddpo_overrides(cfg))
+    return settings
+
+
+def _evaluating_ddpo_trainer(evaluate, every: int, last_epoch: int):
+    """A :class:`~alignment.ddpo_trainer.DDPOTrainer` that also calls ``evaluate(policy) ->
+    dict`` after every ``every``-th epoch before ``last_epoch`` (the caller measures the last one
+    itself) and keeps the results in ``trainer.evaluations`` (``{"epoch", **result}``)."""
+    from alignment.ddpo_trainer import DDPOTrainer
+
+    class EvaluatingDDPOTrainer(DDPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.evaluations: list[dict] = []
+
+        def train_on_samples(self, samples, advantages):
+            info = super().train_on_samples(samples, advantages)
+            done = self.epoch + 1  # epochs finished once this update is applied
+            if every and done % every == 0 and done < last_epoch:
+                self.unet.eval()
+                self.evaluations.append({"epoch": done, **evaluate(self.policy)})
+            return info
+
+    return EvaluatingDDPOTrainer
+
+
+def _train(
+    method: str,
+    cfg: DemoConfig,
+    out: Path,
+    train_prompts: list[str],
+    scorer,
+    evaluate=None,
+):
     """Fine-tune a fresh LoRA policy with ``method`` on ``scorer``'s reward (None: the oracle);
-    return the tuned policy and its history."""
+    return the tuned policy, its history and the interim evaluations (DDPO with ``evaluate``:
+    ``evaluate(policy)`` every ``cfg.eval_every`` epochs)."""
     common = dict(
         pretrained_model=cfg.policy,
         output_dir=str(out / method),
@@ -149,33 +282,13 @@ def _train(method: str, cfg: DemoConfig, out: Path, train_prompts: list[str], sc
     if method == "ddpo":
         from alignment.ddpo_trainer import DDPOConfig, DDPOTrainer
 
-        settings = dict(
-            common,
-            num_steps=cfg.num_steps,
-            guidance_scale=cfg.guidance_scale,
-            num_epochs=cfg.epochs,
-            sample_batch_size=16,
-            num_batches_per_epoch=2,
-            # 4 images of each prompt, advantages against that prompt's own images
-            images_per_prompt=4,
-            per_prompt_stat_tracking=True,
-            stat_min_count=4,
-            # weight 0.5^k on denoising step k: the first steps decide colour and layout; the
-            # last ones only add gradient noise (at 1.0 the oracle's alignment did not move)
-            temporal_discount=0.5,
-            train_batch_size=16,
-            gradient_accumulation_steps=2,
-            timesteps_per_call=cfg.num_steps,
-            lora_rank=8,
-            lora_target_modules="to_q,to_k,to_v,to_out.0,conv_out",
-            learning_rate=cfg.learning_rate,
-            clip_range=1e-3,
-            save_every=0,
-            log_images_every=2,
-            export_dir=str(out / "export"),
+        settings = dict(common, **_ddpo_settings(cfg), export_dir=str(out / "export"))
+        trainer_cls = (
+            _evaluating_ddpo_trainer(evaluate, cfg.eval_every, settings["num_epochs"])
+            if evaluate is not None and cfg.eval_every
+            else DDPOTrainer
         )
-        settings.update(_ddpo_overrides(cfg))
-        trainer = DDPOTrainer(
+        trainer = trainer_cls(
             DDPOConfig(**settings),
             reward_fn=_reward_fn(scorer, cfg),
             prompts=train_prompts,
@@ -222,14 +335,14 @@ def _train(method: str, cfg: DemoConfig, out: Path, train_prompts: list[str], sc
     else:
         raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}.")
     history = trainer.train()
-    return trainer.policy, history
+    return trainer.policy, history, getattr(trainer, "evaluations", [])
 
 
 def run(cfg: DemoConfig) -> dict:
     import torch
 
-    from alignment.logging_utils import image_grid
     from alignment.policy import DiffusionPolicy
+    from alignment.world.figures import training_figure, verdict_grid
     from alignment.world.grammar import split_scenes
 
     torch.manual_seed(cfg.seed)
@@ -241,19 +354,23 @@ def run(cfg: DemoConfig) -> dict:
     n_eval = min(cfg.eval_prompts, len(captions))
     held = [captions[i * len(captions) // n_eval] for i in range(n_eval)]
     seeds = list(range(cfg.eval_seeds))
+    curve_seeds = seeds[: max(1, cfg.curve_seeds)]
     methods = list(METHODS) if cfg.method == "all" else [m.strip() for m in cfg.method.split(",")]
 
     t0 = time.perf_counter()
     scorer, reward_path = _load_reward(cfg, out)  # once: 'train' would retrain it per method
     base = DiffusionPolicy.from_pretrained(cfg.policy, use_lora=False)
-    evaluated = _evaluate(base, held, seeds, cfg)
+    reward_fn = _reward_fn(scorer, cfg)  # the training reward, also scored on the held-out images
+    evaluated = _evaluate(base, held, seeds, cfg, reward_fn)
     before = evaluated["alignment"]
     # seed-to-seed noise: std of the same mean over disjoint seed sets (the base policy)
-    means = [before.mean()] + [
-        _evaluate(base, held, [100 * k + s for s in seeds], cfg)["alignment"].mean()
+    # (and of each oracle part's mean)
+    sets = [evaluated] + [
+        _evaluate(base, held, [100 * k + s for s in seeds], cfg, reward_fn)
         for k in range(1, cfg.noise_seed_sets)
     ]
-    noise = torch.stack(means).std().item() if len(means) > 1 else 0.0
+    noise = _std([e["alignment"].mean() for e in sets])
+    parts_noise = {k: _std([e["part_rows"][k].mean() for e in sets]) for k in PARTS}
     summary: dict = {
         "config": asdict(cfg),
         "held_out_prompts": held,
@@ -262,12 +379,21 @@ def run(cfg: DemoConfig) -> dict:
         "oracle_alignment_before": before.mean().item(),
         "oracle_alignment_noise": noise,
         "oracle_parts_before": evaluated["parts"],
+        "oracle_parts_noise": parts_noise,
+        "reward_before": evaluated["reward"].mean().item(),
+        "reward_noise": _std([e["reward"].mean() for e in sets]),
         "methods": {},
     }
-    grid_prompts = held[:: max(1, len(held) // 8)][:8]  # one row of varied held-out prompts
-    grid_rows = [("before", _first_images(base, grid_prompts, cfg))]
+    # the grid's columns: 8 varied held-out prompts, images of the first evaluation seed
+    cols = list(range(0, len(held), max(1, len(held) // 8)))[:8]
+    grid = [("before", evaluated)]
+
+    def interim(policy) -> dict:  # the held-out curve during DDPO (the curve's seeds only)
+        return _mean_and_stderr(_evaluate(policy, held, curve_seeds, cfg)["alignment"])
+
     for method in methods:
         start = time.perf_counter()
+        evaluations: list[dict] = []
         if method == "best_of_n":
             from alignment.scaling import best_of_n
             from alignment.world.oracle import oracle_alignment
@@ -282,13 +408,21 @@ def run(cfg: DemoConfig) -> dict:
                 seed=cfg.seed,
             )
             after = oracle_alignment(res.images, held).unsqueeze(0)
-            parts, history = None, []
+            parts, part_gains, history, reward_after = None, None, [], None
         else:
-            policy, history = _train(method, cfg, out, train_prompts, scorer)
-            evaluated = _evaluate(policy, held, seeds, cfg)
+            policy, history, evaluations = _train(
+                method, cfg, out, train_prompts, scorer, evaluate=interim
+            )
+            evaluated = _evaluate(policy, held, seeds, cfg, reward_fn)
             after, parts = evaluated["alignment"], evaluated["parts"]
-            grid_rows.append((method, _first_images(policy, grid_prompts, cfg)))
+            reward_after = evaluated["reward"]
+            part_gains = {  # per seed: the mean over the prompts, after - before
+                k: (v.mean(1) - sets[0]["part_rows"][k].mean(1)).tolist()
+                for k, v in evaluated["part_rows"].items()
+            }
+            grid.append((f"after {_LABELS.get(method, method)}", evaluated))
         diff = (after - before.mean(0, keepdim=True)) if after.shape[0] == 1 else after - before
+        rewards = [h["reward_mean"] for h in history if "reward_mean" in h]
         summary["methods"][method] = {
             "oracle_alignment_after": after.mean().item(),
             "gain": after.mean().item() - before.mean().item(),
@@ -297,45 +431,71 @@ def run(cfg: DemoConfig) -> dict:
             if after.shape[0] == before.shape[0]
             else None,
             "oracle_parts_after": parts,
+            "part_gain_per_seed": part_gains,
+            # the training reward on the held-out images, after - before, per seed
+            "reward_after": None if reward_after is None else reward_after.mean().item(),
+            "reward_gain_per_seed": None
+            if reward_after is None
+            else (reward_after.mean(1) - sets[0]["reward"].mean(1)).tolist(),
             "seconds": round(time.perf_counter() - start, 1),
-            "reward_first_epoch": history[0].get("reward_mean") if history else None,
-            "reward_last_epoch": history[-1].get("reward_mean") if history else None,
+            "reward_first_epoch": rewards[0] if rewards else None,
+            "reward_last_epoch": rewards[-1] if rewards else None,
+            "reward_rise": reward_rise(rewards),
+            "held_out_curve": [
+                {"epoch": 0, **_mean_and_stderr(before[: len(curve_seeds)])},
+                *evaluations,
+                {"epoch": len(history), **_mean_and_stderr(after[: len(curve_seeds)])},
+            ]
+            if history and after.shape[0] == before.shape[0]
+            else None,
         }
+        if method == "ddpo" and history:
+            training_figure(
+                history,
+                summary["methods"][method]["held_out_curve"],
+                out / "training_curves.png",
+                reward_label="LLaVA-Reward (alignment)" if scorer is not None else cfg.reward,
+                samples_per_epoch=_ddpo_settings(cfg)["sample_batch_size"]
+                * _ddpo_settings(cfg)["num_batches_per_epoch"],
+            )
     summary["reward_accuracy_vs_oracle"] = _reward_accuracy(reward_path)
+    summary["reward_accuracy_per_mismatch"] = _reward_accuracy(reward_path, "per_mismatch")
     main = summary["methods"][methods[0]]
     summary["oracle_alignment_after"] = main["oracle_alignment_after"]
     summary["seconds"] = round(time.perf_counter() - t0, 1)
-    if (out / "ddpo" / "reward_curve.png").exists():
-        shutil.copy(out / "ddpo" / "reward_curve.png", out / "reward_curve.png")
-    images = torch.cat([imgs for _, imgs in grid_rows])
-    captions = [f"{name}: {p}" for name, _ in grid_rows for p in grid_prompts]
-    image_grid(images, captions, cols=8, cell=96).save(out / "before_after.png")
+    verdict_grid(
+        [held[j] for j in cols],
+        [(label, ev["images"][cols]) for label, ev in grid],
+        [{k: v[cols] for k, v in ev["scores"].items()} for _, ev in grid],
+    ).save(out / "before_after.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "report.md").write_text(_report(summary, methods))
     return summary
 
 
-def _reward_accuracy(folder: str | None) -> dict | None:
-    """Held-out pairwise accuracy against the oracle per perspective (the reward folder's
-    ``world_report.json``), or None for the oracle (no folder) / a folder without that report."""
+_LABELS = {"ddpo": "DDPO", "dpo_online": "online DPO", "draft": "DRaFT-1"}
+
+
+def _reward_accuracy(folder: str | None, key: str = "accuracy") -> dict | None:
+    """From the reward folder's ``world_report.json``: held-out pairwise accuracy against the
+    oracle per perspective (``key="accuracy"``), or the alignment perspective's per kind of
+    mismatch (``key="per_mismatch"``: background, colour, shape, position). None for the oracle
+    (no folder) or a folder without that report."""
     path = Path(folder) / "world_report.json" if folder else None
     if path is None or not path.is_file():
         return None
-    return {k: v["accuracy"] for k, v in json.loads(path.read_text()).items()}
-
-
-def _first_images(policy, prompts, cfg):
-    import torch
-
-    gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
-    with torch.no_grad():
-        return policy.sample(prompts, cfg.num_steps, 1.0, cfg.guidance_scale, generator=gens).images
+    report = json.loads(path.read_text())
+    if key == "accuracy":
+        return {k: v["accuracy"] for k, v in report.items()}
+    return report.get("alignment", {}).get(key)
 
 
 def _report(s: dict, methods: list[str]) -> str:
     rows = "\n".join(
         f"| {m} | {s['oracle_alignment_before']:.3f} | {r['oracle_alignment_after']:.3f} | "
-        f"{r['gain']:+.3f} ± {r['gain_stderr']:.3f} | {r['seconds']} |"
+        f"{r['gain']:+.3f} ± {r['gain_stderr']:.3f} | "
+        + (", ".join(f"{g:+.3f}" for g in r["gain_per_seed"]) if r["gain_per_seed"] else "")
+        + f" | {r['seconds']} |"
         for m, r in s["methods"].items()
     )
     parts = [("base", s["oracle_parts_before"])] + [
@@ -344,14 +504,28 @@ def _report(s: dict, methods: list[str]) -> str:
     part_rows = "\n".join(
         f"| {name} | " + " | ".join(f"{p[k]:.3f}" for k in PARTS) + " |" for name, p in parts
     )
-    acc = s.get("reward_accuracy_vs_oracle")
+    acc, kinds = s.get("reward_accuracy_vs_oracle"), s.get("reward_accuracy_per_mismatch")
     acc_line = (
         "Reward model's held-out pairwise accuracy against the oracle: "
         + ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
+        + (
+            "; alignment pairs that differ in one attribute only: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in kinds.items())
+            if kinds
+            else ""
+        )
         + "."
         if acc
         else ""
     )
+    rise_lines = "".join(
+        f"\n- {m}: training reward, mean of the first {r['reward_rise']['window']} epochs "
+        f"{r['reward_rise']['first']:.3f} -> last {r['reward_rise']['window']} "
+        f"{r['reward_rise']['last']:.3f} ({r['reward_rise']['z']:.1f} standard errors)"
+        for m, r in s["methods"].items()
+        if r.get("reward_rise")
+    )
+    curve = "![training curves](training_curves.png)\n\n" if "ddpo" in s["methods"] else ""
     return f"""# Tiny-world demo
 
 Fine-tuned on the {s["train_prompts"]} train captions; measured on {len(s["held_out_prompts"])}
@@ -360,9 +534,10 @@ held-out captions (colour-shape pairs never seen in pre-training or fine-tuning)
 noise of the mean (std over {s["config"]["noise_seed_sets"]} disjoint seed sets, base model):
 {s["oracle_alignment_noise"]:.3f}. {acc_line}
 
-| method | oracle alignment before | after | gain ± s.e. | seconds |
-|---|---|---|---|---|
+| method | oracle alignment before | after | gain ± s.e. | gain per seed | seconds |
+|---|---|---|---|---|---|
 {rows}
+{rise_lines}
 
 Oracle parts on the same held-out prompts and seeds:
 
@@ -370,9 +545,7 @@ Oracle parts on the same held-out prompts and seeds:
 |---|{"---|" * len(PARTS)}
 {part_rows}
 
-![reward curve](reward_curve.png)
-
-Before (first row) and after each method (next rows), same prompts and seeds:
+{curve}Before (first row) and after each method (next rows), same prompts and seeds:
 
 ![before and after](before_after.png)
 

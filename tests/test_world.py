@@ -282,3 +282,33 @@ def test_mismatch_limits_which_attributes_a_perturbation_changes(tmp_path):
         assert s["background"][0] > 0.9 and s["background"][1] < 0.1, rec
         for part in ("colour", "shape", "position"):
             assert abs(s[part][0] - s[part][1]) < 0.05, (part, rec)
+
+
+class _OracleScorer:
+    """A stand-in for RewardScorer that scores with the oracle (or one of its parts)."""
+
+    def __init__(self, part: str = "alignment"):
+        self.part = part
+
+    def score(self, prompts, images, perspective="alignment", batch_size=16):
+        assert perspective == "alignment"
+        return oracle_scores(images, list(prompts))[self.part]
+
+
+def test_mismatch_accuracy_per_kind_measures_pairs_that_differ_in_that_part_only():
+    from alignment.world.reward_model import MISMATCH_KINDS, mismatch_accuracy, mismatch_pairs
+
+    # the pairs are ordered by the oracle: it scores 1 on every kind
+    assert mismatch_accuracy(_OracleScorer(), n=12) == dict.fromkeys(MISMATCH_KINDS, 1.0)
+    # a reward that sees only the shape orders the shape pairs, not the position pairs
+    shape_only = mismatch_accuracy(_OracleScorer("shape"), n=12)
+    assert shape_only["shape"] >= 0.9 and shape_only["position"] <= 0.75, shape_only
+    held = {(s.colour, s.shape) for s in split_scenes().held_out}
+    for rec in mismatch_pairs("position", n=6, seed=0):
+        assert (parse_caption(rec.prompt).colour, parse_caption(rec.prompt).shape) in held
+        s = oracle_scores(torch.stack([rec.chosen, rec.rejected]), [rec.prompt] * 2)
+        assert s["position"][0] > s["position"][1] + 0.5
+        for part in ("background", "colour", "shape"):
+            assert abs(s[part][0] - s[part][1]) < 0.1, (part, rec.prompt)
+    with pytest.raises(ValueError, match="size"):
+        mismatch_pairs("size")

@@ -113,3 +113,21 @@ def test_background_noise_rewrites_only_the_background_word_of_that_fraction():
         assert sa.replace(background=sb.background) == sb
         wrong += sa.background != sb.background
     assert 0.4 < wrong / len(clean) < 0.6
+
+
+def test_pretrain_refuses_to_overwrite_the_bundled_pipeline_by_default(tmp_path):
+    from alignment.world.pretrain import PretrainConfig, check_output_dir, pretrain
+
+    assert PretrainConfig().output_dir != str(BUNDLED_PIPELINE)
+    with pytest.raises(ValueError, match="replace_bundled"):
+        pretrain(PretrainConfig(output_dir=str(BUNDLED_PIPELINE)))  # stops before any training
+    check_output_dir(PretrainConfig(output_dir=str(BUNDLED_PIPELINE), replace_bundled=True))
+    check_output_dir(PretrainConfig(output_dir=str(tmp_path / "pipe")))
+    import yaml
+
+    from alignment.demo import WEIGHTS
+
+    recipe = yaml.safe_load(
+        (WEIGHTS.parents[2] / "recipes/configs/pretrain_tiny_world.yaml").read_text()
+    )
+    assert "weights" not in recipe["output_dir"] and not recipe.get("replace_bundled", False)

@@ -47,8 +47,19 @@ class PretrainConfig:
     """Settings of :func:`pretrain` (parsed by ``trl.TrlParser`` in the recipe)."""
 
     output_dir: str = field(
-        default=str(BUNDLED_PIPELINE),
-        metadata={"help": "Folder of the saved StableDiffusionPipeline (replaced atomically)."},
+        default="outputs/tiny-world-sd",
+        metadata={
+            "help": "Folder of the saved StableDiffusionPipeline (replaced atomically). The "
+            "bundled folder (alignment/world/weights/tiny-world-sd) is written only with "
+            "--replace_bundled true."
+        },
+    )
+    replace_bundled: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow output_dir to be the bundled pipeline folder (re-making the bundle); "
+            "without it such a run stops before training."
+        },
     )
     checkpoint_dir: str = field(
         default="outputs/pretrain_tiny_world/checkpoint",
@@ -93,6 +104,15 @@ class PretrainConfig:
             "altogether (alignment/world/weights/README.md)."
         },
     )
+    unet_save_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype of the saved UNet weights: float32, or float16 (half the file; "
+            "diffusers loads it back as float32, and the evaluation here uses the rounded "
+            "weights)."
+        },
+    )
+    layers_per_block: int = field(default=1, metadata={"help": "UNet ResNet layers per block."})
     vae_steps: int = field(default=400, metadata={"help": "VAE optimisation steps."})
     vae_batch_size: int = field(default=32, metadata={"help": "VAE batch size."})
     vae_lr: float = field(default=2e-3, metadata={"help": "VAE learning rate (AdamW)."})
@@ -141,6 +161,7 @@ def build_pipeline(cfg: PretrainConfig):
     pipe = tiny_sd_pipeline(
         image_size=cfg.image_size,
         unet_channels=tuple(cfg.unet_channels),
+        layers_per_block=cfg.layers_per_block,
         vae_channels=tuple(cfg.vae_channels),
         vocab_words=tokenizer_words(),
         seed=cfg.seed,
@@ -430,8 +451,25 @@ def evaluate_pipeline(
     return out
 
 
+def check_output_dir(cfg: PretrainConfig) -> None:
+    """Refuse to overwrite the bundled pipeline unless ``cfg.replace_bundled`` says so (and an
+    unknown ``unet_save_dtype``), before any training.
+
+    Raises:
+        ValueError: naming the folder and the flag, when ``output_dir`` is the bundled folder.
+    """
+    if cfg.unet_save_dtype not in ("float32", "float16"):
+        raise ValueError(f"unet_save_dtype={cfg.unet_save_dtype!r}: use float32 or float16.")
+    if Path(cfg.output_dir).resolve() == BUNDLED_PIPELINE.resolve() and not cfg.replace_bundled:
+        raise ValueError(
+            f"output_dir {cfg.output_dir} is the bundled pipeline that the demo and the tests "
+            "load; pass another --output_dir, or --replace_bundled true to re-make the bundle."
+        )
+
+
 def pretrain(cfg: PretrainConfig) -> dict[str, float]:
     """Run both stages, save the pipeline to ``cfg.output_dir`` and return losses + evaluation."""
+    check_output_dir(cfg)
     torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     t0 = time.time()
@@ -452,7 +490,14 @@ def pretrain(cfg: PretrainConfig) -> dict[str, float]:
     }
     results.update(train_unet(pipe, latents, captions, cfg, resume, extra))
     results["train_seconds"] = time.time() - t0
-    _atomic_save_dir(lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True), cfg.output_dir)
+    dtypes = {"float32": torch.float32, "float16": torch.float16}
+
+    def save(tmp: Path) -> None:
+        pipe.unet.to(dtypes[cfg.unet_save_dtype])
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        pipe.unet.to(torch.float32)  # the rounded weights, as a user loads them
+
+    _atomic_save_dir(save, cfg.output_dir)
     logger.info("saved the pipeline to %s", cfg.output_dir)
     if cfg.eval_prompts > 0:
         held = split_scenes().held_out_captions[: cfg.eval_prompts]

@@ -50,11 +50,64 @@ PLAN = (
     ("safety", "all", "unpaired", 400, _NEW),
     ("overall", "all", "pairs", 1000, _NEW),
 )
-BACKBONE = {"hidden": 64, "layers": 2, "image_size": 32, "patch": 4, "seed": 0}
+#: The tiny LLaVA backbone: CLIP-style vision tower (``vision_layers`` layers of width
+#: ``vision_hidden``, ``patch``-px patches of ``image_size``-px images), a Llama LM of ``layers``
+#: layers of width ``hidden``, word-level tokenizer.
+BACKBONE = {
+    "hidden": 64,
+    "layers": 2,
+    "image_size": 32,
+    "patch": 4,
+    "vision_hidden": 64,
+    "vision_layers": 2,
+    "vision_heads": 2,
+    "seed": 0,
+}
+#: How the backbone is pre-trained as a captioner (``blur``: the renders are blurred with a
+#: Gaussian of sigma uniform in [0, blur] px, as the reward's pairs and a policy's samples are).
+CAPTIONER = {"steps": 3000, "batch_size": 32, "lr": 3e-3, "blur": 0.0, "seed": 0}
+
+
+def world_backbone(
+    hidden: int = 64,
+    layers: int = 2,
+    image_size: int = 32,
+    patch: int = 4,
+    vision_hidden: int = 64,
+    vision_layers: int = 2,
+    vision_heads: int = 2,
+    seed: int = 0,
+):
+    """A randomly initialised tiny LLaVA for the world: ``(model, tokenizer, image_processor)``.
+
+    :func:`reward.testing.tiny_llava` (word-level tokenizer, CLIP vision tower, Llama LM) with the
+    vision tower's width, depth and heads set apart from the language model's; with the defaults
+    it is that model exactly.
+    """
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from reward.testing import tiny_llava
+
+    model, tokenizer, image_processor = tiny_llava(hidden, layers, image_size, patch, seed)
+    vision = model.config.vision_config
+    if (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads) != (
+        vision_hidden,
+        vision_layers,
+        vision_heads,
+    ):
+        vision.hidden_size, vision.intermediate_size = vision_hidden, 2 * vision_hidden
+        vision.projection_dim = vision_hidden
+        vision.num_hidden_layers, vision.num_attention_heads = vision_layers, vision_heads
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(model.config).eval()
+    return model, tokenizer, image_processor
 
 
 def pretrain_world_backbone(
-    path: str | Path, steps: int = 3000, batch_size: int = 32, lr: float = 3e-3, seed: int = 0
+    path: str | Path,
+    backbone: dict | None = None,
+    captioner: dict | None = None,
 ) -> Path:
     """Pre-train the tiny LLaVA backbone as a captioner of the world, then save it to ``path``.
 
@@ -62,31 +115,36 @@ def pretrain_world_backbone(
     square from a circle. This gives the tiny backbone what a real MLLM brings: next-token loss on
     ``USER: <image> caption </s>`` for renders of every world caption (the reward model is then
     trained on preference pairs of the train captions only and evaluated on held-out ones).
-    Seeded; about five minutes on one CPU core.
+    ``backbone`` / ``captioner`` override :data:`BACKBONE` / :data:`CAPTIONER`. Seeded.
     """
     import random
 
     import torch
 
     from alignment.world.grammar import all_scenes
+    from alignment.world.pairs import gaussian_blur
     from alignment.world.render import render_scene
     from reward.images import to_pil
     from reward.processing import RewardProcessor
-    from reward.testing import tiny_llava
 
-    torch.manual_seed(seed)
-    model, tokenizer, image_processor = tiny_llava(**BACKBONE)
+    arch = {**BACKBONE, **(backbone or {})}
+    train = {**CAPTIONER, **(captioner or {})}
+    steps, batch_size, lr = train["steps"], train["batch_size"], train["lr"]
+    torch.manual_seed(train["seed"])
+    model, tokenizer, image_processor = world_backbone(**arch)
     proc = RewardProcessor(tokenizer, image_processor, model.config, tokenizer.chat_template)
-    scenes, rng = all_scenes(), random.Random(seed)
+    scenes, rng = all_scenes(), random.Random(train["seed"])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
     model.train()
     for step in range(steps):
         chosen = [rng.choice(scenes) for _ in range(batch_size)]
-        images = [
-            to_pil(render_scene(s, BACKBONE["image_size"], rng=rng.randrange(1 << 30)))
-            for s in chosen
-        ]
+        images = []
+        for s in chosen:
+            image = render_scene(s, arch["image_size"], rng=rng.randrange(1 << 30))
+            if train["blur"] > 0:
+                image = gaussian_blur(image, rng.uniform(0.0, train["blur"]))
+            images.append(to_pil(image))
         inputs = proc([s.caption for s in chosen], images)
         labels = inputs["input_ids"].clone()
         labels[(labels == model.config.image_token_id) | (inputs["attention_mask"] == 0)] = -100
@@ -104,48 +162,112 @@ def pretrain_world_backbone(
     tokenizer.save_pretrained(path)
     image_processor.save_pretrained(path)
     (path / "pretrain.json").write_text(
-        json.dumps(
-            {
-                "steps": steps,
-                "batch_size": batch_size,
-                "lr": lr,
-                "seed": seed,
-                "final_caption_loss": loss.item(),
-                **BACKBONE,
-            },
-            indent=2,
-        )
+        json.dumps({**train, "final_caption_loss": loss.item(), **arch}, indent=2)
     )
     return path
 
 
-def train_world_reward(out: str | Path, pairs: int = 2048, unpaired: int = 512) -> Path:
-    """Build the tiny-world reward folder ``out`` (see the module docstring); returns ``out``."""
+#: The world's alignment mismatch kinds, each evaluated on its own (pairs that differ in that
+#: attribute only).
+MISMATCH_KINDS: tuple[str, ...] = ("background", "colour", "shape", "position")
+#: Data sets of the build: name -> (attributes an alignment mismatch may change (None: any),
+#: train pairs as a fraction of ``pairs``, held-out pairs, train seed, held-out seed). "all"
+#: also holds the other perspectives' data; the rest are alignment-only.
+DATA: dict[str, tuple[tuple[str, ...] | None, float, int, int, int]] = {
+    "all": (None, 1.0, 512, 0, 1),
+    "background": (("background",), 0.5, 128, 2, 3),
+}
+#: Seed of the held-out pairs behind the per-kind accuracies (``mismatch_accuracy``).
+KIND_EVAL_SEED = 3
+
+
+def mismatch_pairs(kind: str, n: int = 128, seed: int = KIND_EVAL_SEED, size: int = 32):
+    """``n`` oracle-ordered alignment pairs of held-out captions whose images differ in ``kind``
+    only (``background``, ``colour``, ``shape`` or ``position``; both blurred alike), drawn as
+    :func:`~alignment.world.pairs.write_world_dataset` draws them (``split="held_out"``, that
+    ``seed``, ``mismatch=(kind,)``): a list of :class:`~alignment.world.pairs.PairRecord`."""
+    import random
+
+    from alignment.world.grammar import split_scenes
+    from alignment.world.pairs import make_pair
+
+    if kind not in MISMATCH_KINDS:
+        raise ValueError(f"kind {kind!r}: use one of {MISMATCH_KINDS}.")
+    pool = split_scenes().held_out
+    rng = random.Random(f"{seed}:held_out:0:alignment")
+    return [make_pair(rng.choice(pool), "alignment", rng, size, None, (kind,)) for _ in range(n)]
+
+
+def mismatch_accuracy(
+    scorer, perspective: str = "alignment", n: int = 128, seed: int = KIND_EVAL_SEED
+) -> dict[str, float]:
+    """Held-out pairwise accuracy of ``scorer`` (a :class:`~reward.scorer.RewardScorer`) against
+    the oracle per kind of mismatch: ``{kind: mean(r(chosen) > r(rejected))}`` over
+    :func:`mismatch_pairs` (a tie counts as wrong). Images go through 8-bit PNG-like rounding,
+    as the manifests' images do."""
+    import torch
+
+    out = {}
+    for kind in MISMATCH_KINDS:
+        recs = mismatch_pairs(kind, n, seed)
+        images = torch.stack([r.chosen for r in recs] + [r.rejected for r in recs])
+        images = (images * 255).round() / 255
+        r = scorer.score([rec.prompt for rec in recs] * 2, images, perspective, batch_size=64)
+        out[kind] = round(float((r[:n] > r[n:]).float().mean()), 4)
+    return out
+
+
+def write_world_data(data: Path, pairs: int, unpaired: int) -> None:
+    """Write every data set of :data:`DATA` under ``data/train_<name>`` and ``data/held_<name>``
+    (skipped when already there)."""
     from alignment.world.pairs import write_world_dataset
 
-    out = Path(out)
-    data = out.parent / f"{out.name}_data"
-    if not (data / "held_background" / "alignment_pairs.jsonl").is_file():
-        write_world_dataset(data / "train_all", pairs, unpaired, split="train", seed=0)
-        write_world_dataset(data / "held_all", pairs // 4, unpaired // 2, split="held_out", seed=1)
-        for split, folder, n, seed in (
-            ("train", "train", pairs // 2, 2),
-            ("held_out", "held", 128, 3),
+    for name, (mismatch, frac, n_held, train_seed, held_seed) in DATA.items():
+        if (data / f"held_{name}" / "alignment_pairs.jsonl").is_file():
+            continue
+        every = mismatch is None
+        for split, folder, n, m, seed in (
+            ("train", "train", int(pairs * frac), unpaired, train_seed),
+            ("held_out", "held", n_held, unpaired // 2, held_seed),
         ):
             write_world_dataset(
-                data / f"{folder}_background",
+                data / f"{folder}_{name}",
                 n,
-                0,
+                m if every else 0,
                 split=split,
                 seed=seed,
-                perspectives=("alignment",),
-                mismatch=("background",),
+                **({} if every else {"perspectives": ("alignment",), "mismatch": mismatch}),
             )
-    backbone = out / "tiny_backbone"
-    if not (backbone / "config.json").is_file():
-        pretrain_world_backbone(backbone)
-    report = {}
-    for perspective, stage, kind, steps, extra in PLAN:
+
+
+def train_world_reward(
+    out: str | Path,
+    pairs: int = 2048,
+    unpaired: int = 512,
+    plan=PLAN,
+    backbone: str | Path | None = None,
+    skipca: bool = True,
+    data_dir: str | Path | None = None,
+) -> Path:
+    """Build the tiny-world reward folder ``out`` (see the module docstring); returns ``out``.
+
+    ``plan``: the stages (default :data:`PLAN`); ``backbone``: a pre-trained backbone folder to
+    copy instead of pre-training one; ``skipca=False`` trains every stage without SkipCA (the
+    ablation); ``data_dir``: where the data sets go (default: ``<out>_data`` beside ``out``).
+    """
+    import shutil
+
+    out = Path(out)
+    data = Path(data_dir) if data_dir is not None else out.parent / f"{out.name}_data"
+    write_world_data(data, pairs, unpaired)
+    local = out / "tiny_backbone"
+    if not (local / "config.json").is_file():
+        if backbone is not None:
+            shutil.copytree(backbone, local)
+        else:
+            pretrain_world_backbone(local)
+    report: dict = {}
+    for perspective, stage, kind, steps, extra in plan:
         cmd = [
             sys.executable,
             str(ROOT / "recipes" / "train_reward.py"),
@@ -154,7 +276,7 @@ def train_world_reward(out: str | Path, pairs: int = 2048, unpaired: int = 512) 
             "--output_dir",
             str(out),
             "--backbone",
-            str(backbone),
+            str(local),
             "--perspective",
             perspective,
             "--max_steps",
@@ -163,6 +285,7 @@ def train_world_reward(out: str | Path, pairs: int = 2048, unpaired: int = 512) 
             str(data / f"train_{stage}" / f"{perspective}_{kind}.jsonl"),
             "--eval_file",
             str(data / f"held_{stage}" / f"{perspective}_{kind}.jsonl"),
+            *(() if skipca else ("--skipca", "false")),
             *extra,
         ]
         subprocess.run(cmd, check=True)
@@ -178,6 +301,10 @@ def train_world_reward(out: str | Path, pairs: int = 2048, unpaired: int = 512) 
     config = json.loads((out / "config.json").read_text())
     config["backbone"] = "tiny_backbone"
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if "alignment" in report:
+        from reward.scorer import RewardScorer
+
+        report["alignment"]["per_mismatch"] = mismatch_accuracy(RewardScorer.from_pretrained(out))
     (out / "world_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return out
 
@@ -189,8 +316,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--pairs", type=int, default=2048, help="pairs per perspective")
     parser.add_argument("--unpaired", type=int, default=512, help="single images per perspective")
+    parser.add_argument(
+        "--no_skipca",
+        action="store_true",
+        help="the ablation: train the alignment perspective only, without SkipCA",
+    )
     args = parser.parse_args(argv)
-    out = train_world_reward(args.out, args.pairs, args.unpaired)
+    if args.no_skipca:
+        plan = tuple(stage for stage in PLAN if stage[0] == "alignment")
+        out = train_world_reward(args.out, args.pairs, args.unpaired, plan, skipca=False)
+    else:
+        out = train_world_reward(args.out, args.pairs, args.unpaired)
     print((out / "world_report.json").read_text())
 
 
