@@ -76,7 +76,8 @@ def log_image_grid(
             )
 
 
-def _save_figure(fig: Any, path: str | os.PathLike) -> Path:
+def save_figure(fig: Any, path: str | os.PathLike) -> Path:
+    """Lay out, write (parents created) and close a matplotlib figure; returns the path."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
@@ -108,7 +109,7 @@ def plot_reward_curve(
     ax.set_ylabel("reward")
     ax.set_title(title)
     ax.legend(loc="best")
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 #: metrics :func:`plot_history` draws when a history has them, one panel each
@@ -145,4 +146,4 @@ def plot_history(
         ax.plot([h[x] for h in rows], [h[key] for h in rows], marker="o", ms=3)
         ax.set_ylabel(key)
     axes[-1, 0].set_xlabel(x)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)

@@ -148,6 +148,8 @@ def training_figure(
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from alignment.logging_utils import save_figure
+
     epochs = np.array([h["epoch"] for h in history], dtype=float)
     mean = np.array([h["reward_mean"] for h in history])
     se = np.array([h.get("reward_std", 0.0) for h in history]) / np.sqrt(max(1, samples_per_epoch))
@@ -177,12 +179,7 @@ def training_figure(
     right.set_ylabel("oracle alignment")
     right.set_title("held-out prompts, oracle alignment")
     right.set_ylim(bottom=0)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = ["VERDICT_PARTS", "training_figure", "verdict_grid", "wrap_words"]
