@@ -5,13 +5,13 @@
    perspectives (``alignment/world/weights/tiny-world-reward``; ``--reward train`` retrains it);
 2. measure the oracle's alignment score on held-out prompts (colour-shape pairs never seen in
    training) and fixed seeds, plus its seed-to-seed noise (the same measure on disjoint seeds);
-3. fine-tune the policy with DDPO on the LLaVA-Reward (``--method`` also runs online
-   Diffusion-DPO, DRaFT-1 and best-of-N for a comparison table);
+3. fine-tune the policy with DDPO on the LLaVA-Reward (``--method`` also runs GRPO,
+   online Diffusion-DPO, DRaFT-1 and best-of-N for a comparison table);
 4. measure again on the same prompts and seeds, export the tuned pipeline, and write
    ``report.md`` (reward curve, before/after grid, numbers) and ``summary.json``.
 
     python -m alignment.demo                       # DDPO (the default), ~4-5 minutes on 2 cores
-    python -m alignment.demo --method all          # + online DPO, DRaFT-1, best-of-N
+    python -m alignment.demo --method all          # + GRPO, online DPO, DRaFT-1, best-of-N
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 WEIGHTS = Path(__file__).resolve().parent / "world" / "weights"
-METHODS = ("ddpo", "dpo_online", "draft", "best_of_n")
+METHODS = ("ddpo", "grpo", "dpo_online", "draft", "best_of_n")
 #: The oracle's scores reported per model: the factors of its alignment, and fidelity.
 PARTS = ("background", "colour", "shape", "position", "fidelity")
 
@@ -293,6 +293,38 @@ def _train(
             reward_fn=_reward_fn(scorer, cfg),
             prompts=train_prompts,
         )
+    elif method == "grpo":
+        from alignment.grpo_trainer import GRPOConfig, GRPOTrainer
+
+        # GRPO on the SD 1.5-architecture policy (DDIM's SDE at eta = noise_level): the same
+        # samples per epoch, LoRA and learning rate as DDPO, advantages within groups of 4
+        trainer = GRPOTrainer(
+            GRPOConfig(
+                **common,
+                num_steps=cfg.num_steps,
+                guidance_scale=cfg.guidance_scale,
+                noise_level=1.0,
+                num_epochs=cfg.epochs,
+                sample_batch_size=16,
+                num_batches_per_epoch=2,
+                images_per_prompt=4,
+                train_batch_size=16,
+                gradient_accumulation_steps=2,
+                timestep_fraction=1.0,
+                timesteps_per_call=cfg.num_steps,
+                lora_rank=8,
+                lora_alpha=8.0,
+                lora_target_modules="to_q,to_k,to_v,to_out.0,conv_out",
+                learning_rate=cfg.learning_rate,
+                clip_range=1e-3,
+                kl_coef=0.04,
+                ema=False,
+                eval_every=0,
+                save_every=0,
+            ),
+            reward_fn=_reward_fn(scorer, cfg),
+            prompts=train_prompts,
+        )
     elif method == "dpo_online":
         from alignment.dpo_trainer import DPOConfig, DPOTrainer
 
@@ -473,7 +505,7 @@ def run(cfg: DemoConfig) -> dict:
     return summary
 
 
-_LABELS = {"ddpo": "DDPO", "dpo_online": "online DPO", "draft": "DRaFT-1"}
+_LABELS = {"ddpo": "DDPO", "grpo": "GRPO", "dpo_online": "online DPO", "draft": "DRaFT-1"}
 
 
 def _reward_accuracy(folder: str | None, key: str = "accuracy") -> dict | None:
