@@ -65,6 +65,9 @@ class DemoConfig:
         },
     )
     learning_rate: float = field(default=1e-3, metadata={"help": "DDPO learning rate (LoRA)."})
+    dpo_steps: int = field(
+        default=30, metadata={"help": "Optimiser steps of online Diffusion-DPO (dpo_online)."}
+    )
     num_steps: int = field(default=10, metadata={"help": "DDIM steps (sampling and training)."})
     guidance_scale: float = field(default=3.0, metadata={"help": "Classifier-free guidance."})
     eval_prompts: int = field(
@@ -334,7 +337,7 @@ def _train(
                 data="online",
                 num_steps=cfg.num_steps,
                 guidance_scale=cfg.guidance_scale,
-                max_steps=30,
+                max_steps=cfg.dpo_steps,
                 train_batch_size=8,
                 images_per_prompt=4,
                 prompts_per_refresh=8,
