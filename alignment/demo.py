@@ -212,29 +212,38 @@ def _ddpo_overrides(cfg: DemoConfig) -> dict:
     return extra
 
 
-def _ddpo_settings(cfg: DemoConfig) -> dict:
-    """The demo's DDPOConfig fields (beyond model, output and seed), ``cfg.ddpo_kwargs`` applied."""
-    settings = dict(
+def _online_settings(cfg: DemoConfig) -> dict:
+    """The rollout, LoRA and optimiser settings DDPO and GRPO share in the demo: 32 samples per
+    epoch, 4 images of each prompt, one optimiser step per epoch, LoRA rank 8 (alpha 8)."""
+    return dict(
         num_steps=cfg.num_steps,
         guidance_scale=cfg.guidance_scale,
         num_epochs=cfg.epochs,
         sample_batch_size=16,
         num_batches_per_epoch=2,
-        # 4 images of each prompt, advantages against that prompt's own images
         images_per_prompt=4,
+        train_batch_size=16,
+        gradient_accumulation_steps=2,
+        timesteps_per_call=cfg.num_steps,
+        lora_rank=8,
+        lora_alpha=8.0,
+        lora_target_modules="to_q,to_k,to_v,to_out.0,conv_out",
+        learning_rate=cfg.learning_rate,
+        clip_range=1e-3,
+        save_every=0,
+    )
+
+
+def _ddpo_settings(cfg: DemoConfig) -> dict:
+    """The demo's DDPOConfig fields (beyond model, output and seed), ``cfg.ddpo_kwargs`` applied."""
+    settings = dict(
+        _online_settings(cfg),
+        # advantages against the prompt's own 4 images
         per_prompt_stat_tracking=True,
         stat_min_count=4,
         # weight 0.5^k on denoising step k: the first steps decide colour and layout; the
         # last ones only add gradient noise (at 1.0 the oracle's alignment did not move)
         temporal_discount=0.5,
-        train_batch_size=16,
-        gradient_accumulation_steps=2,
-        timesteps_per_call=cfg.num_steps,
-        lora_rank=8,
-        lora_target_modules="to_q,to_k,to_v,to_out.0,conv_out",
-        learning_rate=cfg.learning_rate,
-        clip_range=1e-3,
-        save_every=0,
         log_images_every=2,
     )
     settings.update(_ddpo_overrides(cfg))
@@ -299,31 +308,17 @@ def _train(
     elif method == "grpo":
         from alignment.grpo_trainer import GRPOConfig, GRPOTrainer
 
-        # GRPO on the SD 1.5-architecture policy (DDIM's SDE at eta = noise_level): the same
-        # samples per epoch, LoRA and learning rate as DDPO, advantages within groups of 4
+        # GRPO on the SD 1.5-architecture policy (DDIM's SDE at eta = noise_level): DDPO's
+        # rollouts, LoRA and learning rate, advantages within groups of 4, KL to the base
         trainer = GRPOTrainer(
             GRPOConfig(
                 **common,
-                num_steps=cfg.num_steps,
-                guidance_scale=cfg.guidance_scale,
+                **_online_settings(cfg),
                 noise_level=1.0,
-                num_epochs=cfg.epochs,
-                sample_batch_size=16,
-                num_batches_per_epoch=2,
-                images_per_prompt=4,
-                train_batch_size=16,
-                gradient_accumulation_steps=2,
                 timestep_fraction=1.0,
-                timesteps_per_call=cfg.num_steps,
-                lora_rank=8,
-                lora_alpha=8.0,
-                lora_target_modules="to_q,to_k,to_v,to_out.0,conv_out",
-                learning_rate=cfg.learning_rate,
-                clip_range=1e-3,
                 kl_coef=0.04,
                 ema=False,
                 eval_every=0,
-                save_every=0,
             ),
             reward_fn=_reward_fn(scorer, cfg),
             prompts=train_prompts,
@@ -436,7 +431,7 @@ def run(cfg: DemoConfig) -> dict:
             res = best_of_n(
                 base,
                 held,
-                _reward_fn(scorer, cfg),
+                reward_fn,
                 n=4,
                 num_steps=cfg.num_steps,
                 guidance_scale=cfg.guidance_scale,
