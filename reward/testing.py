@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import CLIPVisionConfig, PreTrainedTokenizerFast
 
 #: A small word vocabulary: enough for the tests' captions and the tiny world's grammar.
 WORDS = [
@@ -311,6 +312,23 @@ def _tokenizer(kind: str, special: list[str], words: tuple[str, ...] = WORDS, **
     raise ValueError(f"tokenizer must be one of {', '.join(_TOKENIZER_KINDS)}, got {kind!r}.")
 
 
+def _tiny_clip_vision_config(
+    hidden: int, layers: int, image_size: int, patch: int, **extra: Any
+) -> CLIPVisionConfig:
+    """A tiny CLIP vision tower: width ``hidden`` (MLP ``2 * hidden``), ``layers`` layers, 2 heads,
+    ``image_size``-px images in ``patch``-px patches; ``extra`` config fields on top."""
+    return CLIPVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch,
+        projection_dim=hidden,
+        **extra,
+    )
+
+
 def _tiny_llama_config(tokenizer, hidden: int, layers: int):
     """A tiny Llama text config sized to ``tokenizer`` (the LM of the LLaVA and Idefics3 builders)."""
     from transformers import LlamaConfig
@@ -344,7 +362,6 @@ def tiny_llava(
     reward); ``"sentencepiece"`` / ``"sentencepiece_legacy"``: a Llama SentencePiece tokenizer
     with llava-1.5's chat template (:data:`LLAVA_15_CHAT_TEMPLATE`). ``vision_hidden``: the CLIP width (default ``hidden``)."""
     from transformers import (
-        CLIPVisionConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
     )
@@ -363,15 +380,7 @@ def tiny_llava(
     tokenizer = tok
     vision_hidden = vision_hidden or hidden
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=vision_hidden,
-            intermediate_size=2 * vision_hidden,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=patch,
-            projection_dim=vision_hidden,
-        ),
+        vision_config=_tiny_clip_vision_config(vision_hidden, 2, image_size, patch),
         text_config=_tiny_llama_config(tokenizer, hidden, layers),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,
@@ -662,12 +671,7 @@ def phi35_vision_shaped_llava(
     32 layers, intermediate 8192, 4.1B parameters in all); ``tiny=True``: the same wiring at toy
     size. Returns ``(model, tokenizer, image_processor)``.
     """
-    from transformers import (
-        CLIPVisionConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        Phi3Config,
-    )
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, Phi3Config
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     tok = tiny_word_tokenizer(
@@ -771,7 +775,7 @@ def tiny_phi3_v(
     ``crop``-px CLIP of ``patch``-px patches (``(crop / 2 patch)^2`` tokens per crop), up to
     ``num_crops`` sub-crops, a Phi3 language model, a SentencePiece-kind tokenizer with the Phi-3
     template (EOS ``<|end|>``) and :class:`Phi3VImageProcessor`."""
-    from transformers import CLIPVisionConfig, Phi3Config
+    from transformers import Phi3Config
 
     from .families.phi3_v import Phi3VConfig, Phi3VForConditionalGeneration, Phi3VImageProcessor
 
@@ -796,16 +800,7 @@ def tiny_phi3_v(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    vision = CLIPVisionConfig(
-        hidden_size=vision_hidden,
-        intermediate_size=2 * vision_hidden,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        image_size=crop,
-        patch_size=patch,
-        projection_dim=vision_hidden,
-        hidden_act="quick_gelu",
-    )
+    vision = _tiny_clip_vision_config(vision_hidden, 3, crop, patch, hidden_act="quick_gelu")
     config = Phi3VConfig(text_config=text.to_dict(), vision_config=vision.to_dict())
     torch.manual_seed(seed)
     model = Phi3VForConditionalGeneration(config).eval()
@@ -835,7 +830,7 @@ def tiny_llava_next(
     """A tiny LLaVA-NeXT (CLIP of ``tile`` px with ``patch`` px patches + Llama), its
     SentencePiece-kind tokenizer with the Vicuna template and ``LlavaNextImageProcessorPil``
     (anyres over ``pinpoints``)."""
-    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
     from transformers.models.llava_next.image_processing_pil_llava_next import (
         LlavaNextImageProcessorPil,
     )
@@ -852,15 +847,7 @@ def tiny_llava_next(
     tokenizer.chat_template = LLAVA_NEXT_VICUNA_CHAT_TEMPLATE
     grid = [list(p) for p in pinpoints]
     config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            image_size=tile,
-            patch_size=patch,
-            projection_dim=hidden,
-        ),
+        vision_config=_tiny_clip_vision_config(hidden, 3, tile, patch),
         text_config=_tiny_llama_config(tokenizer, hidden, layers),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=grid,
