@@ -48,9 +48,11 @@ def test_bundled_pipeline_beats_random_init_on_held_out_prompts():
     assert trained["fidelity"].mean() > baseline["fidelity"].mean() + 0.5
 
 
-def test_pretrain_resumes_after_a_crash_to_the_same_weights(tmp_path, monkeypatch):
-    """A run interrupted after its step-2 checkpoint and restarted equals an uninterrupted run."""
-    from diffusers import StableDiffusionPipeline
+@pytest.mark.parametrize("architecture", ["sd", "sd3"])
+def test_pretrain_resumes_after_a_crash_to_the_same_weights(tmp_path, monkeypatch, architecture):
+    """A run interrupted after its step-2 checkpoint and restarted equals an uninterrupted run
+    (both architectures: the UNet's epsilon-prediction and the SD 3 transformer's flow matching)."""
+    from diffusers import DiffusionPipeline
     from safetensors.torch import load_file
 
     import alignment.world.pretrain as pretrain_mod
@@ -60,6 +62,12 @@ def test_pretrain_resumes_after_a_crash_to_the_same_weights(tmp_path, monkeypatc
         return PretrainConfig(
             output_dir=str(tmp_path / name / "pipe"),
             checkpoint_dir=str(tmp_path / name / "ckpt"),
+            architecture=architecture,
+            transformer_layers=1,
+            transformer_heads=2,
+            transformer_head_dim=8,
+            text_hidden_size=16,
+            text_dropout=0.5,  # dropout's random draws are restored on resume too
             unet_channels=[8, 16],
             vae_channels=[8, 16],
             renders_per_caption=1,
@@ -92,11 +100,17 @@ def test_pretrain_resumes_after_a_crash_to_the_same_weights(tmp_path, monkeypatc
     assert not (tmp_path / "resumed" / "ckpt").exists()  # removed after a finished run
     assert resumed["vae_rec_mse"] == straight["vae_rec_mse"]
     assert resumed["unet_loss_last100"] == pytest.approx(straight["unet_loss_last100"])
-    for part in ("unet", "text_encoder", "vae"):
+    parts = {
+        "sd": ("unet", "text_encoder", "vae"),
+        "sd3": ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae"),
+    }[architecture]
+    for part in parts:
         a = load_file(next((tmp_path / "straight" / "pipe" / part).glob("*.safetensors")))
         b = load_file(next((tmp_path / "resumed" / "pipe" / part).glob("*.safetensors")))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
-    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "resumed" / "pipe")
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "resumed" / "pipe")
+    expected = {"sd": "StableDiffusionPipeline", "sd3": "StableDiffusion3Pipeline"}[architecture]
+    assert type(pipe).__name__ == expected
     assert pipe.vae.config.scaling_factor == pytest.approx(straight["vae_scaling_factor"])
 
 

@@ -1,15 +1,20 @@
-"""Pre-train the tiny Stable-Diffusion-architecture model on the world (CPU, minutes).
+"""Pre-train the tiny text-to-image models of the world (CPU, minutes): SD 1.x or SD 3 architecture.
 
-Two stages, both seeded:
+``architecture="sd"`` makes a ``StableDiffusionPipeline`` (UNet, DDIM; the DDPO / GRPO / DPO /
+DRaFT policy); ``architecture="sd3"`` a ``StableDiffusion3Pipeline`` (joint-attention
+transformer, flow matching; the Flow-GRPO policy). Two stages, both seeded:
 
 1. the VAE (``AutoencoderKL``) learns to reconstruct rendered world images from its posterior
    *mean* (``loss = MSE(decode(mu), x) + kl_weight * KL``: a deterministic auto-encoder whose KL
    term only keeps the latents near N(0, 1); sampling the posterior in a run this short drowns
    the signal), and its ``scaling_factor`` is then set to ``1 / std(mu)`` as Stable Diffusion
-   does;
-2. the UNet and the CLIP text encoder learn epsilon-prediction on the VAE latents of renders of
-   the *train* captions (``loss = MSE(eps_theta(z_t, t, c), eps)``, ``t ~ U{0..999}``), with a
-   fraction of empty captions for classifier-free guidance and an EMA of the UNet weights.
+   does (``sd3``: and its ``shift_factor`` to ``mean(mu)``, as SD 3 does);
+2. the denoiser and the text encoders learn on the VAE latents of renders of the *train*
+   captions, with a fraction of empty captions for classifier-free guidance and an EMA of the
+   denoiser's weights. ``sd``: epsilon-prediction, ``loss = MSE(eps_theta(z_t, t, c), eps)``,
+   ``t ~ U{0..999}``. ``sd3``: rectified flow, ``x_s = (1 - s) z + s eps``,
+   ``loss = MSE(v_theta(x_s, 1000 s, c), eps - z)`` with ``s = sigmoid(n)``, ``n ~ N(0, 1)``
+   (SD 3's logit-normal sampling of the noise level).
 
 The result is a complete diffusers ``StableDiffusionPipeline`` folder (safetensors), written
 atomically. A checkpoint after each stage and every ``save_steps`` UNet steps lets an
@@ -40,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 #: Where the bundled pre-trained pipeline lives (inside the package).
 BUNDLED_PIPELINE = Path(__file__).parent / "weights" / "tiny-world-sd"
+#: The bundled flow-matching (SD 3 architecture) pipeline, made with ``architecture="sd3"``.
+BUNDLED_FLOW_PIPELINE = Path(__file__).parent / "weights" / "tiny-world-sd3"
 
 
 @dataclass
@@ -66,6 +73,30 @@ class PretrainConfig:
         metadata={"help": "Resumable checkpoint folder (stage states); '' disables it."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of data, initialisation and training."})
+    architecture: str = field(
+        default="sd",
+        metadata={
+            "help": "'sd': SD 1.x architecture (UNet, epsilon-prediction, DDIM); 'sd3': SD 3 "
+            "architecture (joint-attention transformer, two CLIP encoders and T5, flow "
+            "matching, FlowMatchEulerDiscreteScheduler), the Flow-GRPO policy."
+        },
+    )
+    transformer_layers: int = field(default=4, metadata={"help": "sd3: joint transformer blocks."})
+    transformer_heads: int = field(default=4, metadata={"help": "sd3: attention heads."})
+    transformer_head_dim: int = field(default=16, metadata={"help": "sd3: width per head."})
+    text_hidden_size: int = field(
+        default=32, metadata={"help": "sd3: width of each CLIP text encoder (T5: twice it)."}
+    )
+    flow_shift: float = field(
+        default=3.0, metadata={"help": "sd3: the saved scheduler's shift (SD 3.5's is 3)."}
+    )
+    text_dropout: float = field(
+        default=0.1,
+        metadata={
+            "help": "sd3: dropout of the T5 encoder while it trains (T5's own default 0.1; "
+            "the bundled model was made with it)."
+        },
+    )
     image_size: int = field(default=32, metadata={"help": "Image side in pixels."})
     unet_channels: list[int] = field(
         default_factory=lambda: [32, 64], metadata={"help": "UNet block_out_channels."}
@@ -117,7 +148,9 @@ class PretrainConfig:
     vae_batch_size: int = field(default=32, metadata={"help": "VAE batch size."})
     vae_lr: float = field(default=2e-3, metadata={"help": "VAE learning rate (AdamW)."})
     kl_weight: float = field(default=1e-4, metadata={"help": "Weight of the VAE's KL term."})
-    unet_steps: int = field(default=1500, metadata={"help": "UNet + text encoder steps."})
+    unet_steps: int = field(
+        default=1500, metadata={"help": "Denoiser (UNet or SD 3 transformer) + text encoder steps."}
+    )
     batch_size: int = field(default=64, metadata={"help": "UNet batch size."})
     lr: float = field(default=1e-3, metadata={"help": "UNet/text-encoder learning rate (AdamW)."})
     warmup_steps: int = field(default=50, metadata={"help": "Linear warm-up, then cosine."})
@@ -151,36 +184,85 @@ def tokenizer_words() -> list[str]:
 
 
 def build_pipeline(cfg: PretrainConfig):
-    """The randomly initialised tiny pipeline of ``cfg``'s sizes (vocabulary: the world's words).
+    """The randomly initialised tiny pipeline of ``cfg``'s sizes (vocabulary: the world's words):
+    a ``StableDiffusionPipeline`` (``architecture="sd"``) or a ``StableDiffusion3Pipeline``
+    (``"sd3"``).
 
     Raises:
-        RuntimeError: if a world word is not a single token of the built tokenizer.
+        ValueError: for an unknown ``architecture``.
+        RuntimeError: if a world word is not a single token of a built tokenizer.
     """
-    from alignment.tiny import tiny_sd_pipeline
+    if cfg.architecture == "sd3":
+        from diffusers import FlowMatchEulerDiscreteScheduler
 
-    pipe = tiny_sd_pipeline(
-        image_size=cfg.image_size,
-        unet_channels=tuple(cfg.unet_channels),
-        layers_per_block=cfg.layers_per_block,
-        vae_channels=tuple(cfg.vae_channels),
-        vocab_words=tokenizer_words(),
-        seed=cfg.seed,
-    )
-    from diffusers import DDIMScheduler
+        from alignment.tiny_flow import tiny_sd3_pipeline
 
-    pipe.scheduler = DDIMScheduler.from_config(
-        pipe.scheduler.config,
-        beta_schedule=cfg.beta_schedule,
-        beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end,
-    )
-    split = [w for w in world_vocabulary() if len(pipe.tokenizer.tokenize(w)) != 1]
-    if split:
-        raise RuntimeError(
-            f"the tiny tokenizer splits world words {split} into several tokens; captions "
-            "would be truncated. Fix the word order in tokenizer_words()."
+        pipe = tiny_sd3_pipeline(
+            image_size=cfg.image_size,
+            num_layers=cfg.transformer_layers,
+            num_attention_heads=cfg.transformer_heads,
+            attention_head_dim=cfg.transformer_head_dim,
+            text_hidden_size=cfg.text_hidden_size,
+            vae_channels=tuple(cfg.vae_channels),
+            vocab_words=tokenizer_words(),
+            seed=cfg.seed,
         )
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+            pipe.scheduler.config, shift=cfg.flow_shift
+        )
+        pipe.text_encoder_3.config.dropout_rate = cfg.text_dropout  # as a reload builds it
+        for module in pipe.text_encoder_3.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = cfg.text_dropout
+            elif isinstance(getattr(module, "dropout", None), float):  # T5Attention's own rate
+                module.dropout = cfg.text_dropout
+        tokenizers = (pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3)
+    elif cfg.architecture == "sd":
+        from diffusers import DDIMScheduler
+
+        from alignment.tiny import tiny_sd_pipeline
+
+        pipe = tiny_sd_pipeline(
+            image_size=cfg.image_size,
+            unet_channels=tuple(cfg.unet_channels),
+            layers_per_block=cfg.layers_per_block,
+            vae_channels=tuple(cfg.vae_channels),
+            vocab_words=tokenizer_words(),
+            seed=cfg.seed,
+        )
+        pipe.scheduler = DDIMScheduler.from_config(
+            pipe.scheduler.config,
+            beta_schedule=cfg.beta_schedule,
+            beta_start=cfg.beta_start,
+            beta_end=cfg.beta_end,
+        )
+        tokenizers = (pipe.tokenizer,)
+    else:
+        raise ValueError(f"architecture={cfg.architecture!r}: use 'sd' or 'sd3'.")
+    for tok in tokenizers:
+        split = [w for w in world_vocabulary() if len(tok.tokenize(w)) != 1]
+        if split:
+            raise RuntimeError(
+                f"the tiny tokenizer {type(tok).__name__} splits world words {split} into "
+                "several tokens; captions would be truncated. Fix the word order in "
+                "tokenizer_words()."
+            )
     return pipe
+
+
+def denoiser(pipe):
+    """The pipeline's trained network: ``pipe.transformer`` (SD 3) or ``pipe.unet`` (SD 1.x)."""
+    net = getattr(pipe, "transformer", None)
+    return pipe.unet if net is None else net
+
+
+def _is_flow(pipe) -> bool:
+    return getattr(pipe, "transformer", None) is not None
+
+
+def _text_encoder_names(pipe) -> list[str]:
+    names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    return [n for n in names if getattr(pipe, n, None) is not None]
 
 
 def render_pool(cfg: PretrainConfig) -> tuple[torch.Tensor, list[str]]:
@@ -219,8 +301,21 @@ def _atomic_save_dir(write, target: str | os.PathLike) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def encode_text(pipe, captions: Sequence[str]) -> torch.Tensor:
-    """Text embeddings exactly as ``StableDiffusionPipeline.encode_prompt`` computes them."""
+def encode_text(pipe, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The denoiser's text conditioning exactly as the pipeline's ``encode_prompt`` computes it
+    (with gradients): ``{"encoder_hidden_states": Tensor[B, L, D]}`` for SD 1.x, plus
+    ``"pooled_projections": Tensor[B, P]`` for SD 3 (CLIP x 2 and T5, the same caption to each)."""
+    if _is_flow(pipe):
+        texts = list(captions)
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            texts,
+            texts,
+            texts,
+            device=torch.device("cpu"),
+            do_classifier_free_guidance=False,
+            max_sequence_length=pipe.tokenizer_3.model_max_length,
+        )
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
     tok = pipe.tokenizer(
         list(captions),
         padding="max_length",
@@ -228,7 +323,7 @@ def encode_text(pipe, captions: Sequence[str]) -> torch.Tensor:
         truncation=True,
         return_tensors="pt",
     )
-    return pipe.text_encoder(tok.input_ids)[0]
+    return {"encoder_hidden_states": pipe.text_encoder(tok.input_ids)[0]}
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -274,6 +369,8 @@ def train_vae(pipe, images: torch.Tensor, cfg: PretrainConfig) -> dict[str, floa
         )
     scaling = float(1.0 / means.std())
     vae.register_to_config(scaling_factor=scaling)
+    if vae.config.get("shift_factor") is not None:  # SD 3's VAE: (mu - shift) * scaling
+        vae.register_to_config(shift_factor=float(means.mean()))
     tail = rec_hist[-20:] or [float("nan")]
     return {"vae_rec_mse": sum(tail) / len(tail), "vae_scaling_factor": scaling}
 
@@ -296,8 +393,9 @@ def _save_checkpoint(pipe, state: dict, ema, cfg: PretrainConfig) -> None:
     def write(tmp: Path) -> None:
         tmp.mkdir(parents=True)
         pipe.vae.save_pretrained(tmp / "vae")
-        pipe.unet.save_pretrained(tmp / "unet")
-        pipe.text_encoder.save_pretrained(tmp / "text_encoder")
+        denoiser(pipe).save_pretrained(tmp / ("transformer" if _is_flow(pipe) else "unet"))
+        for name in _text_encoder_names(pipe):
+            getattr(pipe, name).save_pretrained(tmp / name)
         full = dict(state)
         if ema is not None:
             full["ema"] = ema.state_dict()
@@ -317,13 +415,11 @@ def _load_checkpoint(pipe, cfg: PretrainConfig) -> dict | None:
             f"checkpoint {path} was written with another config; delete it or pass the same "
             "config to resume."
         )
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    pipe.vae = AutoencoderKL.from_pretrained(path / "vae")
-    pipe.unet = UNet2DConditionModel.from_pretrained(path / "unet")
-    pipe.text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
-    pipe.register_modules(vae=pipe.vae, unet=pipe.unet, text_encoder=pipe.text_encoder)
+    modules = {"vae": pipe.vae, **{n: getattr(pipe, n) for n in _text_encoder_names(pipe)}}
+    modules["transformer" if _is_flow(pipe) else "unet"] = denoiser(pipe)
+    pipe.register_modules(
+        **{name: type(m).from_pretrained(path / name) for name, m in modules.items()}
+    )
     return torch.load(path / "trainer_state.pt", weights_only=True)
 
 
@@ -335,55 +431,69 @@ def train_unet(
     resume: dict | None = None,
     extra_state: dict | None = None,
 ) -> dict[str, float]:
-    """Stage 2: epsilon-prediction training of UNet + text encoder; returns the final losses.
+    """Stage 2: train the denoiser (UNet or SD 3 transformer) and the text encoders; returns the
+    final losses (``unet_loss_last100`` for either network).
 
-    ``resume`` is a checkpoint's trainer state (continue from its step); ``extra_state`` is
-    stored in every checkpoint written here.
+    SD 1.x: epsilon-prediction. SD 3: rectified flow (module docstring). ``resume`` is a
+    checkpoint's trainer state (continue from its step); ``extra_state`` is stored in every
+    checkpoint written here.
     """
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
-    unet, text_encoder = pipe.unet, pipe.text_encoder
-    unet.train()
-    text_encoder.train()
-    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    net = denoiser(pipe)
+    encoders = [getattr(pipe, n) for n in _text_encoder_names(pipe)]
+    flow = _is_flow(pipe)
+    for module in (net, *encoders):
+        module.train()
+    noise_sched = None if flow else DDPMScheduler.from_config(pipe.scheduler.config)
+    params = list(net.parameters()) + [p for e in encoders for p in e.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.unet_steps))
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+    ema = EMAModel(net.parameters(), decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     start, hist = 0, []
     if resume is not None and resume.get("stage") == "unet":
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["lr_scheduler"])
         gen.set_state(resume["generator"])
+        torch.set_rng_state(resume["global_rng"])
         if ema is not None:
             ema.load_state_dict(resume["ema"])
         start, hist = resume["step"], resume["loss_history"].tolist()
-        logger.info("resuming UNet training at step %d", start)
+        logger.info("resuming the denoiser's training at step %d", start)
     mean, _ = latents  # posterior means: the VAE was trained as a deterministic auto-encoder
     sf = pipe.vae.config.scaling_factor
+    shift = (pipe.vae.config.get("shift_factor") or 0.0) if flow else 0.0
     empty = [""]
     for step in range(start, cfg.unet_steps):
         idx = torch.randint(0, len(mean), (cfg.batch_size,), generator=gen)
-        z = mean[idx] * sf
+        z = (mean[idx] - shift) * sf
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.uncond_prob
         texts = [empty[0] if d else captions[i] for d, i in zip(drop.tolist(), idx.tolist())]
         noise = torch.randn(z.shape, generator=gen)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(z),), generator=gen)
-        noisy = noise_sched.add_noise(z, noise, t)
-        pred = unet(noisy, t, encode_text(pipe, texts)).sample
-        loss = F.mse_loss(pred, noise)
+        if flow:  # rectified flow at a logit-normal noise level s, velocity target eps - z
+            s = torch.sigmoid(torch.randn(len(z), generator=gen))
+            noisy = (1 - s).view(-1, 1, 1, 1) * z + s.view(-1, 1, 1, 1) * noise
+            pred = net(hidden_states=noisy, timestep=s * 1000, **encode_text(pipe, texts)).sample
+            loss = F.mse_loss(pred, noise - z)
+        else:
+            t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(z),), generator=gen)
+            noisy = noise_sched.add_noise(z, noise, t)
+            pred = net(noisy, t, **encode_text(pipe, texts)).sample
+            loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if ema is not None:
-            ema.step(unet.parameters())
+            ema.step(net.parameters())
         hist.append(loss.item())
         if step % cfg.log_every == 0 or step == cfg.unet_steps - 1:
-            logger.info("unet step %d loss %.4f lr %.2e", step, loss.item(), sched.get_last_lr()[0])
+            logger.info(
+                "denoiser step %d loss %.4f lr %.2e", step, loss.item(), sched.get_last_lr()[0]
+            )
         if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.unet_steps:
             state = {
                 "stage": "unet",
@@ -391,14 +501,15 @@ def train_unet(
                 "optimizer": opt.state_dict(),
                 "lr_scheduler": sched.state_dict(),
                 "generator": gen.get_state(),
+                "global_rng": torch.get_rng_state(),  # dropout's draws
                 "loss_history": torch.tensor(hist),
                 **(extra_state or {}),
             }
             _save_checkpoint(pipe, state, ema, cfg)
     if ema is not None:
-        ema.copy_to(unet.parameters())
-    unet.eval()
-    text_encoder.eval()
+        ema.copy_to(net.parameters())
+    for module in (net, *encoders):
+        module.eval()
     tail = hist[-100:] or [float("nan")]
     return {"unet_loss_last100": sum(tail) / len(tail)}
 
@@ -418,13 +529,14 @@ def generate(
     pipe.set_progress_bar_config(disable=True)
     out = []
     for i in range(0, len(prompts), batch_size):
+        extra = {} if _is_flow(pipe) else {"eta": eta}  # flow: the ODE (Euler) sampler
         res = pipe(
             list(prompts[i : i + batch_size]),
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
-            eta=eta,
             generator=gen,
             output_type="pt",
+            **extra,
         )
         out.append(res.images.float().clamp(0, 1))
     return torch.cat(out)
@@ -460,9 +572,10 @@ def check_output_dir(cfg: PretrainConfig) -> None:
     """
     if cfg.unet_save_dtype not in ("float32", "float16"):
         raise ValueError(f"unet_save_dtype={cfg.unet_save_dtype!r}: use float32 or float16.")
-    if Path(cfg.output_dir).resolve() == BUNDLED_PIPELINE.resolve() and not cfg.replace_bundled:
+    bundled = {BUNDLED_PIPELINE.resolve(), BUNDLED_FLOW_PIPELINE.resolve()}
+    if Path(cfg.output_dir).resolve() in bundled and not cfg.replace_bundled:
         raise ValueError(
-            f"output_dir {cfg.output_dir} is the bundled pipeline that the demo and the tests "
+            f"output_dir {cfg.output_dir} is a bundled pipeline that the demo and the tests "
             "load; pass another --output_dir, or --replace_bundled true to re-make the bundle."
         )
 
@@ -493,9 +606,9 @@ def pretrain(cfg: PretrainConfig) -> dict[str, float]:
     dtypes = {"float32": torch.float32, "float16": torch.float16}
 
     def save(tmp: Path) -> None:
-        pipe.unet.to(dtypes[cfg.unet_save_dtype])
+        denoiser(pipe).to(dtypes[cfg.unet_save_dtype])
         pipe.save_pretrained(tmp, safe_serialization=True)
-        pipe.unet.to(torch.float32)  # the rounded weights, as a user loads them
+        denoiser(pipe).to(torch.float32)  # the rounded weights, as a user loads them
 
     _atomic_save_dir(save, cfg.output_dir)
     logger.info("saved the pipeline to %s", cfg.output_dir)
@@ -515,9 +628,11 @@ def pretrain(cfg: PretrainConfig) -> dict[str, float]:
 
 
 __all__ = [
+    "BUNDLED_FLOW_PIPELINE",
     "BUNDLED_PIPELINE",
     "PretrainConfig",
     "build_pipeline",
+    "denoiser",
     "encode_text",
     "evaluate_pipeline",
     "generate",
