@@ -4,7 +4,9 @@ Each optimiser step: ``gradient_accumulation_steps`` micro-batches of ``train_ba
 random prompts are sampled with a graph through the last ``K = grad_steps`` DDIM steps (or, with
 ``method: refl``, the one-step ``x0`` prediction at a random late step), decoded, scored by a
 differentiable reward and the loss (``-r`` or ``relu(margin - r)``) back-propagated into the LoRA
-(or full UNet) weights. Checkpoints, resume, logging and export are the shared ones
+(or full UNet) weights. An SD 3.x / FLUX pipeline (a :class:`~alignment.flow_policy.FlowPolicy`)
+is tuned the same way through its Euler ODE (``eta`` is then the SDE's noise level, 0 by
+default), with a graph through its last K steps (DRaFT-K; ReFL is SD 1.x/2.x only). Checkpoints, resume, logging and export are the shared ones
 (:mod:`alignment.trainer_utils`, :mod:`alignment.checkpointing`, :mod:`alignment.export`).
 
 Randomness comes from :mod:`alignment.seeding` streams, not from the process: the prompt and the
@@ -24,11 +26,16 @@ from typing import Any, ClassVar
 import torch
 
 from alignment.draft import differentiable_reward_fn, reward_loss, sample_with_grad
-from alignment.trainer_utils import PolicyTrainConfig, PolicyTrainerBase, parse_json_kwargs
+from alignment.trainer_utils import (
+    FlowPolicyOptions,
+    PolicyTrainConfig,
+    PolicyTrainerBase,
+    parse_json_kwargs,
+)
 
 
 @dataclass
-class DraftConfig(PolicyTrainConfig):
+class DraftConfig(FlowPolicyOptions, PolicyTrainConfig):
     """Settings of a DRaFT / AlignProp / ReFL run (YAML + CLI through ``trl.TrlParser``)."""
 
     method: str = field(
@@ -75,7 +82,13 @@ class DraftConfig(PolicyTrainConfig):
         default=None, metadata={"help": "Reward keyword arguments as JSON or a YAML mapping."}
     )
     num_steps: int = field(default=50, metadata={"help": "DDIM sampling steps."})
-    eta: float = field(default=0.0, metadata={"help": "DDIM eta (0: deterministic)."})
+    eta: float = field(
+        default=0.0,
+        metadata={
+            "help": "DDIM eta (0: deterministic); for an SD 3.x / FLUX policy the SDE's noise "
+            "level (0: the Euler ODE)."
+        },
+    )
     guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale."})
     eval_every: int = field(
         default=0, metadata={"help": "Mean reward on fixed prompts/seeds every N steps (0: off)."}
@@ -137,6 +150,11 @@ class DraftTrainer(PolicyTrainerBase):
         from alignment.prompts import load_prompts
 
         self.setup(config, policy)
+        if self.is_flow and config.method == "refl":
+            raise ValueError(
+                "method='refl' predicts x0 from a DDIM step (SD 1.x/2.x); for an SD 3.x / FLUX "
+                "policy use method='draft' (grad_steps = K)."
+            )
         self.reward_fn = reward_fn
         if self.reward_fn is None:
             with self.frozen_outside_zero3():
@@ -187,18 +205,28 @@ class DraftTrainer(PolicyTrainerBase):
         if cfg.method == "refl":
             stop = stop_step if stop_step is not None else self.refl_stop_step(0)
         with acc.autocast():
-            out = sample_with_grad(
-                self.policy,
-                prompts,
-                cfg.num_steps,
-                cfg.grad_steps,
-                cfg.eta,
-                cfg.guidance_scale,
-                generator=generator,
-                use_checkpoint=cfg.checkpoint_unet,
-                stop_step=stop,
-            )
-            rewards = self.reward_fn(out["images"], prompts).float()
+            if self.is_flow:  # the flow policy's sampler keeps a graph through its last K steps
+                images = self.policy.sample(
+                    prompts,
+                    cfg.num_steps,
+                    cfg.eta,
+                    cfg.guidance_scale,
+                    generator=generator,
+                    grad=cfg.grad_steps,
+                ).images
+            else:
+                images = sample_with_grad(
+                    self.policy,
+                    prompts,
+                    cfg.num_steps,
+                    cfg.grad_steps,
+                    cfg.eta,
+                    cfg.guidance_scale,
+                    generator=generator,
+                    use_checkpoint=cfg.checkpoint_unet,
+                    stop_step=stop,
+                )["images"]
+            rewards = self.reward_fn(images, prompts).float()
         if not self._checked:
             if not rewards.requires_grad:
                 raise ValueError(
@@ -215,6 +243,7 @@ class DraftTrainer(PolicyTrainerBase):
         info = {
             "loss": loss.item(),
             "reward_mean": kept.mean().item(),
+            "reward_std": kept.std().item() if kept.numel() > 1 else 0.0,
             "rewards/nonfinite": float((~finite).sum()),
         }
         if stop is not None:

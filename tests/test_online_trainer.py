@@ -271,11 +271,15 @@ def test_every_trainer_builds_and_prepares_its_policy_through_the_shared_base(tm
 
     with pytest.raises(ValueError, match="DDPOTrainer trains SD 1.x/2.x.*'tiny-sd3'.*GRPOTrainer"):
         DDPOTrainer(_config(tmp_path / "ddpo", pretrained_model="tiny-sd3"), prompts=PROMPTS)
-    draft = DraftConfig(
-        pretrained_model="tiny-sd3", output_dir=str(tmp_path / "draft"), log_with="none"
+    refl = DraftConfig(
+        pretrained_model="tiny-sd3",
+        output_dir=str(tmp_path / "refl"),
+        log_with="none",
+        method="refl",
+        num_steps=4,
     )
-    with pytest.raises(ValueError, match="DraftTrainer trains.*the FlowPolicy passed in"):
-        DraftTrainer(draft, policy=FlowPolicy.from_pretrained("tiny-sd3"), prompts=PROMPTS)
+    with pytest.raises(ValueError, match="method='refl'.*SD 3.x / FLUX.*method='draft'"):
+        DraftTrainer(refl, prompts=PROMPTS)
 
 
 def test_async_reward_worker_thread_sets_the_device_before_scoring(tmp_path, monkeypatch):
