@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from alignment.world.grammar import (
     ATTRIBUTES,
     all_scenes,
+    layout_parity,
     parse_caption,
     perturb_scene,
     sample_scenes,
@@ -312,3 +313,59 @@ def test_mismatch_accuracy_per_kind_measures_pairs_that_differ_in_that_part_only
             assert abs(s[part][0] - s[part][1]) < 0.1, (part, rec.prompt)
     with pytest.raises(ValueError, match="size"):
         mismatch_pairs("size")
+
+
+def test_layout_parity_by_hand_and_the_named_scene_pools():
+    from alignment.world.grammar import Scene, scene_pool
+
+    # positions: top left 0, top right 1, bottom left 2, bottom right 3, center 4;
+    # backgrounds: white 0, black 1, gray 2
+    assert layout_parity(Scene("red", "circle", "top left", "white")) == 0
+    assert layout_parity(Scene("red", "circle", "top right", "white")) == 1
+    assert layout_parity(Scene("red", "circle", "center", "gray")) == 0
+    assert layout_parity(Scene("red", "circle", "bottom right", "gray")) == 1
+    train, held = scene_pool("layout_train"), scene_pool("layout_held")
+    assert len(train) == 12 * 8 and len(held) == 12 * 7  # 8 of the 15 layouts vs 7
+    assert not set(train) & set(held) and set(train) | set(held) == set(all_scenes())
+    for pool in (train, held):  # every colour-shape pair, position and background on both sides
+        assert {(s.colour, s.shape) for s in pool} == {(s.colour, s.shape) for s in all_scenes()}
+        assert {s.position for s in pool} == set(ATTRIBUTES["position"])
+        assert {s.background for s in pool} == set(ATTRIBUTES["background"])
+    demo = scene_pool("held_out_layout_held")
+    assert set(demo) == set(held) & set(split_scenes().held_out) and len(demo) == 21
+    with pytest.raises(ValueError, match="layout_held"):
+        scene_pool("layout")
+
+
+def test_demo_fine_tunes_on_held_out_pairs_at_other_layouts_than_it_evaluates():
+    from alignment.demo import rl_and_eval_captions
+
+    split = split_scenes()
+    tuned, evaluated = rl_and_eval_captions(split, "held_out_pairs")
+    assert (len(tuned), len(evaluated)) == (24, 21) and not set(tuned) & set(evaluated)
+    assert set(tuned) | set(evaluated) == set(split.held_out_captions)
+    for captions in (tuned, evaluated):
+        scenes = [parse_caption(c) for c in captions]
+        assert {(s.colour, s.shape) for s in scenes} == set(split.held_out_pairs)
+    assert rl_and_eval_captions(split, "train") == (
+        split.train_captions,
+        split.held_out_captions,
+    )
+    with pytest.raises(ValueError, match="held_out_pairs"):
+        rl_and_eval_captions(split, "everything")
+
+
+def test_renders_split_trains_every_caption_and_layout_split_keeps_layouts_apart(tmp_path):
+    def captions(split: str) -> set[str]:
+        out = tmp_path / split
+        write_world_dataset(out, 24, 0, split=split, perspectives=("alignment",))
+        lines = (out / "alignment_pairs.jsonl").read_text().splitlines()
+        return {json.loads(line)["prompt"] for line in lines}
+
+    layout = captions("layout_train")
+    assert all(layout_parity(parse_caption(c)) == 0 for c in layout)
+    held_pairs = set(split_scenes().held_out_pairs)
+    shown = {(parse_caption(c).colour, parse_caption(c).shape) for c in captions("all")}
+    assert shown & held_pairs  # unlike the "train" split, every pair can be trained
+    with pytest.raises(ValueError, match="layout_train"):
+        write_world_dataset(tmp_path / "x", 1, 0, split="nope")

@@ -170,23 +170,47 @@ def split_scenes(seed: int = 0) -> WorldSplit:
     return WorldSplit(train=tuple(train), held_out=tuple(held_out), held_out_pairs=pairs)
 
 
+def layout_parity(scene: Scene) -> int:
+    """``(i + j) % 2`` for position ``i`` and background ``j`` (indices in the grammar's order).
+
+    It splits the 15 (position, background) layouts 8 (parity 0) to 7 (parity 1), with every
+    position and every background on both sides: the world reward is trained on parity-0
+    captions and measured on parity-1 ones, and the demo fine-tunes on the held-out colour-shape
+    pairs at parity 0 and evaluates them at parity 1.
+    """
+    return (list(POSITIONS).index(scene.position) + list(BACKGROUNDS).index(scene.background)) % 2
+
+
+def scene_pool(split: str, split_seed: int = 0) -> tuple[Scene, ...]:
+    """The scenes of a named split: ``train`` / ``held_out`` (by colour-shape pair,
+    :func:`split_scenes`), ``layout_train`` / ``layout_held`` (every scene of
+    :func:`layout_parity` 0 / 1), ``held_out_layout_held`` (the held-out colour-shape pairs at
+    parity 1: the demo's evaluation captions) or ``all``."""
+    pools = {
+        "train": lambda: split_scenes(split_seed).train,
+        "held_out": lambda: split_scenes(split_seed).held_out,
+        "layout_train": lambda: tuple(s for s in all_scenes() if layout_parity(s) == 0),
+        "layout_held": lambda: tuple(s for s in all_scenes() if layout_parity(s) == 1),
+        "held_out_layout_held": lambda: tuple(
+            s for s in split_scenes(split_seed).held_out if layout_parity(s) == 1
+        ),
+        "all": lambda: tuple(all_scenes()),
+    }
+    if split not in pools:
+        raise ValueError(f"split={split!r}: use one of {sorted(pools)}.")
+    return pools[split]()
+
+
 def sample_scenes(n: int, seed: int, split: str = "train", split_seed: int = 0) -> list[Scene]:
     """Draw ``n`` scenes uniformly (with replacement) from one split, deterministically.
 
     Args:
         n: how many scenes.
         seed: sampler seed (a private ``random.Random``; the global RNGs are untouched).
-        split: ``"train"``, ``"held_out"`` or ``"all"``.
+        split: a :func:`scene_pool` name.
         split_seed: seed of :func:`split_scenes`.
     """
-    pools = {
-        "train": lambda: split_scenes(split_seed).train,
-        "held_out": lambda: split_scenes(split_seed).held_out,
-        "all": lambda: tuple(all_scenes()),
-    }
-    if split not in pools:
-        raise ValueError(f"split={split!r}: use one of {sorted(pools)}.")
-    pool = pools[split]()
+    pool = scene_pool(split, split_seed)
     rng = random.Random(seed)
     return [rng.choice(pool) for _ in range(n)]
 

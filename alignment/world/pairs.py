@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from alignment.world.grammar import ATTRIBUTES, Scene, perturb_scene, split_scenes
+from alignment.world.grammar import ATTRIBUTES, Scene, perturb_scene, scene_pool, split_scenes
 from alignment.world.oracle import PERSPECTIVES, oracle_scores
 from alignment.world.render import render_scene
 
@@ -203,7 +203,10 @@ def write_world_dataset(
     Args:
         out_dir: target folder (created); images go under ``out_dir/images/<perspective>/``.
         n_pairs, n_unpaired: records per perspective (unpaired labels alternate 1, 0).
-        split: ``"train"`` or ``"held_out"`` captions (:func:`~.grammar.split_scenes`).
+        split: the captions (:func:`~.grammar.scene_pool`): ``"train"`` / ``"held_out"``
+            (by colour-shape pair; in ``train`` no image, not even a rejected one, shows a
+            held-out pair) or ``"layout_train"`` / ``"layout_held"`` (by (position,
+            background) layout: every colour-shape pair on both sides) or ``"all"``.
         seed: seed of scenes, renders and variants (deterministic output).
         size: image side in pixels.
         perspectives: any of ``alignment``, ``fidelity``, ``safety``, ``overall``.
@@ -213,11 +216,13 @@ def write_world_dataset(
     Returns:
         ``{"<perspective>_pairs": path, "<perspective>_unpaired": path, ...}``.
     """
-    splits = split_scenes()
-    if split not in ("train", "held_out"):
-        raise ValueError(f"split={split!r}: use 'train' or 'held_out'.")
-    pool = splits.train if split == "train" else splits.held_out
-    allowed = frozenset((s.colour, s.shape) for s in splits.train) if split == "train" else None
+    if split not in ("train", "held_out", "layout_train", "layout_held", "all"):
+        raise ValueError(
+            f"split={split!r}: use 'train', 'held_out', 'layout_train', 'layout_held' or 'all'."
+        )
+    pool = scene_pool(split)
+    train = split_scenes().train
+    allowed = frozenset((s.colour, s.shape) for s in train) if split == "train" else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
