@@ -22,7 +22,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 WEIGHTS = Path(__file__).resolve().parent / "world" / "weights"
-METHODS = ("ddpo", "grpo", "dpo_online", "draft", "best_of_n")
+METHODS = (
+    "flow_draft",
+    "flow_grpo",
+    "flow_dpo",
+    "ddpo",
+    "grpo",
+    "dpo_online",
+    "draft",
+    "best_of_n",
+)
+#: Methods that tune the flow-matching (SD 3 architecture) world policy, ``cfg.flow_policy``.
+FLOW_METHODS = ("flow_draft", "flow_grpo", "flow_dpo")
 #: The oracle's scores reported per model: the factors of its alignment, and fidelity.
 PARTS = ("background", "colour", "shape", "position", "fidelity")
 
@@ -34,6 +45,39 @@ class DemoConfig:
     output_dir: str = field(default="outputs/demo", metadata={"help": "Where everything goes."})
     policy: str = field(
         default=str(WEIGHTS / "tiny-world-sd"), metadata={"help": "Diffusers folder to tune."}
+    )
+    flow_policy: str = field(
+        default=str(WEIGHTS / "tiny-world-sd3"),
+        metadata={
+            "help": "Diffusers StableDiffusion3Pipeline folder that flow_grpo tunes (Flow-GRPO "
+            "on the SD 3-architecture world policy)."
+        },
+    )
+    flow_draft_steps: int = field(
+        default=120,
+        metadata={
+            "help": "Optimiser steps (8 images each) of DRaFT on the flow policy (flow_draft; "
+            "240 gained no more than 120)."
+        },
+    )
+    flow_draft_learning_rate: float = field(
+        default=3e-4,
+        metadata={
+            "help": "DRaFT's learning rate on the flow policy (LoRA; at 1e-3 the policy learns "
+            "to please the reward more than the oracle)."
+        },
+    )
+    flow_epochs: int = field(default=20, metadata={"help": "Flow-GRPO epochs (flow_grpo)."})
+    flow_learning_rate: float = field(
+        default=1e-3,
+        metadata={"help": "Learning rate (LoRA) of Flow-GRPO and online DPO on the flow policy."},
+    )
+    flow_kwargs: str = field(
+        default="{}",
+        metadata={
+            "help": "JSON of further GRPOConfig fields for the Flow-GRPO run, e.g. "
+            '\'{"noise_level": 1.0, "global_std": true}\'.'
+        },
     )
     reward: str = field(
         default=str(WEIGHTS / "tiny-world-reward"),
@@ -48,7 +92,11 @@ class DemoConfig:
         metadata={"help": "Perspective weights of the reward as JSON."},
     )
     method: str = field(
-        default="ddpo", metadata={"help": f"One of {', '.join(METHODS)}, a comma list, or 'all'."}
+        default="flow_draft",
+        metadata={
+            "help": f"One of {', '.join(METHODS)}, a comma list, or 'all'. flow_*: the SD "
+            "3-architecture policy (flow_policy); the others: the SD 1.5-architecture one."
+        },
     )
     epochs: int = field(
         default=20,
@@ -92,6 +140,15 @@ class DemoConfig:
     curve_seeds: int = field(
         default=1, metadata={"help": "Seeds per held-out prompt in those interim measurements."}
     )
+    rl_prompts: str = field(
+        default="held_out_pairs",
+        metadata={
+            "help": "Prompts the policy is fine-tuned on: 'train' (the captions of "
+            "pre-training) or 'held_out_pairs' (captions of the held-out colour-shape pairs at "
+            "the (position, background) combinations that are not evaluated; the evaluated "
+            "captions stay unseen)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of everything."})
 
 
@@ -108,6 +165,17 @@ def _load_reward(cfg: DemoConfig, out: Path):
 
         path = str(train_world_reward(out / "reward"))
     return RewardScorer.from_pretrained(path), path
+
+
+def _load_base(path: str):
+    """The frozen base policy of a diffusers folder: a ``FlowPolicy`` for SD 3 / FLUX pipelines,
+    a ``DiffusionPolicy`` for SD 1.x."""
+    from alignment.flow_policy import FlowPolicy, pipeline_kind
+    from alignment.policy import DiffusionPolicy
+
+    if pipeline_kind(path) is not None:
+        return FlowPolicy.from_pretrained(path, use_lora=False)
+    return DiffusionPolicy.from_pretrained(path, use_lora=False)
 
 
 def _reward_fn(scorer, cfg: DemoConfig, differentiable: bool = False):
@@ -143,7 +211,13 @@ def _evaluate(policy, prompts, seeds, cfg, reward=None) -> dict:
             first.append(images.detach().float().cpu())
         return scored[-1]["alignment"]
 
-    rows = evaluate_policy(policy, alignment, prompts, seeds, cfg.num_steps, cfg.guidance_scale)
+    from alignment.flow_policy import is_flow_policy
+
+    # DDIM at eta 1 (the SDE the SD policies are tuned with); flow policies: the ODE
+    eta = 0.0 if is_flow_policy(policy) else 1.0
+    rows = evaluate_policy(
+        policy, alignment, prompts, seeds, cfg.num_steps, cfg.guidance_scale, eta=eta
+    )
     part_rows = {k: torch.stack([p[k].float() for p in scored]) for k in PARTS}
     return {
         "alignment": rows,
@@ -167,6 +241,35 @@ def _mean_and_stderr(rows) -> dict:
     n = rows.numel()
     se = rows.std().item() / n**0.5 if n > 1 else 0.0
     return {"mean": rows.mean().item(), "stderr": se}
+
+
+#: Methods whose history has one record per optimiser step (grouped by :func:`draft_epochs`).
+_STEP_METHODS = ("flow_draft", "draft")
+
+
+def draft_epochs(history: list[dict], steps: int) -> list[dict]:
+    """Per-step records (``{"step", "reward_mean", "reward_std"}``, each over the same number of
+    images) grouped into epochs of ``steps`` steps: ``{"epoch": last step, "reward_mean": mean
+    of the step means, "reward_std": pooled std of all the epoch's images}`` with
+    ``pooled^2 = mean(std_k^2) + mean((mean_k - mean)^2)`` (population variances; a last, shorter
+    group is kept)."""
+    import statistics
+
+    out = []
+    for i in range(0, len(history), steps):
+        block = history[i : i + steps]
+        means = [h["reward_mean"] for h in block]
+        mean = statistics.fmean(means)
+        within = statistics.fmean([h.get("reward_std", 0.0) ** 2 for h in block])
+        between = statistics.fmean([(m - mean) ** 2 for m in means])
+        out.append(
+            {
+                "epoch": block[-1]["step"],
+                "reward_mean": mean,
+                "reward_std": (within + between) ** 0.5,
+            }
+        )
+    return out
 
 
 def reward_rise(means: list[float], window: int = 5) -> dict:
@@ -194,22 +297,27 @@ def reward_rise(means: list[float], window: int = 5) -> dict:
     }
 
 
-def _ddpo_overrides(cfg: DemoConfig) -> dict:
-    """``cfg.ddpo_kwargs`` parsed and checked against DDPOConfig's fields (the demo's own DDPO
-    settings below are the defaults these replace)."""
+def _overrides(text: str, config_cls, flag: str) -> dict:
+    """``text`` (JSON) parsed and checked against ``config_cls``'s fields (the demo's own
+    settings are the defaults these replace); ``flag`` names the option in errors."""
     from dataclasses import fields
 
-    from alignment.ddpo_trainer import DDPOConfig
-
-    extra = json.loads(cfg.ddpo_kwargs)
-    known = {f.name for f in fields(DDPOConfig)}
+    extra = json.loads(text)
+    known = {f.name for f in fields(config_cls)}
     unknown = sorted(set(extra) - known)
     if unknown:
         raise ValueError(
-            f"ddpo_kwargs: {unknown} are not DDPOConfig fields; see alignment/ddpo_trainer.py "
-            "(e.g. images_per_prompt, per_prompt_stat_tracking, kl_coef, temporal_discount)."
+            f"{flag}: {unknown} are not {config_cls.__name__} fields; see "
+            f"{config_cls.__module__.replace('.', '/')}.py (e.g. images_per_prompt, kl_coef)."
         )
     return extra
+
+
+def _ddpo_overrides(cfg: DemoConfig) -> dict:
+    """``cfg.ddpo_kwargs`` checked against DDPOConfig's fields."""
+    from alignment.ddpo_trainer import DDPOConfig
+
+    return _overrides(cfg.ddpo_kwargs, DDPOConfig, "ddpo_kwargs")
 
 
 def _online_settings(cfg: DemoConfig) -> dict:
@@ -272,6 +380,28 @@ def _evaluating_ddpo_trainer(evaluate, every: int, last_epoch: int):
     return EvaluatingDDPOTrainer
 
 
+def _evaluating_draft_trainer(evaluate, every: int, last_step: int):
+    """A :class:`~alignment.draft_trainer.DraftTrainer` that also calls ``evaluate(policy) ->
+    dict`` after every ``every``-th optimiser step before ``last_step`` and keeps the results in
+    ``trainer.evaluations`` (``{"epoch": step, **result}``, the curve's x being the step)."""
+    from alignment.draft_trainer import DraftTrainer
+
+    class EvaluatingDraftTrainer(DraftTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.evaluations: list[dict] = []
+
+        def step_record(self, infos):
+            record = super().step_record(infos)
+            done = self.global_step  # steps taken, this one included
+            if every and done % every == 0 and done < last_step:
+                self.unet.eval()
+                self.evaluations.append({"epoch": done, **evaluate(self.policy)})
+            return record
+
+    return EvaluatingDraftTrainer
+
+
 def _train(
     method: str,
     cfg: DemoConfig,
@@ -279,13 +409,16 @@ def _train(
     train_prompts: list[str],
     scorer,
     evaluate=None,
+    export: bool = False,
 ):
     """Fine-tune a fresh LoRA policy with ``method`` on ``scorer``'s reward (None: the oracle);
-    return the tuned policy, its history and the interim evaluations (DDPO with ``evaluate``:
-    ``evaluate(policy)`` every ``cfg.eval_every`` epochs)."""
+    return the tuned policy, its history and the interim evaluations (DDPO and DRaFT on the flow
+    policy with ``evaluate``: ``evaluate(policy)`` at points of the run). ``export``: write the
+    tuned pipeline to ``out/export``."""
     common = dict(
         pretrained_model=cfg.policy,
         output_dir=str(out / method),
+        export_dir=str(out / "export") if export else None,
         seed=cfg.seed,
         log_with="tensorboard",
         progress_bar=False,
@@ -294,7 +427,7 @@ def _train(
     if method == "ddpo":
         from alignment.ddpo_trainer import DDPOConfig, DDPOTrainer
 
-        settings = dict(common, **_ddpo_settings(cfg), export_dir=str(out / "export"))
+        settings = dict(common, **_ddpo_settings(cfg))
         trainer_cls = (
             _evaluating_ddpo_trainer(evaluate, cfg.eval_every, settings["num_epochs"])
             if evaluate is not None and cfg.eval_every
@@ -323,12 +456,39 @@ def _train(
             reward_fn=_reward_fn(scorer, cfg),
             prompts=train_prompts,
         )
-    elif method == "dpo_online":
+    elif method == "flow_grpo":
+        from alignment.grpo_trainer import GRPOConfig, GRPOTrainer
+
+        # Flow-GRPO on the SD 3-architecture world policy: SDE sampling at noise level 0.7,
+        # groups of 4 images per prompt, KL to the base, LoRA on the joint-attention projections
+        online = _online_settings(cfg)
+        online.update(num_epochs=cfg.flow_epochs, learning_rate=cfg.flow_learning_rate)
+        del online["lora_target_modules"]  # GRPOConfig's default: the joint-attention projections
+        settings = dict(
+            common,
+            pretrained_model=cfg.flow_policy,
+            **online,
+            noise_level=0.7,
+            timestep_fraction=1.0,
+            kl_coef=0.01,
+            ema=False,
+            eval_every=0,
+        )
+        settings.update(_overrides(cfg.flow_kwargs, GRPOConfig, "flow_kwargs"))
+        trainer = GRPOTrainer(
+            GRPOConfig(**settings),
+            reward_fn=_reward_fn(scorer, cfg),
+            prompts=train_prompts,
+        )
+    elif method in ("dpo_online", "flow_dpo"):
         from alignment.dpo_trainer import DPOConfig, DPOTrainer
 
+        # online Diffusion-DPO: pairs of the policy's own images ranked by the reward (the flow
+        # form on the SD 3-architecture policy for flow_dpo)
+        policy = cfg.flow_policy if method == "flow_dpo" else cfg.policy
         trainer = DPOTrainer(
             DPOConfig(
-                **common,
+                **dict(common, pretrained_model=policy),
                 data="online",
                 num_steps=cfg.num_steps,
                 guidance_scale=cfg.guidance_scale,
@@ -342,6 +502,39 @@ def _train(
                 eval_every=0,
             ),
             reward_fn=_reward_fn(scorer, cfg),
+            prompts=train_prompts,
+        )
+    elif method == "flow_draft":
+        from alignment.draft_trainer import DraftConfig, DraftTrainer
+        from alignment.flow_policy import FLOW_LORA_TARGETS
+
+        # DRaFT-K through every Euler step of the SD 3-architecture world policy (K = num_steps,
+        # AlignProp's full chain), the LLaVA-Reward's differentiable path, LoRA on the
+        # joint-attention projections; the held-out curve at 4 points
+        every = max(1, cfg.flow_draft_steps // 4) if evaluate is not None and cfg.eval_every else 0
+        trainer_cls = (
+            _evaluating_draft_trainer(evaluate, every, cfg.flow_draft_steps)
+            if every
+            else DraftTrainer
+        )
+        trainer = trainer_cls(
+            DraftConfig(
+                **dict(common, pretrained_model=cfg.flow_policy),
+                num_steps=cfg.num_steps,
+                guidance_scale=cfg.guidance_scale,
+                max_steps=cfg.flow_draft_steps,
+                train_batch_size=8,
+                grad_steps=cfg.num_steps,
+                learning_rate=cfg.flow_draft_learning_rate,
+                adam_weight_decay=0.0,
+                lora_rank=8,
+                lora_alpha=16.0,
+                lora_target_modules=",".join(FLOW_LORA_TARGETS),
+                log_every=1,
+                save_every=0,
+                eval_every=0,
+            ),
+            reward_fn=_reward_fn(scorer, cfg, differentiable=True),
             prompts=train_prompts,
         )
     elif method == "draft":
@@ -368,10 +561,30 @@ def _train(
     return trainer.policy, history, getattr(trainer, "evaluations", [])
 
 
+def rl_and_eval_captions(split, rl_prompts: str) -> tuple[list[str], list[str]]:
+    """``(fine-tuning captions, evaluation captions)`` of a world split.
+
+    ``'train'``: the split's train captions and all its held-out ones. ``'held_out_pairs'``: the
+    held-out (colour, shape) pairs on both sides, split by (position, background): combination
+    ``(i, j)`` of position ``i`` and background ``j`` is fine-tuned on when ``i + j`` is even
+    (8 of 15), evaluated otherwise (7 of 15), so every position and background is on both sides
+    and no evaluated caption is ever a fine-tuning prompt.
+    """
+    from alignment.world.grammar import BACKGROUNDS, POSITIONS
+
+    if rl_prompts == "train":
+        return split.train_captions, split.held_out_captions
+    if rl_prompts != "held_out_pairs":
+        raise ValueError(f"rl_prompts={rl_prompts!r}: use 'train' or 'held_out_pairs'.")
+    pos, bg = list(POSITIONS), list(BACKGROUNDS)
+    tuned = [s for s in split.held_out if (pos.index(s.position) + bg.index(s.background)) % 2 == 0]
+    kept = [s for s in split.held_out if s not in tuned]
+    return [s.caption for s in tuned], [s.caption for s in kept]
+
+
 def run(cfg: DemoConfig) -> dict:
     import torch
 
-    from alignment.policy import DiffusionPolicy
     from alignment.world.figures import training_figure, verdict_grid
     from alignment.world.grammar import split_scenes
 
@@ -379,8 +592,7 @@ def run(cfg: DemoConfig) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     split = split_scenes()
-    train_prompts = split.train_captions
-    captions = split.held_out_captions  # evenly spread over the held-out (colour, shape) pairs
+    train_prompts, captions = rl_and_eval_captions(split, cfg.rl_prompts)
     n_eval = min(cfg.eval_prompts, len(captions))
     held = [captions[i * len(captions) // n_eval] for i in range(n_eval)]
     seeds = list(range(cfg.eval_seeds))
@@ -389,39 +601,56 @@ def run(cfg: DemoConfig) -> dict:
 
     t0 = time.perf_counter()
     scorer, reward_path = _load_reward(cfg, out)  # once: 'train' would retrain it per method
-    base = DiffusionPolicy.from_pretrained(cfg.policy, use_lora=False)
     reward_fn = _reward_fn(scorer, cfg)  # the training reward, also scored on the held-out images
-    evaluated = _evaluate(base, held, seeds, cfg, reward_fn)
-    before = evaluated["alignment"]
-    # seed-to-seed noise: std of the same mean over disjoint seed sets (the base policy)
-    # (and of each oracle part's mean)
-    sets = [evaluated] + [
-        _evaluate(base, held, [100 * k + s for s in seeds], cfg, reward_fn)
-        for k in range(1, cfg.noise_seed_sets)
-    ]
-    noise = _std([e["alignment"].mean() for e in sets])
-    parts_noise = {k: _std([e["part_rows"][k].mean() for e in sets]) for k in PARTS}
+    bases: dict[str, dict] = {}
+
+    def base_of(method: str) -> dict:
+        """The base policy a method tunes, measured once: its held-out scores over
+        ``noise_seed_sets`` disjoint seed sets (``sets[0]`` on the evaluation seeds)."""
+        kind = "flow" if method in FLOW_METHODS else "sd"
+        if kind not in bases:
+            policy = _load_base(cfg.flow_policy if kind == "flow" else cfg.policy)
+            sets = [_evaluate(policy, held, seeds, cfg, reward_fn)] + [
+                _evaluate(policy, held, [100 * k + s for s in seeds], cfg, reward_fn)
+                for k in range(1, cfg.noise_seed_sets)
+            ]
+            bases[kind] = {
+                "kind": kind,
+                "policy": policy,
+                "sets": sets,
+                "before": sets[0]["alignment"],
+                # seed-to-seed noise: std of the same mean over the disjoint seed sets
+                "noise": _std([e["alignment"].mean() for e in sets]),
+                "parts_noise": {k: _std([e["part_rows"][k].mean() for e in sets]) for k in PARTS},
+            }
+        return bases[kind]
+
+    first = base_of(methods[0])
     summary: dict = {
         "config": asdict(cfg),
         "held_out_prompts": held,
         "train_prompts": len(train_prompts),
         "seeds": seeds,
-        "oracle_alignment_before": before.mean().item(),
-        "oracle_alignment_noise": noise,
-        "oracle_parts_before": evaluated["parts"],
-        "oracle_parts_noise": parts_noise,
-        "reward_before": evaluated["reward"].mean().item(),
-        "reward_noise": _std([e["reward"].mean() for e in sets]),
+        "oracle_alignment_before": first["before"].mean().item(),
+        "oracle_alignment_noise": first["noise"],
+        "oracle_parts_before": first["sets"][0]["parts"],
+        "oracle_parts_noise": first["parts_noise"],
+        "reward_before": first["sets"][0]["reward"].mean().item(),
+        "reward_noise": _std([e["reward"].mean() for e in first["sets"]]),
         "methods": {},
     }
     # the grid's columns: 8 varied held-out prompts, images of the first evaluation seed
     cols = list(range(0, len(held), max(1, len(held) // 8)))[:8]
-    grid = [("before", evaluated)]
+    grid = [(_BEFORE[first["kind"]], first["sets"][0])]
 
     def interim(policy) -> dict:  # the held-out curve during DDPO (the curve's seeds only)
         return _mean_and_stderr(_evaluate(policy, held, curve_seeds, cfg)["alignment"])
 
     for method in methods:
+        base = base_of(method)
+        sets, before = base["sets"], base["before"]
+        if not any(label == _BEFORE[base["kind"]] for label, _ in grid):
+            grid.append((_BEFORE[base["kind"]], sets[0]))
         start = time.perf_counter()
         evaluations: list[dict] = []
         if method == "best_of_n":
@@ -429,7 +658,7 @@ def run(cfg: DemoConfig) -> dict:
             from alignment.world.oracle import oracle_alignment
 
             res = best_of_n(
-                base,
+                base["policy"],
                 held,
                 reward_fn,
                 n=4,
@@ -441,7 +670,7 @@ def run(cfg: DemoConfig) -> dict:
             parts, part_gains, history, reward_after = None, None, [], None
         else:
             policy, history, evaluations = _train(
-                method, cfg, out, train_prompts, scorer, evaluate=interim
+                method, cfg, out, train_prompts, scorer, interim, export=method == methods[0]
             )
             evaluated = _evaluate(policy, held, seeds, cfg, reward_fn)
             after, parts = evaluated["alignment"], evaluated["parts"]
@@ -452,8 +681,14 @@ def run(cfg: DemoConfig) -> dict:
             }
             grid.append((f"after {_LABELS.get(method, method)}", evaluated))
         diff = (after - before.mean(0, keepdim=True)) if after.shape[0] == 1 else after - before
+        if method in _STEP_METHODS:  # DRaFT logs every step of 8 images: epochs of 8 steps
+            history = draft_epochs(history, 8)
         rewards = [h["reward_mean"] for h in history if "reward_mean" in h]
         summary["methods"][method] = {
+            "policy": cfg.flow_policy if base["kind"] == "flow" else cfg.policy,
+            "oracle_alignment_before": before.mean().item(),
+            "oracle_alignment_noise": base["noise"],
+            "oracle_parts_before": sets[0]["parts"],
             "oracle_alignment_after": after.mean().item(),
             "gain": after.mean().item() - before.mean().item(),
             "gain_stderr": (diff.std() / diff.numel() ** 0.5).item(),
@@ -474,19 +709,26 @@ def run(cfg: DemoConfig) -> dict:
             "held_out_curve": [
                 {"epoch": 0, **_mean_and_stderr(before[: len(curve_seeds)])},
                 *evaluations,
-                {"epoch": len(history), **_mean_and_stderr(after[: len(curve_seeds)])},
+                {
+                    "epoch": history[-1]["epoch"] if method in _STEP_METHODS else len(history),
+                    **_mean_and_stderr(after[: len(curve_seeds)]),
+                },
             ]
             if history and after.shape[0] == before.shape[0]
             else None,
         }
-        if method == "ddpo" and history:
+        if method == methods[0] and method in ("ddpo", "flow_draft") and history:
+            per_step = method in _STEP_METHODS
             training_figure(
                 history,
                 summary["methods"][method]["held_out_curve"],
                 out / "training_curves.png",
                 reward_label="LLaVA-Reward (alignment)" if scorer is not None else cfg.reward,
-                samples_per_epoch=_ddpo_settings(cfg)["sample_batch_size"]
+                samples_per_epoch=64
+                if per_step
+                else _ddpo_settings(cfg)["sample_batch_size"]
                 * _ddpo_settings(cfg)["num_batches_per_epoch"],
+                x_label="optimiser step (epoch = 8 steps, 64 images)" if per_step else "epoch",
             )
     summary["reward_accuracy_vs_oracle"] = _reward_accuracy(reward_path)
     summary["reward_accuracy_per_mismatch"] = _reward_accuracy(reward_path, "per_mismatch")
@@ -503,7 +745,16 @@ def run(cfg: DemoConfig) -> dict:
     return summary
 
 
-_LABELS = {"ddpo": "DDPO", "grpo": "GRPO", "dpo_online": "online DPO", "draft": "DRaFT-1"}
+_BEFORE = {"sd": "before (SD 1.5 arch.)", "flow": "before (SD3 arch.)"}
+_LABELS = {
+    "flow_draft": "DRaFT (SD3)",
+    "flow_grpo": "Flow-GRPO (SD3)",
+    "flow_dpo": "online DPO (SD3)",
+    "ddpo": "DDPO",
+    "grpo": "GRPO",
+    "dpo_online": "online DPO",
+    "draft": "DRaFT-1",
+}
 
 
 def _reward_accuracy(folder: str | None, key: str = "accuracy") -> dict | None:
@@ -520,9 +771,18 @@ def _reward_accuracy(folder: str | None, key: str = "accuracy") -> dict | None:
     return report.get("alignment", {}).get(key)
 
 
+_PROMPTS_LINE = {
+    "train": "Fine-tuned on the {n} train captions; measured on {m} held-out captions "
+    "(colour-shape pairs never seen in pre-training or fine-tuning)",
+    "held_out_pairs": "Fine-tuned on {n} captions of the held-out colour-shape pairs (never seen "
+    "in pre-training) at 8 of the 15 (position, background) layouts; measured on the {m} "
+    "captions of those pairs at the other 7 layouts (never a fine-tuning prompt)",
+}
+
+
 def _report(s: dict, methods: list[str]) -> str:
     rows = "\n".join(
-        f"| {m} | {s['oracle_alignment_before']:.3f} | {r['oracle_alignment_after']:.3f} | "
+        f"| {m} | {r['oracle_alignment_before']:.3f} | {r['oracle_alignment_after']:.3f} | "
         f"{r['gain']:+.3f} ± {r['gain_stderr']:.3f} | "
         + (", ".join(f"{g:+.3f}" for g in r["gain_per_seed"]) if r["gain_per_seed"] else "")
         + f" | {r['seconds']} |"
@@ -558,8 +818,7 @@ def _report(s: dict, methods: list[str]) -> str:
     curve = "![training curves](training_curves.png)\n\n" if "ddpo" in s["methods"] else ""
     return f"""# Tiny-world demo
 
-Fine-tuned on the {s["train_prompts"]} train captions; measured on {len(s["held_out_prompts"])}
-held-out captions (colour-shape pairs never seen in pre-training or fine-tuning) x seeds
+{_PROMPTS_LINE[s["config"]["rl_prompts"]].format(n=s["train_prompts"], m=len(s["held_out_prompts"]))} x seeds
 {s["seeds"]}. Oracle alignment in [0, 1] (background x colour x shape x position). Seed-to-seed
 noise of the mean (std over {s["config"]["noise_seed_sets"]} disjoint seed sets, base model):
 {s["oracle_alignment_noise"]:.3f}. {acc_line}
@@ -579,7 +838,8 @@ Oracle parts on the same held-out prompts and seeds:
 
 ![before and after](before_after.png)
 
-Tuned pipeline: `export/` (`StableDiffusionPipeline.from_pretrained("{s["config"]["output_dir"]}/export")`).
+Tuned pipeline of {methods[0]}: `export/`
+(`{"StableDiffusion3Pipeline" if methods[0] in FLOW_METHODS else "StableDiffusionPipeline"}.from_pretrained("{s["config"]["output_dir"]}/export")`).
 """
 
 

@@ -137,11 +137,13 @@ def training_figure(
     reward_label: str = "reward",
     samples_per_epoch: int = 1,
     window: int = 5,
+    x_label: str = "epoch",
 ) -> Path:
     """Two panels to a PNG: the mean training reward per epoch (band: its standard error over the
     epoch's ``samples_per_epoch`` samples, with the means of the first and last ``window`` epochs drawn), and the
     held-out oracle alignment per evaluation (``{"epoch", "mean", "stderr"}``; error bars: its
-    standard error over prompt-seed pairs)."""
+    standard error over prompt-seed pairs). ``x_label`` names the x axis of both (what
+    ``"epoch"`` counts: epochs, or optimiser steps for DRaFT)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -154,7 +156,7 @@ def training_figure(
     mean = np.array([h["reward_mean"] for h in history])
     se = np.array([h.get("reward_std", 0.0) for h in history]) / np.sqrt(max(1, samples_per_epoch))
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
-    left.plot(epochs, mean, marker="o", ms=3, label="mean per epoch")
+    left.plot(epochs, mean, marker="o", ms=3, label=f"mean per {x_label.split()[0]}")
     left.fill_between(epochs, mean - se, mean + se, alpha=0.25, label="+- s.e.")
     if len(mean) >= 2 * window:
         for sl, name in ((slice(0, window), "first"), (slice(-window, None), "last")):
@@ -164,9 +166,9 @@ def training_figure(
                 epochs[sl][-1],
                 colors="k",
                 linestyles="--",
-                label=f"{name} {window} epochs" if name == "first" else None,
+                label=f"{name} {window} {x_label.split()[0]}s" if name == "first" else None,
             )
-    left.set_xlabel("epoch")
+    left.set_xlabel(x_label)
     left.set_ylabel(reward_label)
     left.set_title(f"training reward ({reward_label})")
     left.legend(loc="best", fontsize=8)
@@ -175,7 +177,7 @@ def training_figure(
         ey = [e["mean"] for e in evaluations]
         err = [e.get("stderr", 0.0) for e in evaluations]
         right.errorbar(ex, ey, yerr=err, marker="s", ms=4, capsize=3, color="tab:green")
-    right.set_xlabel("epoch")
+    right.set_xlabel(x_label)
     right.set_ylabel("oracle alignment")
     right.set_title("held-out prompts, oracle alignment")
     right.set_ylim(bottom=0)
