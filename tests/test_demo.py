@@ -205,8 +205,8 @@ def test_words_wrap_whole_and_the_grid_shows_every_caption_and_verdict():
 
 
 def test_demo_grpo_runs_on_the_sd15_world_policy_and_is_measured_like_ddpo(tmp_path):
-    short = dict(SHORT, epochs=2, eval_every=0, eval_prompts=4)
-    summary = run(DemoConfig(output_dir=str(tmp_path / "demo"), method="grpo", **short))
+    short = dict(SHORT, method="grpo", epochs=2, eval_every=0, eval_prompts=4)
+    summary = run(DemoConfig(output_dir=str(tmp_path / "demo"), **short))
     grpo = summary["methods"]["grpo"]
     assert len(grpo["gain_per_seed"]) == 2 and set(grpo["oracle_parts_after"]) >= {"colour"}
     assert grpo["reward_first_epoch"] is not None and len(grpo["reward_gain_per_seed"]) == 2
