@@ -156,7 +156,7 @@ def training_figure(
     mean = np.array([h["reward_mean"] for h in history])
     se = np.array([h.get("reward_std", 0.0) for h in history]) / np.sqrt(max(1, samples_per_epoch))
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
-    left.plot(epochs, mean, marker="o", ms=3, label=f"mean per {x_label.split()[0]}")
+    left.plot(epochs, mean, marker="o", ms=3, label="mean per epoch")
     left.fill_between(epochs, mean - se, mean + se, alpha=0.25, label="+- s.e.")
     if len(mean) >= 2 * window:
         for sl, name in ((slice(0, window), "first"), (slice(-window, None), "last")):
@@ -166,7 +166,7 @@ def training_figure(
                 epochs[sl][-1],
                 colors="k",
                 linestyles="--",
-                label=f"{name} {window} {x_label.split()[0]}s" if name == "first" else None,
+                label=f"{name} {window} epochs" if name == "first" else None,
             )
     left.set_xlabel(x_label)
     left.set_ylabel(reward_label)
