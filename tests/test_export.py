@@ -42,8 +42,8 @@ def _shipped_target_lists() -> list[str]:
     files = [*ROOT.glob("recipes/configs/*.yaml"), ROOT / "alignment/demo.py"]
     files += ROOT.glob("bench/*.py")
     pattern = re.compile(r"lora_target_modules\s*[:=]\s*[\"']?([\w.,]+)")
-    for f in files:
-        found.update(pattern.findall(f.read_text(encoding="utf-8")))
+    for f in files:  # a literal list only (the demo joins the SD 3 transformer's list in code)
+        found.update(v for v in pattern.findall(f.read_text(encoding="utf-8")) if all(v.split(",")))
     return sorted(found)
 
 
