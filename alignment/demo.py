@@ -1,17 +1,20 @@
 """`make demo`: the whole chain on the bundled tiny world, on the CPU, in minutes.
 
-1. load the tiny text-to-image model pre-trained on the world (``alignment/world/weights/
-   tiny-world-sd``) and the tiny LLaVA-Reward trained on the world's pairs for the four
-   perspectives (``alignment/world/weights/tiny-world-reward``; ``--reward train`` retrains it);
-2. measure the oracle's alignment score on held-out prompts (colour-shape pairs never seen in
-   training) and fixed seeds, plus its seed-to-seed noise (the same measure on disjoint seeds);
-3. fine-tune the policy with DDPO on the LLaVA-Reward (``--method`` also runs GRPO,
-   online Diffusion-DPO, DRaFT-1 and best-of-N for a comparison table);
-4. measure again on the same prompts and seeds, export the tuned pipeline, and write
+1. load the tiny text-to-image models pre-trained on the world (``alignment/world/weights/
+   tiny-world-sd3``, SD 3 architecture, and ``tiny-world-sd``, SD 1.5 architecture) and the tiny
+   LLaVA-Reward trained on the world's pairs for the four perspectives
+   (``alignment/world/weights/tiny-world-reward``; ``--reward train`` retrains it);
+2. measure the oracle's alignment score on held-out captions (colour-shape pairs never seen in
+   pre-training, at layouts never fine-tuned on) and fixed seeds, plus its seed-to-seed noise
+   (the same measure on disjoint seeds), for the base model each method tunes;
+3. fine-tune with DRaFT on the LLaVA-Reward's gradient (the default, SD 3 model; ``--method``
+   also runs Flow-GRPO and online DPO on it, and DDPO, GRPO, online DPO, DRaFT-1 and best-of-N
+   on the SD 1.5 model, for a comparison table);
+4. measure again on the same captions and seeds, export the tuned pipeline, and write
    ``report.md`` (reward curve, before/after grid, numbers) and ``summary.json``.
 
-    python -m alignment.demo                       # DDPO (the default), ~4-5 minutes on 2 cores
-    python -m alignment.demo --method all          # + GRPO, online DPO, DRaFT-1, best-of-N
+    python -m alignment.demo                       # DRaFT on the SD 3 model, ~1.5 min on 2 cores
+    python -m alignment.demo --method all          # every method, ~20 min
 """
 
 from __future__ import annotations
@@ -49,8 +52,8 @@ class DemoConfig:
     flow_policy: str = field(
         default=str(WEIGHTS / "tiny-world-sd3"),
         metadata={
-            "help": "Diffusers StableDiffusion3Pipeline folder that flow_grpo tunes (Flow-GRPO "
-            "on the SD 3-architecture world policy)."
+            "help": "Diffusers StableDiffusion3Pipeline folder that the flow_* methods tune "
+            "(the SD 3-architecture world policy)."
         },
     )
     flow_draft_steps: int = field(
@@ -245,6 +248,10 @@ def _mean_and_stderr(rows) -> dict:
 
 #: Methods whose history has one record per optimiser step (grouped by :func:`draft_epochs`).
 _STEP_METHODS = ("flow_draft", "draft")
+#: DRaFT in the demo: images per optimiser step, and steps per reported epoch (64 images).
+_DRAFT_BATCH, _DRAFT_EPOCH_STEPS = 8, 8
+#: Methods whose run draws training_curves.png (when it is the first method).
+_CURVE_METHODS = ("ddpo", "flow_draft")
 
 
 def draft_epochs(history: list[dict], steps: int) -> list[dict]:
@@ -523,7 +530,7 @@ def _train(
                 num_steps=cfg.num_steps,
                 guidance_scale=cfg.guidance_scale,
                 max_steps=cfg.flow_draft_steps,
-                train_batch_size=8,
+                train_batch_size=_DRAFT_BATCH,
                 grad_steps=cfg.num_steps,
                 learning_rate=cfg.flow_draft_learning_rate,
                 adam_weight_decay=0.0,
@@ -546,7 +553,7 @@ def _train(
                 num_steps=cfg.num_steps,
                 guidance_scale=cfg.guidance_scale,
                 max_steps=30,
-                train_batch_size=8,
+                train_batch_size=_DRAFT_BATCH,
                 grad_steps=1,
                 learning_rate=1e-3,
                 save_every=0,
@@ -567,19 +574,20 @@ def rl_and_eval_captions(split, rl_prompts: str) -> tuple[list[str], list[str]]:
     ``'train'``: the split's train captions and all its held-out ones. ``'held_out_pairs'``: the
     held-out (colour, shape) pairs on both sides, split by (position, background): combination
     ``(i, j)`` of position ``i`` and background ``j`` is fine-tuned on when ``i + j`` is even
-    (8 of 15), evaluated otherwise (7 of 15), so every position and background is on both sides
-    and no evaluated caption is ever a fine-tuning prompt.
+    (8 of 15; :func:`~alignment.world.grammar.layout_parity`), evaluated otherwise (7 of 15), so
+    every position and background is on both sides and no evaluated caption is ever a
+    fine-tuning prompt.
     """
-    from alignment.world.grammar import BACKGROUNDS, POSITIONS
+    from alignment.world.grammar import layout_parity
 
     if rl_prompts == "train":
         return split.train_captions, split.held_out_captions
     if rl_prompts != "held_out_pairs":
         raise ValueError(f"rl_prompts={rl_prompts!r}: use 'train' or 'held_out_pairs'.")
-    pos, bg = list(POSITIONS), list(BACKGROUNDS)
-    tuned = [s for s in split.held_out if (pos.index(s.position) + bg.index(s.background)) % 2 == 0]
-    kept = [s for s in split.held_out if s not in tuned]
-    return [s.caption for s in tuned], [s.caption for s in kept]
+    by_parity = ([], [])
+    for scene in split.held_out:
+        by_parity[layout_parity(scene)].append(scene.caption)
+    return by_parity
 
 
 def run(cfg: DemoConfig) -> dict:
@@ -643,7 +651,7 @@ def run(cfg: DemoConfig) -> dict:
     cols = list(range(0, len(held), max(1, len(held) // 8)))[:8]
     grid = [(_BEFORE[first["kind"]], first["sets"][0])]
 
-    def interim(policy) -> dict:  # the held-out curve during DDPO (the curve's seeds only)
+    def interim(policy) -> dict:  # the held-out curve during training (the curve's seeds only)
         return _mean_and_stderr(_evaluate(policy, held, curve_seeds, cfg)["alignment"])
 
     for method in methods:
@@ -681,8 +689,8 @@ def run(cfg: DemoConfig) -> dict:
             }
             grid.append((f"after {_LABELS.get(method, method)}", evaluated))
         diff = (after - before.mean(0, keepdim=True)) if after.shape[0] == 1 else after - before
-        if method in _STEP_METHODS:  # DRaFT logs every step of 8 images: epochs of 8 steps
-            history = draft_epochs(history, 8)
+        if method in _STEP_METHODS:  # DRaFT logs every step: grouped into epochs
+            history = draft_epochs(history, _DRAFT_EPOCH_STEPS)
         rewards = [h["reward_mean"] for h in history if "reward_mean" in h]
         summary["methods"][method] = {
             "policy": cfg.flow_policy if base["kind"] == "flow" else cfg.policy,
@@ -717,18 +725,21 @@ def run(cfg: DemoConfig) -> dict:
             if history and after.shape[0] == before.shape[0]
             else None,
         }
-        if method == methods[0] and method in ("ddpo", "flow_draft") and history:
+        if method == methods[0] and method in _CURVE_METHODS and history:
             per_step = method in _STEP_METHODS
             training_figure(
                 history,
                 summary["methods"][method]["held_out_curve"],
                 out / "training_curves.png",
                 reward_label="LLaVA-Reward (alignment)" if scorer is not None else cfg.reward,
-                samples_per_epoch=64
+                samples_per_epoch=_DRAFT_BATCH * _DRAFT_EPOCH_STEPS
                 if per_step
                 else _ddpo_settings(cfg)["sample_batch_size"]
                 * _ddpo_settings(cfg)["num_batches_per_epoch"],
-                x_label="optimiser step (epoch = 8 steps, 64 images)" if per_step else "epoch",
+                x_label=f"optimiser step (epoch = {_DRAFT_EPOCH_STEPS} steps, "
+                f"{_DRAFT_BATCH * _DRAFT_EPOCH_STEPS} images)"
+                if per_step
+                else "epoch",
             )
     summary["reward_accuracy_vs_oracle"] = _reward_accuracy(reward_path)
     summary["reward_accuracy_per_mismatch"] = _reward_accuracy(reward_path, "per_mismatch")
@@ -815,7 +826,7 @@ def _report(s: dict, methods: list[str]) -> str:
         for m, r in s["methods"].items()
         if r.get("reward_rise")
     )
-    curve = "![training curves](training_curves.png)\n\n" if "ddpo" in s["methods"] else ""
+    curve = "![training curves](training_curves.png)\n\n" if methods[0] in _CURVE_METHODS else ""
     return f"""# Tiny-world demo
 
 {_PROMPTS_LINE[s["config"]["rl_prompts"]].format(n=s["train_prompts"], m=len(s["held_out_prompts"]))} x seeds

@@ -108,7 +108,7 @@ def _clip_config(tokenizer, hidden: int, layers: int, heads: int, max_length: in
     )
 
 
-def _t5(tokenizer, d_model: int, layers: int, heads: int, seed: int):
+def _t5(tokenizer, d_model: int, layers: int, heads: int, seed: int, dropout: float = 0.1):
     from transformers import T5Config, T5EncoderModel
 
     with _seeded(seed):
@@ -122,6 +122,7 @@ def _t5(tokenizer, d_model: int, layers: int, heads: int, seed: int):
                 num_heads=heads,
                 relative_attention_num_buckets=8,
                 relative_attention_max_distance=32,
+                dropout_rate=dropout,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 decoder_start_token_id=tokenizer.pad_token_id,
@@ -158,6 +159,7 @@ def tiny_sd3_pipeline(
     max_length: int = 16,
     vocab_words: Sequence[str] | None = None,
     seed: int = 0,
+    t5_dropout: float = 0.1,
 ):
     """Build a tiny, seeded Stable Diffusion 3 pipeline (SD 3 / 3.5 architecture) in code.
 
@@ -175,6 +177,7 @@ def tiny_sd3_pipeline(
             ``SD3Transformer2DModel`` (joint transformer blocks).
         text_hidden_size, text_layers, text_heads: each CLIP text encoder.
         t5_layers: T5 encoder layers.
+        t5_dropout: T5's dropout rate (its own default, 0.1; active only in training mode).
         vae_channels, latent_channels, norm_num_groups: the ``AutoencoderKL``.
         max_length: all tokenizers' ``model_max_length``.
         vocab_words: words with their own token (see :func:`alignment.tiny.tiny_clip_tokenizer`).
@@ -226,7 +229,7 @@ def tiny_sd3_pipeline(
         tokenizer=tok,
         text_encoder_2=text_encoder_2,
         tokenizer_2=tok_2,
-        text_encoder_3=_t5(tok_3, joint, t5_layers, text_heads, seed + 4),
+        text_encoder_3=_t5(tok_3, joint, t5_layers, text_heads, seed + 4, t5_dropout),
         tokenizer_3=tok_3,
     )
 

@@ -28,6 +28,18 @@ SHORT = dict(method="ddpo", epochs=3, eval_prompts=8, eval_seeds=2, noise_seed_s
 CI_DEFAULT = dict(eval_seeds=4, noise_seed_sets=3, eval_every=2)
 
 
+def _assert_export_draws(pipe) -> None:
+    """The demo's export, loaded in plain diffusers, draws a finite 32x32 world image."""
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(
+        "a red circle at the top left on a white background",
+        num_inference_steps=2,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert image.shape[-2:] == (32, 32) and torch.isfinite(image).all()
+
+
 def test_default_demo_learns_above_twice_the_seed_noise_and_on_every_seed(tmp_path):
     """`make demo`'s chain in a shorter run: the held-out oracle alignment of the bundled SD 3
     world policy rises by more than twice the seed-to-seed noise of the mean (the std of the base
@@ -60,15 +72,7 @@ def test_default_demo_learns_above_twice_the_seed_noise_and_on_every_seed(tmp_pa
     out = tmp_path / "demo"
     assert (out / "training_curves.png").is_file() and (out / "before_after.png").is_file()
     assert [p["epoch"] for p in draft["held_out_curve"]] == [0, 30, 60, 90, 120]
-    pipe = StableDiffusion3Pipeline.from_pretrained(out / "export")
-    pipe.set_progress_bar_config(disable=True)
-    image = pipe(
-        "a red circle at the top left on a white background",
-        num_inference_steps=2,
-        output_type="pt",
-        generator=torch.Generator().manual_seed(0),
-    ).images
-    assert image.shape[-2:] == (32, 32) and torch.isfinite(image).all()
+    _assert_export_draws(StableDiffusion3Pipeline.from_pretrained(out / "export"))
 
 
 def test_demo_chain_writes_every_measure_and_a_loadable_export(tmp_path):
@@ -114,14 +118,7 @@ def test_demo_chain_writes_every_measure_and_a_loadable_export(tmp_path):
 
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(out / "export", safety_checker=None)
-    image = pipe(
-        "a red circle at the top left on a white background",
-        num_inference_steps=2,
-        output_type="pt",
-        generator=torch.Generator().manual_seed(0),
-    ).images
-    assert image.shape[-2:] == (32, 32) and torch.isfinite(image).all()
+    _assert_export_draws(StableDiffusionPipeline.from_pretrained(out / "export"))
 
 
 def test_demo_reward_can_be_one_oracle_part_and_ddpo_settings_are_overridable():

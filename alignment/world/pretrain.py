@@ -206,16 +206,11 @@ def build_pipeline(cfg: PretrainConfig):
             vae_channels=tuple(cfg.vae_channels),
             vocab_words=tokenizer_words(),
             seed=cfg.seed,
+            t5_dropout=cfg.text_dropout,
         )
         pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
             pipe.scheduler.config, shift=cfg.flow_shift
         )
-        pipe.text_encoder_3.config.dropout_rate = cfg.text_dropout  # as a reload builds it
-        for module in pipe.text_encoder_3.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = cfg.text_dropout
-            elif isinstance(getattr(module, "dropout", None), float):  # T5Attention's own rate
-                module.dropout = cfg.text_dropout
         tokenizers = (pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3)
     elif cfg.architecture == "sd":
         from diffusers import DDIMScheduler
@@ -258,6 +253,11 @@ def denoiser(pipe):
 
 def _is_flow(pipe) -> bool:
     return getattr(pipe, "transformer", None) is not None
+
+
+def _denoiser_name(pipe) -> str:
+    """The denoiser's component (and folder) name in the pipeline."""
+    return "transformer" if _is_flow(pipe) else "unet"
 
 
 def _text_encoder_names(pipe) -> list[str]:
@@ -393,7 +393,7 @@ def _save_checkpoint(pipe, state: dict, ema, cfg: PretrainConfig) -> None:
     def write(tmp: Path) -> None:
         tmp.mkdir(parents=True)
         pipe.vae.save_pretrained(tmp / "vae")
-        denoiser(pipe).save_pretrained(tmp / ("transformer" if _is_flow(pipe) else "unet"))
+        denoiser(pipe).save_pretrained(tmp / _denoiser_name(pipe))
         for name in _text_encoder_names(pipe):
             getattr(pipe, name).save_pretrained(tmp / name)
         full = dict(state)
@@ -416,7 +416,7 @@ def _load_checkpoint(pipe, cfg: PretrainConfig) -> dict | None:
             "config to resume."
         )
     modules = {"vae": pipe.vae, **{n: getattr(pipe, n) for n in _text_encoder_names(pipe)}}
-    modules["transformer" if _is_flow(pipe) else "unet"] = denoiser(pipe)
+    modules[_denoiser_name(pipe)] = denoiser(pipe)
     pipe.register_modules(
         **{name: type(m).from_pretrained(path / name) for name, m in modules.items()}
     )
@@ -527,9 +527,9 @@ def generate(
     """Images ``Tensor[N, 3, S, S]`` in [0, 1] for ``prompts`` (one seeded generator per call)."""
     gen = torch.Generator().manual_seed(seed)
     pipe.set_progress_bar_config(disable=True)
+    extra = {} if _is_flow(pipe) else {"eta": eta}  # flow: the ODE (Euler) sampler
     out = []
     for i in range(0, len(prompts), batch_size):
-        extra = {} if _is_flow(pipe) else {"eta": eta}  # flow: the ODE (Euler) sampler
         res = pipe(
             list(prompts[i : i + batch_size]),
             num_inference_steps=steps,

@@ -346,7 +346,8 @@ def train_world_reward(
             scorer, split=CAPTION_SPLITS[split_by or "pairs"][1]
         )
         # the captions the demo evaluates its policies on (held-out colour-shape pairs, parity-1
-        # layouts): never a training caption of either split
+        # layouts): never a fine-tuning prompt of the policy; a renders-split stage trains the
+        # reward on other renders of them
         report["alignment"]["per_mismatch_demo_captions"] = mismatch_accuracy(
             scorer, split="held_out_layout_held"
         )
