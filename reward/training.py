@@ -574,10 +574,17 @@ class RewardTrainer(Trainer):
         With a dynamic fp16 loss scale a gradient overflow is the scaler's to skip."""
         if self.is_deepspeed_enabled:
             return
-        grad_bad = self.accelerator.scaler is None and not grads_finite(self._trainable())
+        scaler = self.accelerator.scaler
+        grad_bad = scaler is None and not grads_finite(self._trainable())
         self._skip_step = any_process(self.accelerator, self.guard.pending or grad_bad)
-        if self._skip_step:
+        if not self._skip_step:
+            return
+        if scaler is None:
             self.optimizer.zero_grad(set_to_none=True)
+        else:  # the scaler refuses a step without gradients; NaN ones make it skip (and say so)
+            for p in self._trainable():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
 
     def _guard_after_step(self, step: int) -> None:
         if self.is_deepspeed_enabled:
@@ -588,6 +595,10 @@ class RewardTrainer(Trainer):
                 skipped = False  # the loss scaler's own overflow skip
         else:
             skipped = self._skip_step
+            if self.accelerator.scaler is None:
+                # ``Trainer`` holds the learning-rate schedule when the accelerated optimiser says
+                # its step was skipped (without a scaler it never says so itself)
+                self.optimizer._is_overflow = skipped
         self._skip_step = False
         self.guard.record(skipped, step)
 

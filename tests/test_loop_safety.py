@@ -360,13 +360,25 @@ def test_reward_training_skips_a_nan_loss_step_and_stops_after_k(tmp_path, monke
         trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         return trainer, model, trainable
 
-    trainer, model, start = run({1}, steps=2, save_strategy="steps", save_steps=1)
+    trainer, model, start = run(
+        {1},
+        steps=2,
+        save_strategy="steps",
+        save_steps=1,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+    )
     trainer.train()
     skipped = [e["train/skipped_steps"] for e in trainer.state.log_history if "loss" in e]
     assert skipped == [1, 1]
     now = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert all(torch.isfinite(p).all() for p in now.values())
     assert any(not torch.equal(start[n], now[n]) for n in start)  # step 2 trained
+    # the skipped step left the schedule where it was: step 2 trained at the first step's rate
+    # (linear decay over 2 steps would have halved it) and the schedule stepped once
+    rates = [e["learning_rate"] for e in trainer.state.log_history if "loss" in e]
+    assert rates == [2e-3, 2e-3]
+    assert trainer.lr_scheduler.last_epoch == 1
     assert (tmp_path / "out1" / "checkpoints" / "alignment" / "checkpoint-2").is_dir()
 
     trainer, model, start = run({1, 2, 3}, steps=5, k=2)
