@@ -67,6 +67,9 @@ logger = logging.getLogger(__name__)
 
 LOSS_TYPES = ("bt", "paired_bce", "gpm")
 TRAINING_ARGS_FILE = "training_args.json"
+#: The non-finite guard's counters in a checkpoint (``skipped`` is the run's total, ``consecutive``
+#: the current streak), so that a resumed run goes on counting where it stopped.
+GUARD_STATE_FILE = "guard_state.json"
 
 
 def _cuda() -> bool:
@@ -475,10 +478,11 @@ class RewardTrainer(Trainer):
 
     Non-finite guard (:mod:`reward.guards`): an optimiser step whose loss (any micro-batch) or
     gradient is not finite on any process is skipped (its gradients are dropped, so AdamW leaves
-    the weights and its moments as they are; the LR schedule still advances) and counted; after
+    the weights and its moments as they are, and the LR schedule where it is) and counted; after
     ``max_consecutive_skips`` in a row training stops with :class:`~reward.guards.NonFiniteError`.
     Under DeepSpeed a non-finite loss becomes NaN gradients, which the engine's overflow check
-    skips on every rank. A checkpoint is never written of non-finite weights.
+    skips on every rank. A checkpoint is never written of non-finite weights; each one holds the
+    guard's counters (:data:`GUARD_STATE_FILE`), which a resumed run goes on from.
     """
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
@@ -673,6 +677,9 @@ class RewardTrainer(Trainer):
             logger.info("resuming from %s", resume_from_checkpoint or "nothing: no checkpoint yet")
         elif resume_from_checkpoint in (False, "false", "False", ""):
             resume_from_checkpoint = None
+        guard_state = Path(resume_from_checkpoint or "", GUARD_STATE_FILE)
+        if resume_from_checkpoint and guard_state.is_file():
+            self.guard.load_state_dict(json.loads(guard_state.read_text()))
         if not (self.is_deepspeed_enabled and resume_from_checkpoint):
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         # DeepSpeed checkpoints hold the trainable weights only (see _save_optimizer_and_scheduler):
@@ -729,6 +736,7 @@ class RewardTrainer(Trainer):
             del self._get_output_dir
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
+            Path(staging, name, GUARD_STATE_FILE).write_text(json.dumps(self.guard.state_dict()))
             final = os.path.join(run_dir, name)
             if os.path.isdir(final):
                 shutil.rmtree(final)

@@ -6,6 +6,7 @@ a gradient hook) into a tiny run of a few seconds."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -329,7 +330,7 @@ def test_reward_training_skips_a_nan_loss_step_and_stops_after_k(tmp_path, monke
     lora = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
     real = training.reward_loss
 
-    def run(nan_calls, steps, k=3, **kw):
+    def run(nan_calls, steps, k=3, out=None, **kw):
         torch.manual_seed(0)
         model = LlavaRewardModel.from_backbone(
             backbone, perspectives=("alignment",), lora_config=dict(lora)
@@ -343,7 +344,7 @@ def test_reward_training_skips_a_nan_loss_step_and_stops_after_k(tmp_path, monke
 
         monkeypatch.setattr(training, "reward_loss", loss)
         args = RewardTrainingArguments(
-            output_dir=str(tmp_path / f"out{len(nan_calls)}"),
+            output_dir=str(out or tmp_path / f"out{len(nan_calls)}"),
             perspective="alignment",
             per_device_train_batch_size=8,
             learning_rate=2e-3,
@@ -379,7 +380,18 @@ def test_reward_training_skips_a_nan_loss_step_and_stops_after_k(tmp_path, monke
     rates = [e["learning_rate"] for e in trainer.state.log_history if "loss" in e]
     assert rates == [2e-3, 2e-3]
     assert trainer.lr_scheduler.last_epoch == 1
-    assert (tmp_path / "out1" / "checkpoints" / "alignment" / "checkpoint-2").is_dir()
+    ckpt = tmp_path / "out1" / "checkpoints" / "alignment"
+    assert (ckpt / "checkpoint-2").is_dir()
+    # the counters travel in the checkpoint: resumed from step 1, the run still counts its skip
+    assert json.loads((ckpt / "checkpoint-1" / "guard_state.json").read_text()) == {
+        "skipped": 1,
+        "consecutive": 1,
+    }
+    trainer, _, _ = run(set(), 3, out=tmp_path / "out1", lr_scheduler_type="linear", warmup_steps=0)
+    trainer.train(resume_from_checkpoint=str(ckpt / "checkpoint-1"))
+    # steps 1 (the checkpoint's log), 2 and 3: the total stays 1 (a fresh count would read 0)
+    assert [e["train/skipped_steps"] for e in trainer.state.log_history if "loss" in e] == [1, 1, 1]
+    assert trainer.guard.consecutive == 0
 
     trainer, model, start = run({1, 2, 3}, steps=5, k=2)
     with pytest.raises(NonFiniteError, match="at step 2"):
