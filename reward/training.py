@@ -1076,20 +1076,19 @@ def build_reward_model(
                 with _no_zero3_init():  # ZeRO-3 would partition it before it is saved
                     save_tiny_backbone("llava", local)
         backbone = str(local)
-    torch.manual_seed(args.seed)  # the new head / adapter initialisation is seeded
     model = LlavaRewardModel.from_backbone(
         backbone,
-        perspectives=(name,),
-        skipca=script.skipca,
-        lora_config=lora if lora is not None else False,
-        head_dim=script.head_dim,
-        train_projector=script.train_projector,
+        perspectives=(),
         max_length=script.max_length,
         min_pixels=script.min_pixels,
         max_pixels=script.max_pixels,
         torch_dtype=dtype,
         trust_remote_code=script.trust_remote_code,
     )
+    # the new adapter and head are drawn from the seed alone: seeded after the backbone is
+    # loaded, which under ZeRO-3 (deepspeed.zero.Init) draws random numbers that DDP's load does not
+    torch.manual_seed(args.seed)
+    model.add_perspective(name, **spec)
     if tiny:
         model.config.backbone = TINY_BACKBONE_DIR  # relative to the reward folder
     return model
