@@ -195,7 +195,7 @@ def _reward_fn(scorer, cfg: DemoConfig, differentiable: bool = False):
     if scorer is None:
         from alignment.world.oracle import oracle_reward
 
-        return oracle_reward(cfg.reward.partition(":")[2] or "alignment")
+        return oracle_reward(cfg.reward.partition(":")[2] or "alignment", differentiable)
     return scorer.as_reward_fn(json.loads(cfg.reward_weights), differentiable=differentiable)
 
 

@@ -156,6 +156,8 @@ class DraftTrainer(PolicyTrainerBase):
                 "policy use method='draft' (grad_steps = K)."
             )
         self.reward_fn = reward_fn
+        # what the error of a reward without a graph names: the callable passed, else the config's
+        self._reward_name = getattr(reward_fn, "__name__", None) or config.reward
         if self.reward_fn is None:
             with self.frozen_outside_zero3():
                 self.reward_fn = differentiable_reward_fn(
@@ -230,9 +232,10 @@ class DraftTrainer(PolicyTrainerBase):
         if not self._checked:
             if not rewards.requires_grad:
                 raise ValueError(
-                    f"The reward {cfg.reward!r} is not differentiable (no graph to the pixels). "
-                    "Use llava_reward (RewardScorer.as_reward_fn(..., differentiable=True)), "
-                    "brightness, or a 'module:function' written in torch."
+                    f"The reward {self._reward_name!r} is not differentiable (no graph to the "
+                    "pixels). Use llava_reward (RewardScorer.as_reward_fn(..., "
+                    "differentiable=True)), world_oracle with differentiable=True, brightness, "
+                    "or a 'module:function' written in torch."
                 )
             self._checked = True
         # a non-finite reward is counted and left out of the loss; none finite: a NaN loss, and

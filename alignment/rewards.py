@@ -153,12 +153,13 @@ def brightness() -> RewardFn:
 
 
 @register_reward("world_oracle")
-def world_oracle(perspective: str = "alignment") -> RewardFn:
+def world_oracle(perspective: str = "alignment", differentiable: bool = False) -> RewardFn:
     """The tiny world's oracle (``alignment.world.oracle``) for ``perspective`` (alignment,
-    fidelity, safety or overall): the ground truth of the demo, usable as a reward."""
+    fidelity, safety or overall): the ground truth of the demo, usable as a reward;
+    ``differentiable`` (alignment and its parts) keeps the gradient to the pixels (DRaFT)."""
     from alignment.world.oracle import oracle_reward
 
-    return oracle_reward(perspective)
+    return oracle_reward(perspective, differentiable)
 
 
 @register_reward("llava_reward")

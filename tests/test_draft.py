@@ -65,6 +65,25 @@ def test_truncated_graph_and_refl(policy_factory):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.trainable_parameters())
 
 
+def test_a_reward_without_a_graph_is_refused_by_its_own_name(policy_factory, tmp_path):
+    def detached_score(images, prompts):
+        return images.detach().mean(dim=(1, 2, 3))
+
+    cfg = DraftConfig(
+        pretrained_model="tiny",
+        num_steps=2,
+        max_steps=1,
+        train_batch_size=2,
+        output_dir=str(tmp_path / "run"),
+        save_every=0,
+        log_with="none",
+        progress_bar=False,
+    )
+    trainer = DraftTrainer(cfg, policy=policy_factory(), prompts=PROMPTS, reward_fn=detached_score)
+    with pytest.raises(ValueError, match="'detached_score' is not differentiable"):
+        trainer.train()
+
+
 @pytest.mark.slow
 def test_draft1_raises_a_differentiable_reward_on_held_out_seeds(policy_factory, tmp_path):
     policy = policy_factory()

@@ -158,6 +158,35 @@ def test_oracle_overall_formula_and_reward_signature(scenes, renders):
         oracle_alignment(x, caps[:2])
 
 
+def test_differentiable_oracle_keeps_its_values_and_its_gradient_raises_the_score(scenes):
+    from alignment.rewards import get_reward_fn
+    from alignment.world.grammar import SHAPES
+    from alignment.world.pairs import gaussian_blur
+
+    caps = [s.caption for s in scenes[:6]]
+    # each image draws its caption with the next shape, blurred: a low shape score to raise
+    wrong = [
+        s.caption.replace(f" {s.shape} ", f" {SHAPES[(SHAPES.index(s.shape) + 1) % 3]} ")
+        for s in scenes[:6]
+    ]
+    x = torch.stack([gaussian_blur(img, 1.0) for img in render_captions(wrong, seed=5)])
+    x = x.requires_grad_()
+    fn = oracle_reward("alignment", differentiable=True)
+    r = fn(x, caps)
+    assert r.requires_grad and torch.equal(r.detach(), oracle_alignment(x.detach(), caps))
+    (grad,) = torch.autograd.grad(r.sum(), x)
+    assert torch.isfinite(grad).all() and (grad.abs().amax(dim=(1, 2, 3)) > 0).all()
+    step = grad / grad.abs().amax(dim=(1, 2, 3), keepdim=True)
+    after = oracle_alignment((x.detach() + 0.05 * step).clamp(0, 1), caps)
+    assert (after > r.detach()).all(), (r, after)
+    for part in ("shape", "position"):  # the parts alone, and through the registry
+        assert oracle_reward(part, differentiable=True)(x, caps).requires_grad
+    assert get_reward_fn("world_oracle", differentiable=True)(x, caps).requires_grad
+    assert not oracle_reward("alignment")(x, caps).requires_grad  # the default detaches
+    with pytest.raises(ValueError, match="'fidelity' is not differentiable"):
+        oracle_reward("fidelity", differentiable=True)
+
+
 def test_oracle_accepts_pil_and_scores_imperfect_images(scenes, renders):
     from reward.images import to_pil
 

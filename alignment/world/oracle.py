@@ -52,10 +52,11 @@ _TAU = 0.1
 _SHAPE_TEMPERATURE = 0.05
 
 
-def _as_batch(images: torch.Tensor | Sequence) -> torch.Tensor:
-    """Accept ``Tensor[N, 3, H, W]`` / ``Tensor[3, H, W]`` in [0, 1], or PIL images / a list."""
+def _as_batch(images: torch.Tensor | Sequence, keep_graph: bool = False) -> torch.Tensor:
+    """Accept ``Tensor[N, 3, H, W]`` / ``Tensor[3, H, W]`` in [0, 1], or PIL images / a list
+    (``keep_graph``: a tensor keeps its autograd graph)."""
     if isinstance(images, torch.Tensor):
-        x = images.detach().float()
+        x = (images if keep_graph else images.detach()).float()
         if x.ndim == 3:
             x = x.unsqueeze(0)
         if x.ndim != 4 or x.shape[1] != 3:
@@ -138,8 +139,10 @@ def fidelity_components(images: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"noise": noise, "artifact_px": artifact_px, "fidelity": fidelity}
 
 
-def _check(images: torch.Tensor | Sequence, prompts: Sequence[str]) -> torch.Tensor:
-    x = _as_batch(images)
+def _check(
+    images: torch.Tensor | Sequence, prompts: Sequence[str], keep_graph: bool = False
+) -> torch.Tensor:
+    x = _as_batch(images, keep_graph)
     n, _, h, w = x.shape
     if len(prompts) != n:
         raise ValueError(f"oracle: {n} images but {len(prompts)} prompts; pass one per image.")
@@ -149,13 +152,20 @@ def _check(images: torch.Tensor | Sequence, prompts: Sequence[str]) -> torch.Ten
 
 
 def alignment_components(
-    images: torch.Tensor | Sequence, prompts: Sequence[str], resp: torch.Tensor | None = None
+    images: torch.Tensor | Sequence,
+    prompts: Sequence[str],
+    resp: torch.Tensor | None = None,
+    differentiable: bool = False,
 ) -> dict[str, torch.Tensor]:
     """``alignment`` and its parts ``background``, ``colour``, ``shape``, ``position`` (``[N]``).
 
     ``resp`` may pass precomputed :func:`colour_responsibilities` of the same images.
+    ``differentiable``: keep the images' autograd graph, so that the scores have a gradient
+    with respect to the pixels (every step is a soft assignment, a sum, a min / max or an
+    exponential; the shape templates are placed at the centroid without a gradient through
+    their placement). The values are the same either way.
     """
-    x = _check(images, prompts)
+    x = _check(images, prompts, keep_graph=differentiable)
     n, _, h, _ = x.shape
     scenes = [parse_caption(p) for p in prompts]
     resp = colour_responsibilities(x) if resp is None else resp
@@ -237,15 +247,25 @@ def oracle_scores(
 
 
 def oracle_reward(
-    perspective: str = "alignment",
+    perspective: str = "alignment", differentiable: bool = False
 ) -> Callable[[torch.Tensor, list[str]], torch.Tensor]:
     """A reward callable ``fn(images: Tensor[N, 3, H, W] in [0, 1], prompts) -> Tensor[N]``:
     one of :data:`PERSPECTIVES`, or one part of the alignment (:data:`ALIGNMENT_PARTS`, e.g.
-    ``"background"``: the oracle's score of that attribute alone, for experiments)."""
-    if perspective in ALIGNMENT_PARTS:
+    ``"background"``: the oracle's score of that attribute alone, for experiments).
+
+    ``differentiable``: the score keeps a gradient with respect to the pixels (DRaFT / ReFL with
+    the oracle itself as the reward: the ceiling a learned reward is measured against); for
+    ``alignment`` and its parts only (fidelity and safety count pixels and components)."""
+    if differentiable and perspective not in ("alignment", *ALIGNMENT_PARTS):
+        raise ValueError(
+            f"the oracle's {perspective!r} is not differentiable (it counts pixels and "
+            f"components); differentiable perspectives: {('alignment', *ALIGNMENT_PARTS)}."
+        )
+    if perspective in ALIGNMENT_PARTS or differentiable:
 
         def part(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-            return alignment_components(images, prompts)[perspective].float()
+            scores = alignment_components(images, prompts, differentiable=differentiable)
+            return scores[perspective].float()
 
         part.__name__ = f"oracle_{perspective}"
         return part
