@@ -506,7 +506,7 @@ class PolicyTrainerBase:
         NaN gradients (:func:`~reward.guards.poison_nonfinite`) so that the engine's overflow
         check skips the step on every rank, and the skip is read back from the engine. With a
         dynamic fp16 loss scale a gradient overflow is the scaler's to skip (it recalibrates);
-        only a non-finite loss counts then.
+        only a non-finite loss counts then. The LR schedule holds on every step not taken.
 
         Returns True (stepped), False (skipped) or None (not the window's last micro-batch).
         """
@@ -518,18 +518,32 @@ class PolicyTrainerBase:
         if not acc.sync_gradients:
             return None
         loss_bad = any_process(acc, self.guard.pending)
+        held = False  # the step was not taken: the LR schedule holds too
         if self.is_deepspeed:
             engine = acc.deepspeed_engine_wrapped.engine
-            skipped = not engine.was_step_applied()
+            skipped = held = not engine.was_step_applied()
             if skipped and not loss_bad and engine.fp16_enabled():
                 skipped = False  # the loss scaler's own overflow skip
+        elif acc.scaler is not None:
+            # The scaler has to see every step: the clip below unscales (fp16) and only its
+            # ``step`` + ``update`` reset that, or the next clip raises. A skipped step hands it
+            # NaN gradients, so it skips and lowers its scale; it lowers the scale exactly when it
+            # skips (a fused AdamW is always called and skips inside its kernel).
+            scale = acc.scaler.get_scale()
+            if loss_bad:
+                for p in self.trainable:
+                    if p.grad is not None:
+                        p.grad.fill_(float("nan"))
+            acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+            self.optimizer.step()
+            skipped = loss_bad
+            held = acc.scaler.get_scale() < scale
         else:
             norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
-            grad_bad = acc.scaler is None and not is_finite(norm)
-            skipped = loss_bad or any_process(acc, grad_bad)
+            skipped = held = loss_bad or any_process(acc, not is_finite(norm))
             if not skipped:
                 self.optimizer.step()
-        if not skipped:
+        if not held:
             self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.guard.record(skipped, step=self.global_step + 1)

@@ -541,6 +541,7 @@ class RewardTrainer(Trainer):
         }
         self.guard = StepGuard(args.max_consecutive_skips)
         self._skip_step = False
+        self._scale_before: float | None = None  # the loss scale before the step (fp16 only)
         self.add_callback(_NonFiniteStepGuard(self))
 
     # ---------------------------------------------------------------- loss
@@ -579,6 +580,7 @@ class RewardTrainer(Trainer):
         if self.is_deepspeed_enabled:
             return
         scaler = self.accelerator.scaler
+        self._scale_before = scaler.get_scale() if scaler is not None else None
         grad_bad = scaler is None and not grads_finite(self._trainable())
         self._skip_step = any_process(self.accelerator, self.guard.pending or grad_bad)
         if not self._skip_step:
@@ -599,10 +601,15 @@ class RewardTrainer(Trainer):
                 skipped = False  # the loss scaler's own overflow skip
         else:
             skipped = self._skip_step
-            if self.accelerator.scaler is None:
-                # ``Trainer`` holds the learning-rate schedule when the accelerated optimiser says
-                # its step was skipped (without a scaler it never says so itself)
-                self.optimizer._is_overflow = skipped
+            scaler = self.accelerator.scaler
+            # ``Trainer`` holds the learning-rate schedule when the accelerated optimiser says its
+            # step was skipped. Without a scaler it never says so itself; with one it says so only
+            # when the scaler did not call ``optimizer.step``, but a fused optimiser (the Trainer's
+            # default AdamW) is always called and skips inside its kernel. The scaler lowers its
+            # scale exactly when it skips (an overflow, or the guard's NaN gradients).
+            self.optimizer._is_overflow = (
+                skipped if scaler is None else scaler.get_scale() < self._scale_before
+            )
         self._skip_step = False
         self.guard.record(skipped, step)
 

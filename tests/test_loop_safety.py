@@ -202,6 +202,45 @@ def test_nonfinite_gradient_with_a_finite_loss_skips_the_step(tmp_path):
     assert all(torch.equal(before[n], p) for n, p in _lora(trainer).items())
 
 
+def _fp16_like(accelerator_cls):
+    """``accelerator_cls`` (accelerate's ``Accelerator``) with a real ``torch.amp.GradScaler`` on
+    the CPU that unscales in ``clip_grad_norm_``, as under native fp16 on a GPU (on a CPU
+    accelerate gives no scaler)."""
+
+    class Scaled(accelerator_cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+
+        def unscale_gradients(self, optimizer=None):
+            for opt in self._optimizers:
+                self.scaler.unscale_(opt.optimizer)
+
+    return Scaled
+
+
+def test_ddpo_under_a_loss_scaler_skips_a_nan_loss_step_and_holds_the_schedule(
+    tmp_path, monkeypatch
+):
+    """fp16's loss scaler (a GPU run): a NaN-loss step reaches the scaler as NaN gradients, so it
+    skips the update, lowers its scale and resets, and the next step trains (before, the skipped
+    step left the scaler's unscale pending and the next clip raised); the LR schedule holds."""
+    import accelerate
+
+    monkeypatch.setattr(accelerate, "Accelerator", _fp16_like(accelerate.Accelerator))
+    trainer = DDPOTrainer(_ddpo(tmp_path, num_epochs=2), prompts=PROMPTS)
+    scaler = trainer.accelerator.scaler
+    assert isinstance(scaler, torch.amp.GradScaler) and trainer.optimizer.scaler is scaler
+    _nan_loss_in_epochs(monkeypatch, trainer, {0})
+    before = _lora(trainer)
+    trainer.train()
+    assert [h["train/skipped_steps"] for h in trainer.history] == [1.0, 1.0]
+    assert scaler.get_scale() == 2.0**9  # one skip, one backoff
+    assert (trainer.global_step, trainer.lr_scheduler.last_epoch) == (2, 1)  # held once
+    assert _all_finite(trainer)
+    assert any(not torch.equal(before[n], p) for n, p in _lora(trainer).items())
+
+
 # ----------------------------------------------------------------------------- DPO
 
 
@@ -318,48 +357,56 @@ def test_refl_all_nan_rewards_stop_after_k_skips(tmp_path):
 # ----------------------------------------------------------------------------- reward training
 
 
-def test_reward_training_skips_a_nan_loss_step_and_stops_after_k(tmp_path, monkeypatch):
+def _nan_reward_trainer(tmp_path, monkeypatch, nan_calls, steps, k=3, out=None, **kw):
+    """A tiny reward run (LLaVA backbone, toy pairs, lr 2e-3) whose loss is NaN on the calls in
+    ``nan_calls``: ``(trainer, model, trainable weights at the start)``."""
     import reward.training as training
     from reward.modeling import LlavaRewardModel
     from reward.testing import save_tiny_backbone
     from reward.toy_data import write_toy_data
     from reward.training import RewardTrainer, RewardTrainingArguments, read_reward_files
 
-    backbone = save_tiny_backbone("llava", tmp_path / "llava")
+    backbone = tmp_path / "llava"
+    if not (backbone / "config.json").is_file():
+        save_tiny_backbone("llava", backbone)
     train, _ = read_reward_files(write_toy_data(tmp_path, "alignment", 32, 8, seed=0)[0])
-    lora = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
     real = training.reward_loss
+    torch.manual_seed(0)
+    model = LlavaRewardModel.from_backbone(
+        backbone,
+        perspectives=("alignment",),
+        lora_config={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+    )
+    calls = {"n": 0}
 
+    def loss(*args, **kwargs):
+        calls["n"] += 1
+        out, stats = real(*args, **kwargs)
+        return (out * float("nan"), stats) if calls["n"] in nan_calls else (out, stats)
+
+    monkeypatch.setattr(training, "reward_loss", loss)
+    args = RewardTrainingArguments(
+        output_dir=str(out or tmp_path / f"out{len(nan_calls)}"),
+        perspective="alignment",
+        per_device_train_batch_size=8,
+        learning_rate=2e-3,
+        max_steps=steps,
+        logging_steps=1,
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+        use_cpu=True,
+        max_consecutive_skips=k,
+        **kw,
+    )
+    trainer = RewardTrainer(model, args, train_dataset=train)
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return trainer, model, trainable
+
+
+def test_reward_training_skips_a_nan_loss_step_and_stops_after_k(tmp_path, monkeypatch):
     def run(nan_calls, steps, k=3, out=None, **kw):
-        torch.manual_seed(0)
-        model = LlavaRewardModel.from_backbone(
-            backbone, perspectives=("alignment",), lora_config=dict(lora)
-        )
-        calls = {"n": 0}
-
-        def loss(*args, **kwargs):
-            calls["n"] += 1
-            out, stats = real(*args, **kwargs)
-            return (out * float("nan"), stats) if calls["n"] in nan_calls else (out, stats)
-
-        monkeypatch.setattr(training, "reward_loss", loss)
-        args = RewardTrainingArguments(
-            output_dir=str(out or tmp_path / f"out{len(nan_calls)}"),
-            perspective="alignment",
-            per_device_train_batch_size=8,
-            learning_rate=2e-3,
-            max_steps=steps,
-            logging_steps=1,
-            report_to="none",
-            seed=0,
-            disable_tqdm=True,
-            use_cpu=True,
-            max_consecutive_skips=k,
-            **kw,
-        )
-        trainer = RewardTrainer(model, args, train_dataset=train)
-        trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        return trainer, model, trainable
+        return _nan_reward_trainer(tmp_path, monkeypatch, nan_calls, steps, k, out, **kw)
 
     trainer, model, start = run(
         {1},
@@ -397,3 +444,35 @@ def test_reward_training_skips_a_nan_loss_step_and_stops_after_k(tmp_path, monke
     with pytest.raises(NonFiniteError, match="at step 2"):
         trainer.train()
     assert all(torch.equal(start[n], p) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_reward_training_under_a_loss_scaler_skips_a_nan_loss_step_through_the_scaler(
+    tmp_path, monkeypatch
+):
+    """fp16 with a dynamic loss scale (on a GPU): the guard cannot drop the gradients (the
+    scaler's step refuses a step without them) and fills them with NaN instead, so the scaler
+    skips the step, lowers its scale and says so, and the schedule holds. The scaler is a real
+    ``torch.amp.GradScaler`` on the CPU, handed to the accelerator before it wraps the
+    optimiser (accelerate gives none on a CPU)."""
+    trainer, model, start = _nan_reward_trainer(
+        tmp_path, monkeypatch, {1}, steps=2, lr_scheduler_type="linear", warmup_steps=0
+    )
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    trainer.accelerator.scaler = scaler
+    seen = []
+    real_step = scaler.step
+
+    def step(optimizer, *args, **kwargs):
+        seen.append(all(torch.isnan(p.grad).all() for p in trainer._trainable()))
+        return real_step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(scaler, "step", step)
+    trainer.train()
+    assert seen == [True, False]  # step 1 reached the scaler as NaN gradients, step 2 as real ones
+    assert scaler.get_scale() == 2.0**9  # the scaler skipped step 1 and halved its scale
+    assert [e["train/skipped_steps"] for e in trainer.state.log_history if "loss" in e] == [1, 1]
+    assert [e["learning_rate"] for e in trainer.state.log_history if "loss" in e] == [2e-3, 2e-3]
+    assert trainer.lr_scheduler.last_epoch == 1
+    now = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert all(torch.isfinite(p).all() for p in now.values())
+    assert any(not torch.equal(start[n], now[n]) for n in start)  # step 2 trained
