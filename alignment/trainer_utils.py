@@ -524,7 +524,7 @@ class PolicyTrainerBase:
             skipped = held = not engine.was_step_applied()
             if skipped and not loss_bad and engine.fp16_enabled():
                 skipped = False  # the loss scaler's own overflow skip
-        elif acc.scaler is not None:
+        elif acc.scaler is not None and acc.scaler.is_enabled():
             # The scaler has to see every step: the clip below unscales (fp16) and only its
             # ``step`` + ``update`` reset that, or the next clip raises. A skipped step hands it
             # NaN gradients, so it skips and lowers its scale; it lowers the scale exactly when it

@@ -456,13 +456,14 @@ class ModelScorer:
 
 
 class _NonFiniteStepGuard(TrainerCallback):
-    """Hands the optimiser-step events of ``Trainer``'s loop to :class:`RewardTrainer`'s guard."""
+    """Hands the optimiser-step events of ``Trainer``'s loop to :class:`RewardTrainer`'s guard
+    (whether to skip is decided earlier, in :meth:`RewardTrainer.training_step`)."""
 
     def __init__(self, trainer: RewardTrainer) -> None:
         self.trainer = trainer
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._guard_before_step()
+        self.trainer._drop_skipped_gradients()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._guard_after_step(state.global_step + 1)
@@ -573,24 +574,43 @@ class RewardTrainer(Trainer):
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def _scaler(self):
+        """The accelerator's dynamic fp16 loss scaler, or None (also when it is disabled)."""
+        scaler = self.accelerator.scaler
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:
+            # the window's last backward: decide now, before ``Trainer`` clips (under fp16 the
+            # clip unscales, and that is when the scaler records whether it will skip)
+            self._guard_before_step()
+        return loss
+
     def _guard_before_step(self) -> None:
-        """Before the optimiser steps (not under DeepSpeed, whose engine stepped in backward):
-        drop the gradients when a loss of the window or the gradient is non-finite anywhere.
-        With a dynamic fp16 loss scale a gradient overflow is the scaler's to skip."""
+        """After the accumulation window's last backward (not under DeepSpeed, whose engine
+        steps in backward): skip the step when a loss of the window or the gradient is
+        non-finite on any process. With a dynamic fp16 loss scale a gradient overflow is the
+        scaler's to skip, and a skipped step hands it NaN gradients now, before the clip
+        unscales (the scaler refuses a step without gradients; NaN ones make it skip and lower
+        its scale). Without one the gradients are dropped after the clip
+        (:meth:`_drop_skipped_gradients`), so the logged norm shows what was skipped."""
         if self.is_deepspeed_enabled:
             return
-        scaler = self.accelerator.scaler
+        scaler = self._scaler()
         self._scale_before = scaler.get_scale() if scaler is not None else None
         grad_bad = scaler is None and not grads_finite(self._trainable())
         self._skip_step = any_process(self.accelerator, self.guard.pending or grad_bad)
-        if not self._skip_step:
-            return
-        if scaler is None:
-            self.optimizer.zero_grad(set_to_none=True)
-        else:  # the scaler refuses a step without gradients; NaN ones make it skip (and say so)
+        if self._skip_step and scaler is not None:
             for p in self._trainable():
                 if p.grad is not None:
                     p.grad.fill_(float("nan"))
+
+    def _drop_skipped_gradients(self) -> None:
+        """Just before the optimiser steps: a skipped step without a loss scaler steps on no
+        gradients (AdamW leaves the weights and its moments as they are)."""
+        if self._skip_step and self._scaler() is None and not self.is_deepspeed_enabled:
+            self.optimizer.zero_grad(set_to_none=True)
 
     def _guard_after_step(self, step: int) -> None:
         if self.is_deepspeed_enabled:
@@ -601,14 +621,14 @@ class RewardTrainer(Trainer):
                 skipped = False  # the loss scaler's own overflow skip
         else:
             skipped = self._skip_step
-            scaler = self.accelerator.scaler
+            scaler = self._scaler()
             # ``Trainer`` holds the learning-rate schedule when the accelerated optimiser says its
             # step was skipped. Without a scaler it never says so itself; with one it says so only
             # when the scaler did not call ``optimizer.step``, but a fused optimiser (the Trainer's
             # default AdamW) is always called and skips inside its kernel. The scaler lowers its
             # scale exactly when it skips (an overflow, or the guard's NaN gradients).
-            self.optimizer._is_overflow = (
-                skipped if scaler is None else scaler.get_scale() < self._scale_before
+            self.optimizer._is_overflow = skipped or (
+                scaler is not None and scaler.get_scale() < self._scale_before
             )
         self._skip_step = False
         self.guard.record(skipped, step)

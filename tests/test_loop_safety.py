@@ -143,13 +143,18 @@ def test_nonfinite_reward_gets_advantage_zero_and_stays_out_of_the_statistics(tm
     torch.testing.assert_close(adv, torch.tensor([-1.0, 0.0, 1.0, 0.0]), rtol=0, atol=1e-5)
 
 
-def _nan_loss_in_epochs(monkeypatch, trainer, epochs: set[int]) -> None:
+def _nan(loss: torch.Tensor, finite_gradients: bool = False) -> torch.Tensor:
+    """``loss`` made NaN; its gradients NaN too, or (``finite_gradients``) left as they were."""
+    return loss + float("nan") * loss.detach() if finite_gradients else loss * float("nan")
+
+
+def _nan_loss_in_epochs(monkeypatch, trainer, epochs: set[int], finite_gradients=False) -> None:
     """Make DDPO's PPO loss NaN in the given epochs (one micro-batch is enough)."""
     real = online_trainer.ppo_clip_loss
 
     def loss(*args, **kw):
         out = real(*args, **kw)
-        return out * float("nan") if trainer.epoch in epochs else out
+        return _nan(out, finite_gradients) if trainer.epoch in epochs else out
 
     monkeypatch.setattr(online_trainer, "ppo_clip_loss", loss)
 
@@ -202,15 +207,17 @@ def test_nonfinite_gradient_with_a_finite_loss_skips_the_step(tmp_path):
     assert all(torch.equal(before[n], p) for n, p in _lora(trainer).items())
 
 
-def _fp16_like(accelerator_cls):
+def _fp16_like(accelerator_cls, enabled: bool = True):
     """``accelerator_cls`` (accelerate's ``Accelerator``) with a real ``torch.amp.GradScaler`` on
     the CPU that unscales in ``clip_grad_norm_``, as under native fp16 on a GPU (on a CPU
-    accelerate gives no scaler)."""
+    accelerate gives no scaler); ``enabled=False`` as ``GradScalerKwargs(enabled=False)``."""
 
     class Scaled(accelerator_cls):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+            self.scaler = torch.amp.GradScaler(
+                "cpu", init_scale=2.0**10, growth_interval=1000, enabled=enabled
+            )
 
         def unscale_gradients(self, optimizer=None):
             for opt in self._optimizers:
@@ -219,26 +226,53 @@ def _fp16_like(accelerator_cls):
     return Scaled
 
 
+@pytest.mark.parametrize("finite_gradients", [False, True], ids=["nan-grads", "finite-grads"])
 def test_ddpo_under_a_loss_scaler_skips_a_nan_loss_step_and_holds_the_schedule(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, finite_gradients
 ):
-    """fp16's loss scaler (a GPU run): a NaN-loss step reaches the scaler as NaN gradients, so it
-    skips the update, lowers its scale and resets, and the next step trains (before, the skipped
-    step left the scaler's unscale pending and the next clip raised); the LR schedule holds."""
+    """fp16's loss scaler (a GPU run): a NaN-loss step reaches the scaler as NaN gradients (also
+    when the loss's gradients were finite), so it skips the update, lowers its scale and resets,
+    and the next step trains (before, the skipped step left the scaler's unscale pending and the
+    next clip raised); the LR schedule holds."""
     import accelerate
 
     monkeypatch.setattr(accelerate, "Accelerator", _fp16_like(accelerate.Accelerator))
     trainer = DDPOTrainer(_ddpo(tmp_path, num_epochs=2), prompts=PROMPTS)
     scaler = trainer.accelerator.scaler
-    assert isinstance(scaler, torch.amp.GradScaler) and trainer.optimizer.scaler is scaler
-    _nan_loss_in_epochs(monkeypatch, trainer, {0})
+    _nan_loss_in_epochs(monkeypatch, trainer, {0}, finite_gradients)
     before = _lora(trainer)
+    after_first = {}
+    real_step = trainer.backward_and_step
+
+    def backward_and_step(loss):
+        stepped = real_step(loss)
+        if stepped is not None and not after_first:
+            after_first.update(_lora(trainer))
+        return stepped
+
+    trainer.backward_and_step = backward_and_step
     trainer.train()
     assert [h["train/skipped_steps"] for h in trainer.history] == [1.0, 1.0]
     assert scaler.get_scale() == 2.0**9  # one skip, one backoff
     assert (trainer.global_step, trainer.lr_scheduler.last_epoch) == (2, 1)  # held once
     assert _all_finite(trainer)
+    assert all(torch.equal(before[n], after_first[n]) for n in before)  # step 1 not taken
     assert any(not torch.equal(before[n], p) for n, p in _lora(trainer).items())
+
+
+def test_a_disabled_loss_scaler_is_no_scaler_to_the_guard(tmp_path, monkeypatch):
+    """``GradScalerKwargs(enabled=False)``: the scaler never skips, so a NaN-loss step must be
+    dropped by the guard itself (stepping with NaN gradients would write NaN weights)."""
+    import accelerate
+
+    monkeypatch.setattr(accelerate, "Accelerator", _fp16_like(accelerate.Accelerator, False))
+    trainer = DDPOTrainer(_ddpo(tmp_path, num_epochs=1), prompts=PROMPTS)
+    _nan_loss_in_epochs(monkeypatch, trainer, {0}, finite_gradients=True)
+    before = _lora(trainer)
+    trainer.train()
+    assert trainer.history[0]["train/skipped_steps"] == 1.0
+    assert trainer.lr_scheduler.last_epoch == 0
+    assert all(torch.equal(before[n], p) for n, p in _lora(trainer).items())
 
 
 # ----------------------------------------------------------------------------- DPO
@@ -357,9 +391,15 @@ def test_refl_all_nan_rewards_stop_after_k_skips(tmp_path):
 # ----------------------------------------------------------------------------- reward training
 
 
-def _nan_reward_trainer(tmp_path, monkeypatch, nan_calls, steps, k=3, out=None, **kw):
+def _trainable(model) -> list[tuple[str, torch.Tensor]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _nan_reward_trainer(
+    tmp_path, monkeypatch, nan_calls, steps, k=3, out=None, finite_gradients=False, **kw
+):
     """A tiny reward run (LLaVA backbone, toy pairs, lr 2e-3) whose loss is NaN on the calls in
-    ``nan_calls``: ``(trainer, model, trainable weights at the start)``."""
+    ``nan_calls`` (:func:`_nan`): ``(trainer, model, trainable weights at the start)``."""
     import reward.training as training
     from reward.modeling import LlavaRewardModel
     from reward.testing import save_tiny_backbone
@@ -382,7 +422,7 @@ def _nan_reward_trainer(tmp_path, monkeypatch, nan_calls, steps, k=3, out=None, 
     def loss(*args, **kwargs):
         calls["n"] += 1
         out, stats = real(*args, **kwargs)
-        return (out * float("nan"), stats) if calls["n"] in nan_calls else (out, stats)
+        return (_nan(out, finite_gradients), stats) if calls["n"] in nan_calls else (out, stats)
 
     monkeypatch.setattr(training, "reward_loss", loss)
     args = RewardTrainingArguments(
@@ -446,33 +486,43 @@ def test_reward_training_skips_a_nan_loss_step_and_stops_after_k(tmp_path, monke
     assert all(torch.equal(start[n], p) for n, p in model.named_parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("finite_gradients", [False, True], ids=["nan-grads", "finite-grads"])
 def test_reward_training_under_a_loss_scaler_skips_a_nan_loss_step_through_the_scaler(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, finite_gradients
 ):
-    """fp16 with a dynamic loss scale (on a GPU): the guard cannot drop the gradients (the
-    scaler's step refuses a step without them) and fills them with NaN instead, so the scaler
-    skips the step, lowers its scale and says so, and the schedule holds. The scaler is a real
-    ``torch.amp.GradScaler`` on the CPU, handed to the accelerator before it wraps the
-    optimiser (accelerate gives none on a CPU)."""
-    trainer, model, start = _nan_reward_trainer(
-        tmp_path, monkeypatch, {1}, steps=2, lr_scheduler_type="linear", warmup_steps=0
+    """fp16 with a dynamic loss scale (a GPU run): ``Trainer`` unscales in its clip, before the
+    optimiser step, and that is when the scaler decides to skip; the guard hands it NaN
+    gradients before that, so it skips the step (also when the NaN loss had finite gradients),
+    lowers its scale, and the schedule holds (accelerate misses the skip of a fused AdamW)."""
+    import transformers.trainer
+
+    monkeypatch.setattr(
+        transformers.trainer, "Accelerator", _fp16_like(transformers.trainer.Accelerator)
     )
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
-    trainer.accelerator.scaler = scaler
-    seen = []
-    real_step = scaler.step
+    trainer, model, start = _nan_reward_trainer(
+        tmp_path,
+        monkeypatch,
+        {1},
+        steps=2,
+        finite_gradients=finite_gradients,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+    )
+    scaler = trainer.accelerator.scaler
+    after_first = {}
 
-    def step(optimizer, *args, **kwargs):
-        seen.append(all(torch.isnan(p.grad).all() for p in trainer._trainable()))
-        return real_step(optimizer, *args, **kwargs)
+    class Snapshot(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                after_first.update({n: p.detach().clone() for n, p in _trainable(model)})
 
-    monkeypatch.setattr(scaler, "step", step)
+    trainer.add_callback(Snapshot())
     trainer.train()
-    assert seen == [True, False]  # step 1 reached the scaler as NaN gradients, step 2 as real ones
     assert scaler.get_scale() == 2.0**9  # the scaler skipped step 1 and halved its scale
     assert [e["train/skipped_steps"] for e in trainer.state.log_history if "loss" in e] == [1, 1]
     assert [e["learning_rate"] for e in trainer.state.log_history if "loss" in e] == [2e-3, 2e-3]
     assert trainer.lr_scheduler.last_epoch == 1
-    now = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert all(torch.equal(start[n], after_first[n]) for n in start)  # step 1 not taken
+    now = dict(_trainable(model))
     assert all(torch.isfinite(p).all() for p in now.values())
     assert any(not torch.equal(start[n], now[n]) for n in start)  # step 2 trained
