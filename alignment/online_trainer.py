@@ -61,7 +61,7 @@ from alignment.trainer_utils import (
     parse_json_kwargs,
     reduce_metrics,
 )
-from reward.guards import set_thread_device
+from reward.guards import indexed_device, set_thread_device
 
 
 @dataclass
@@ -282,8 +282,14 @@ class OnlineRLTrainerBase(PolicyTrainerBase):
         self.stat_tracker = PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count)
         self.epoch = 0
         self.sampling_batch = 0  # the batch of the epoch being sampled (see sample_epoch)
+        # the reward thread works on this process's GPU (resolved here: accelerate's index-less
+        # ``cuda`` of a single process means this thread's current device, not the worker's)
         self._pool = (
-            ThreadPoolExecutor(max_workers=1, initializer=set_thread_device, initargs=(acc.device,))
+            ThreadPoolExecutor(
+                max_workers=1,
+                initializer=set_thread_device,
+                initargs=(indexed_device(acc.device),),
+            )
             if cfg.async_reward
             else None
         )

@@ -213,12 +213,23 @@ def process_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def indexed_device(device: str | torch.device) -> torch.device:
+    """``device`` with its index: the index-less ``cuda`` (accelerate's device for a single
+    process without DeepSpeed) is the calling thread's current CUDA device; others unchanged."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def set_thread_device(device: str | torch.device) -> None:
     """Make ``device`` the current CUDA device of the calling thread (a no-op for other devices).
 
     CUDA's current device is per thread: a worker thread (e.g. an asynchronous reward) starts on
-    GPU 0 whatever its process uses, so it must call this before it touches a GPU."""
-    device = torch.device(device)
+    GPU 0 whatever its process uses, so it must call this before it touches a GPU. Pass it an
+    indexed device resolved in the parent thread (:func:`indexed_device`); ``torch.cuda.set_device``
+    refuses the index-less ``cuda``, which here means the calling thread's current device."""
+    device = indexed_device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
@@ -229,6 +240,7 @@ __all__ = [
     "any_process",
     "check_ranges",
     "grads_finite",
+    "indexed_device",
     "is_finite",
     "params_finite",
     "poison_nonfinite",

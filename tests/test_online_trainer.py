@@ -179,10 +179,20 @@ def test_process_device_is_indexed_and_the_thread_setter_sets_cuda_only(monkeypa
     assert default_device_dtype(None, None) == (torch.device("cuda", 3), torch.bfloat16)
 
     set_to = []
-    monkeypatch.setattr(torch.cuda, "set_device", set_to.append)
+
+    def set_device(device):  # as torch's: an index-less "cuda" is refused
+        if torch.device(device).index is None:
+            raise ValueError(f"Expected a torch.device with a specified index, got {device}")
+        set_to.append(device)
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
     guards.set_thread_device("cpu")
     guards.set_thread_device(torch.device("cuda", 1))
-    assert set_to == [torch.device("cuda", 1)]
+    # accelerate's device for one process without DeepSpeed: the current device, resolved
+    guards.set_thread_device(torch.device("cuda"))
+    assert set_to == [torch.device("cuda", 1), torch.device("cuda", 3)]
+    assert guards.indexed_device("cuda") == torch.device("cuda", 3)
+    assert guards.indexed_device("cpu") == torch.device("cpu")
 
 
 _RECEIVED: list = []
