@@ -442,7 +442,7 @@ class FlowPolicy(PolicyBase):
             ``[B, C, h, w]`` in the transformer's dtype.
         """
         model = self.forward_model()
-        dtype = self.transformer.dtype
+        dtype = self.forward_dtype()
         b, _, h, w = latents.shape
         t = torch.as_tensor(t, device=latents.device, dtype=torch.float32)
         t = t.expand(b) if t.ndim == 0 else t

@@ -217,7 +217,7 @@ class DiffusionPolicy(PolicyBase):
         t = torch.as_tensor(t, device=latents.device)
         if t.ndim == 0:
             t = t.expand(latents.shape[0])
-        dtype = next(self.unet.parameters()).dtype
+        dtype = self.forward_dtype()
         latents = latents.to(dtype)
         embeds = embeds.to(dtype)
         if guidance_scale > 1.0:

@@ -133,6 +133,12 @@ class PolicyBase:
             return self._reference_model
         return self._forward_model
 
+    def forward_dtype(self) -> torch.dtype:
+        """The dtype of the module a forward pass calls now (:meth:`forward_model`): inputs are
+        cast to it. Under DeepSpeed bf16 / fp16 the engine casts the trained model's weights
+        while the frozen reference copy of full training keeps float32."""
+        return next(self.forward_model().parameters()).dtype
+
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
         """Within this context the policy is the reference (adapter off / frozen copy): for KL

@@ -260,3 +260,35 @@ def test_bf16_frozen_weights_keep_fp32_lora_and_latents():
         out = policy.sample(PROMPTS, num_steps=3, guidance_scale=3.5)
     assert out.latents.dtype == torch.float32 and out.images.dtype == torch.float32
     assert torch.isfinite(out.log_probs).all() and torch.isfinite(out.images).all()
+
+
+@pytest.mark.parametrize("kind", ["sd3", "sd15"])
+def test_the_full_reference_runs_in_float32_when_deepspeed_casts_the_trained_model(kind):
+    """DeepSpeed bf16 casts the weights of the model it wraps in place; the frozen reference copy
+    of full training stays float32. A reference pass (DPO's, or DDPO's KL) takes its input dtype
+    from the model it calls, not from the trained one (it crashed: 'mat1 and mat2 must have the
+    same dtype')."""
+    from alignment.policy import DiffusionPolicy
+
+    torch.manual_seed(0)
+    if kind == "sd3":
+        policy = _policy("sd3", use_lora=False, keep_reference=True)
+        predict = policy.predict_velocity
+        x = torch.randn(2, 4, 16, 16)
+        t = torch.tensor([500.0, 250.0])
+    else:
+        policy = DiffusionPolicy.from_pretrained("tiny", use_lora=False, keep_reference=True)
+        predict = policy.predict_noise
+        x = torch.randn(2, 4, 8, 8)
+        t = torch.tensor([500, 250])
+    with torch.no_grad():
+        embeds = policy.encode_prompts(["a cat", "a dog"])
+        expected = predict(x, t, embeds, 3.0)
+        for p in policy.trained_model.parameters():  # what the engine does at prepare
+            p.data = p.data.to(torch.bfloat16)
+        with policy.reference():
+            ref = predict(x, t, embeds, 3.0)
+        tuned = predict(x, t, embeds, 3.0)
+    assert ref.dtype == torch.float32 and tuned.dtype == torch.bfloat16
+    torch.testing.assert_close(ref, expected, rtol=0, atol=0)
+    torch.testing.assert_close(tuned.float(), expected, rtol=0.1, atol=0.1)
