@@ -160,8 +160,12 @@ class RewardTrainingArguments(TrainingArguments):
             self.dataloader_pin_memory = False
         if self.report_to == "auto":
             self.report_to = default_report_to()
-        if self.bf16 is None:
-            self.bf16 = bool(_cuda() and torch.cuda.is_bf16_supported()) and not self.use_cpu
+        if self.bf16 is None:  # bf16 by default where the GPU has it, unless fp16 was asked for
+            self.bf16 = (
+                bool(_cuda() and torch.cuda.is_bf16_supported())
+                and not self.use_cpu
+                and not self.fp16
+            )
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = _cuda() and not self.use_cpu
         if self.ddp_backend is None:  # gloo for DeepSpeed on CPUs (reward.distributed)

@@ -472,3 +472,25 @@ def test_other_backbone_families_train_on_mixed_batches(family, toy, tmp_path):
     trained, loaded = _trainable(model), _trainable(fresh)
     assert trained.keys() == loaded.keys()
     assert all(torch.equal(trained[k], loaded[k]) for k in trained)
+
+
+def test_bf16_is_the_gpu_default_unless_fp16_is_asked_for(monkeypatch, tmp_path):
+    """On a bf16-capable GPU ``bf16`` defaults on; ``--fp16`` must turn that default off (both on
+    is refused by transformers: 'At most one of fp16 and bf16 can be True')."""
+    import transformers.training_args
+
+    import reward.training as training
+
+    monkeypatch.setattr(training, "_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: True)
+
+    def args(**kw):
+        return training.RewardTrainingArguments(
+            output_dir=str(tmp_path), perspective="alignment", report_to="none", **kw
+        )
+
+    assert args().bf16 and not args().fp16
+    fp16 = args(fp16=True)
+    assert fp16.fp16 and not fp16.bf16
+    assert not args(use_cpu=True).bf16
