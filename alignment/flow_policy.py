@@ -455,7 +455,7 @@ class FlowPolicy(PolicyBase):
                 guidance = torch.full((b,), float(guidance_scale), device=x.device)
             out = model(
                 hidden_states=self._pack(x),
-                timestep=(t / 1000).to(dtype),
+                timestep=t.to(dtype) / 1000,  # FluxPipeline rounds t to the dtype first
                 guidance=guidance,
                 pooled_projections=cond.pooled,
                 encoder_hidden_states=cond.embeds,

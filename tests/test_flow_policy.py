@@ -292,3 +292,21 @@ def test_the_full_reference_runs_in_float32_when_deepspeed_casts_the_trained_mod
     assert ref.dtype == torch.float32 and tuned.dtype == torch.bfloat16
     torch.testing.assert_close(ref, expected, rtol=0, atol=0)
     torch.testing.assert_close(tuned.float(), expected, rtol=0.1, atol=0.1)
+
+
+def test_flux_gets_the_pipelines_timestep_in_bf16():
+    """FluxPipeline casts ``t`` to the latents' dtype, then divides by 1000; in bf16 the order
+    matters (bf16 has steps of 4 between 512 and 1024): 850 -> 848 -> 0.848, not 0.852."""
+    policy = _policy("flux", weight_dtype=torch.bfloat16)
+    seen = []
+    policy.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["timestep"]), with_kwargs=True
+    )
+    t = torch.tensor([850.0, 1000.0, 3.3])
+    with torch.no_grad():
+        embeds = policy.encode_prompts(PROMPTS[:1] * 3)
+        policy.predict_velocity(torch.randn(3, 4, 16, 16), t, embeds, 3.5)
+    expected = t.to(torch.bfloat16) / 1000
+    assert seen[0].dtype == torch.bfloat16
+    torch.testing.assert_close(seen[0], expected, rtol=0, atol=0)
+    assert not torch.equal(expected, (t / 1000).to(torch.bfloat16))  # the order is seen
