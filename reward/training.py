@@ -47,6 +47,7 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .data import ON_ERROR_HELP, load_image_ref, load_reward_data, write_skipped
@@ -766,16 +767,23 @@ class RewardTrainer(Trainer):
         finally:
             del self._get_output_dir
         self.accelerator.wait_for_everyone()
+        # the library saw the staging folder as the run's: a best checkpoint it found there is
+        # the renamed one (on every process: each one may load it at the end)
+        best = self.state.best_model_checkpoint
+        if best and os.path.dirname(os.path.normpath(best)) == os.path.normpath(staging):
+            self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
         if self.args.should_save:
             Path(staging, name, GUARD_STATE_FILE).write_text(json.dumps(self.guard.state_dict()))
+            state_file = Path(staging, name, TRAINER_STATE_NAME)
+            if best and state_file.is_file():  # and so does the state saved in the checkpoint
+                saved = json.loads(state_file.read_text())
+                saved["best_model_checkpoint"] = self.state.best_model_checkpoint
+                state_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
             final = os.path.join(run_dir, name)
             if os.path.isdir(final):
                 shutil.rmtree(final)
             os.replace(os.path.join(staging, name), final)
             shutil.rmtree(staging, ignore_errors=True)
-            best = self.state.best_model_checkpoint
-            if best and best.startswith(staging):
-                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
             rotate_checkpoints(
                 output_dir=run_dir,
                 save_total_limit=self.args.save_total_limit,

@@ -494,3 +494,46 @@ def test_bf16_is_the_gpu_default_unless_fp16_is_asked_for(monkeypatch, tmp_path)
     fp16 = args(fp16=True)
     assert fp16.fp16 and not fp16.bf16
     assert not args(use_cpu=True).bf16
+
+
+def test_the_best_checkpoint_is_the_renamed_one_in_memory_in_its_state_and_on_resume(
+    backbone_dir, toy, tmp_path
+):
+    """Checkpoints are written under ``.staging`` and renamed into place; with
+    ``load_best_model_at_end`` the library records the best one where it saw it. The run, and the
+    state saved in every checkpoint, must name the renamed folder, or a resume forgets the best
+    model (and other processes fail to load it at the end)."""
+    train, _ = read_reward_files(toy["alignment"][0])
+    held_out, _ = read_reward_files(toy["alignment"][1])
+    kw = dict(
+        max_steps=2,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        load_best_model_at_end=True,
+        per_device_eval_batch_size=16,
+    )
+    trainer = RewardTrainer(
+        _model(backbone_dir, "alignment"),
+        _args(tmp_path, "alignment", **kw),
+        train_dataset=train,
+        eval_dataset=held_out.select(range(16)),
+    )
+    trainer.train()
+    run = tmp_path / "checkpoints" / "alignment"
+    best = Path(trainer.state.best_model_checkpoint)
+    assert best.parent == run and best.is_dir()
+    for ckpt in ("checkpoint-1", "checkpoint-2"):
+        saved = json.loads((run / ckpt / "trainer_state.json").read_text())
+        assert ".staging" not in saved["best_model_checkpoint"]
+        assert Path(saved["best_model_checkpoint"]).is_dir()
+    resumed = RewardTrainer(
+        _model(backbone_dir, "alignment"),
+        _args(tmp_path, "alignment", **{**kw, "max_steps": 3}),
+        train_dataset=train,
+        eval_dataset=held_out.select(range(16)),
+    )
+    resumed.train(resume_from_checkpoint=str(run / "checkpoint-2"))
+    assert resumed.state.best_model_checkpoint is not None
+    assert Path(resumed.state.best_model_checkpoint).parent == run
