@@ -474,6 +474,10 @@ class _NonFiniteStepGuard(TrainerCallback):
         self.trainer._guard_after_step(state.global_step + 1)
 
 
+#: The statistics :func:`reward_loss` reports (``RewardTrainer`` logs them, example-weighted).
+_STAT_KEYS = ("accuracy", "margin", "unpaired_accuracy")
+
+
 class RewardTrainer(Trainer):
     """``transformers.Trainer`` for one perspective of a :class:`LlavaRewardModel`.
 
@@ -541,7 +545,7 @@ class RewardTrainer(Trainer):
             callbacks=callbacks,
             **kwargs,
         )
-        self._metrics: dict[str, dict[str, list[float]]] = {
+        self._metrics: dict[str, dict[str, list[tuple[float, int]]]] = {  # (sum, count)
             "train": defaultdict(list),
             "eval": defaultdict(list),
         }
@@ -572,8 +576,9 @@ class RewardTrainer(Trainer):
             if self.is_deepspeed_enabled:
                 loss = poison_nonfinite(loss)
         mode = "train" if model.training else "eval"
+        counts = {"accuracy": n_pairs, "margin": n_pairs, "unpaired_accuracy": labels.numel()}
         for k, v in stats.items():
-            self._metrics[mode][k].append(v)
+            self._metrics[mode][k].append((v * counts[k], counts[k]))
         return (loss, outputs) if return_outputs else loss
 
     def _trainable(self) -> list[torch.nn.Parameter]:
@@ -651,12 +656,25 @@ class RewardTrainer(Trainer):
         return super().evaluate(eval_dataset, *args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the pair / unpaired statistics since the last log, example-weighted over every
+        process (each holds its shard; ``evaluate`` returns these logs, and the best-checkpoint
+        choice reads them, so every process must see the same numbers). One all-reduce of a
+        fixed-size tensor: ``Trainer`` calls this on every process at the same points."""
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
-        for k, vals in self._metrics[mode].items():
-            if vals:
-                logs[f"{prefix}{k}"] = sum(vals) / len(vals)
+        sums = torch.tensor(
+            [
+                [sum(v for v, _ in self._metrics[mode].get(k, ())) for k in _STAT_KEYS],
+                [sum(n for _, n in self._metrics[mode].get(k, ())) for k in _STAT_KEYS],
+            ],
+            dtype=torch.float64,
+        )
         self._metrics[mode].clear()
+        if self.accelerator.num_processes > 1:
+            sums = self.accelerator.reduce(sums.to(self.accelerator.device), "sum").cpu()
+        for k, total, n in zip(_STAT_KEYS, sums[0].tolist(), sums[1].tolist()):
+            if n > 0:
+                logs[f"{prefix}{k}"] = total / n
         if mode == "train":
             logs["train/skipped_steps"] = self.guard.skipped
         super().log(logs, start_time)

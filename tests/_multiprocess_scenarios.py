@@ -145,10 +145,12 @@ SCENARIOS: dict[str, tuple[str, str, dict[str, str]]] = {
         "reward_tiny.yaml",
         {
             "toy_n_train": "16",
-            "toy_n_eval": "4",
+            "toy_n_eval": "12",  # 6 per rank: the eval statistics must be over both shards
+            "eval_strategy": "steps",
+            "eval_steps": "2",
             "max_steps": "2",
             "per_device_train_batch_size": "2",
-            "per_device_eval_batch_size": "4",
+            "per_device_eval_batch_size": "3",  # no padding of the last batch
             "save_steps": "2",
             "logging_steps": "1",
             "report_to": "none",
@@ -262,6 +264,9 @@ def recording() -> Iterator[tuple[list, list]]:
             "gathered_rewards": [float(r) for r in gathered],
         }
 
+    def reward_eval(args, kwargs, result):
+        return {"eval_metrics": {k: v for k, v in result.items() if "accuracy" in k}}
+
     def grpo_eval(args, kwargs, result):
         return {"eval": round(result["eval/reward_mean"], 6)}
 
@@ -277,6 +282,7 @@ def recording() -> Iterator[tuple[list, list]]:
     _wrap(dpo, "sample_ranked", dpo_sampled, draws, patches)
     _wrap(DraftTrainer, "compute_loss", draft_loss, draws, patches)
     _wrap(RewardTrainer, "compute_loss", reward_loss, draws, patches)
+    _wrap(RewardTrainer, "evaluate", reward_eval, draws, patches)
     for cls in (DDPOTrainer, GRPOTrainer, dpo.DPOTrainer, DraftTrainer, RewardTrainer):
         _wrap(cls, "train", capture, draws, patches)
 

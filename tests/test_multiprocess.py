@@ -188,6 +188,22 @@ def test_two_ranks(runs, backend, scenario):
             assert 2 * local == whole, w
 
 
+@pytest.mark.parametrize("backend", ["ddp", *ZERO])
+def test_reward_eval_accuracy_is_over_every_shard_and_the_same_on_each_rank(runs, backend):
+    """Each rank evaluates its shard of the eval pairs (6 of 12); the pair accuracy ``evaluate``
+    returns (which the best-checkpoint choice reads) is reduced over both: the same on each
+    rank (one all-reduce in ``log``, reached by every rank under DDP and ZeRO), and equal to the
+    full eval split's accuracy that the end-of-run report computes with the same final weights.
+    (Here both shards score 3 of 6; the weighting itself is checked by hand in
+    ``tests/test_reward_training.py``.)"""
+    name = f"{backend}_reward"
+    r0, r1 = runs["two"][name]
+    (m0,), (m1,) = _calls(r0, "eval_metrics"), _calls(r1, "eval_metrics")
+    assert m0 == m1
+    report = json.loads((runs["out"] / name / "eval_report_alignment.json").read_text())
+    assert m0["eval_accuracy"] == pytest.approx(report["accuracy"], abs=1e-6)
+
+
 @pytest.mark.parametrize("scenario", ALL)
 def test_the_backends_train_the_same_weights(runs, scenario):
     """Same streams, same global batch: DDP, ZeRO-2 and ZeRO-3 end with the same weights (up to

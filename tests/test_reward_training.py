@@ -537,3 +537,27 @@ def test_the_best_checkpoint_is_the_renamed_one_in_memory_in_its_state_and_on_re
     resumed.train(resume_from_checkpoint=str(run / "checkpoint-2"))
     assert resumed.state.best_model_checkpoint is not None
     assert Path(resumed.state.best_model_checkpoint).parent == run
+
+
+def test_logged_statistics_are_example_weighted_over_every_process(
+    backbone_dir, toy, tmp_path, monkeypatch
+):
+    """``log`` reduces (sum, count) of each statistic over the processes. By hand, with a second
+    process faked through ``accelerator.reduce``: this rank saw batches of 4 and 2 pairs with
+    accuracies 0.75 and 0.5 (4 right of 6), the other rank 3 right of 10 pairs and 1 of 2
+    unpaired: accuracy (4 + 3) / 16, unpaired accuracy 1 / 2 (this rank had none)."""
+    import accelerate
+
+    train, _ = read_reward_files(toy["alignment"][0])
+    trainer = RewardTrainer(_model(backbone_dir, "alignment"), _args(tmp_path, "alignment"), train)
+    other = torch.tensor([[3.0, 0.0, 1.0], [10.0, 10.0, 2.0]], dtype=torch.float64)  # sums; counts
+    monkeypatch.setattr(accelerate.Accelerator, "num_processes", property(lambda self: 2))
+    monkeypatch.setattr(trainer.accelerator, "reduce", lambda t, reduction: t + other)
+    trainer._metrics["eval"]["accuracy"] += [(0.75 * 4, 4), (0.5 * 2, 2)]
+    trainer._metrics["eval"]["margin"] += [(1.0 * 4, 4), (-2.0 * 2, 2)]
+    logs = {"eval_loss": 0.5}
+    trainer.log(logs)
+    assert logs["eval_accuracy"] == pytest.approx(7 / 16)
+    assert logs["eval_margin"] == pytest.approx(0.0 / 16)  # (4 - 4 + 0) / 16
+    assert logs["eval_unpaired_accuracy"] == pytest.approx(0.5)
+    assert not trainer._metrics["eval"]  # cleared for the next window
