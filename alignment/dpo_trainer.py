@@ -82,7 +82,7 @@ from alignment.trainer_utils import (
     parse_json_kwargs,
     reduce_metrics,
 )
-from reward.guards import NonFiniteError
+from reward.guards import NonFiniteError, any_process
 
 
 @dataclass
@@ -700,9 +700,12 @@ class DPOTrainer(PolicyTrainerBase):
                 "latents_w": res["latents"][p, i].to(acc.device),
                 "latents_l": res["latents"][p, j].to(acc.device),
             }
-        elif self._buffer is None:
+        # decided together: a process without pairs cannot take its part of the step, and one
+        # process raising alone leaves the others waiting in the next collective
+        if any_process(acc, self._buffer is None):
+            where = "this process" if self._buffer is None else "another process"
             raise NonFiniteError(
-                f"No online pair: every reward of the {len(prompts)} prompts sampled at step "
+                f"No online pair on {where}: every reward of the prompts it sampled at step "
                 f"{self.global_step} is non-finite (or all are equal). Check the reward."
             )
         local = reduce_metrics(acc, local, weight=len(pairs))

@@ -6,6 +6,7 @@ a gradient hook) into a tiny run of a few seconds."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -326,6 +327,13 @@ def test_dpo_nonfinite_loss_skips_and_nan_rewards_never_pair(tmp_path, monkeypat
     assert any(not torch.equal(before[n], p) for n, p in _lora(trainer).items())
     assert (tmp_path / "training_curves.png").stat().st_size > 1000
     assert len(list((tmp_path / "samples").glob("*.png"))) == 1
+    # every reward NaN at the first refresh: no pair to train on; a clear stop (decided on every
+    # process together: one raising alone left the others in the next collective)
+    out = str(tmp_path / "none")
+    reward = "test_loop_safety:differentiable_all_nan"
+    none = DPOTrainer(dataclasses.replace(cfg, reward=reward, output_dir=out), prompts=PROMPTS)
+    with pytest.raises(NonFiniteError, match="No online pair on this process.* at step 0"):
+        none.train()
 
 
 # ----------------------------------------------------------------------------- DRaFT / ReFL
