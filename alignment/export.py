@@ -42,30 +42,45 @@ from typing import Any
 import torch
 
 
+def _own_cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the CPU, in storage of its own (the export fuses the LoRA into it in place: it
+    must never be the live model's; a tensor already on the CPU is cloned, others are copied by
+    the move)."""
+    out = t.detach().cpu()
+    return out.clone() if out.data_ptr() == t.data_ptr() else out
+
+
 def build_tuned_module(
     policy: Any,
     state_dict: dict[str, torch.Tensor] | None = None,
     overrides: dict[str, torch.Tensor] | None = None,
 ) -> torch.nn.Module:
-    """A fresh float32 CPU copy of the policy's UNet or transformer (with its LoRA adapter, if
-    any) carrying ``state_dict`` (default: the policy's current weights) with ``overrides``
-    replacing entries by name.
+    """A fresh CPU copy of the policy's UNet or transformer (with its LoRA adapter, if any)
+    carrying ``state_dict`` (default: the policy's current weights) with ``overrides`` replacing
+    entries by name. The UNet comes in float32; the transformer in the state's own dtypes (its
+    weights in the run's dtype, the LoRA in float32).
 
     Pass the full state dict gathered by the trainer (``accelerator.get_state_dict(module)``) when
-    the live module is sharded (DeepSpeed ZeRO-3); keys may carry a ``module.`` prefix.
+    the live module is sharded (DeepSpeed ZeRO-3); keys may carry a ``module.`` prefix. The module
+    is built without weights (``init_empty_weights``) and takes CPU copies of the state's tensors
+    as its own (``assign=True``): a FLUX transformer (12 B parameters) costs one bf16 copy in host
+    memory (24 GB), not two float32 ones (96 GB).
     """
+    from accelerate import init_empty_weights
+
     live = policy.trained_model
     if state_dict is None:
         state_dict = live.state_dict()
-    state = {k.removeprefix("module."): v.detach().float().cpu() for k, v in state_dict.items()}
+    state = {k.removeprefix("module."): _own_cpu_copy(v) for k, v in state_dict.items()}
     for name, value in (overrides or {}).items():
         if name not in state:
             raise KeyError(f"Override {name!r} is not a weight of the {type(live).__name__}.")
-        state[name] = value.detach().float().cpu()
-    module = type(live).from_config(live.config)
-    if policy.lora_config is not None:
-        module.add_adapter(copy.deepcopy(policy.lora_config))
-    missing, unexpected = module.load_state_dict(state, strict=False)
+        state[name] = _own_cpu_copy(value).to(state[name].dtype)
+    with init_empty_weights():
+        module = type(live).from_config(live.config)
+        if policy.lora_config is not None:
+            module.add_adapter(copy.deepcopy(policy.lora_config))
+    missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise RuntimeError(
             f"The state does not match the policy's {type(live).__name__}: missing "
@@ -73,6 +88,8 @@ def build_tuned_module(
             "accelerator.get_state_dict(module), with stage3_gather_16bit_weights_on_model_save "
             "under ZeRO-3)."
         )
+    if policy.trained_attr == "unet":
+        module.float()
     return module.eval()
 
 

@@ -310,3 +310,30 @@ def test_flux_gets_the_pipelines_timestep_in_bf16():
     assert seen[0].dtype == torch.bfloat16
     torch.testing.assert_close(seen[0], expected, rtol=0, atol=0)
     assert not torch.equal(expected, (t / 1000).to(torch.bfloat16))  # the order is seen
+
+
+def test_export_builds_the_transformer_in_the_run_dtype_and_leaves_the_live_one_alone(tmp_path):
+    """The export's transformer is built without weights and takes CPU copies of the state (a
+    FLUX transformer: one bf16 copy in host memory, not two float32 ones): its weights stay in the
+    run's bf16, the LoRA in float32; fusing the LoRA into it never touches the live policy; the
+    folder loads in plain diffusers with the fused weights."""
+    from alignment.export import build_tuned_module, export_policy
+
+    policy = _policy("flux", weight_dtype=torch.bfloat16)
+    with torch.no_grad():
+        for n, p in policy.transformer.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05 * torch.randn_like(p))  # a trained adapter
+    live = {k: v.clone() for k, v in policy.transformer.state_dict().items()}
+    tuned = build_tuned_module(policy)
+    dtypes = {n: p.dtype for n, p in tuned.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora" not in n} == {torch.bfloat16}
+    assert {d for n, d in dtypes.items() if "lora" in n} == {torch.float32}
+    assert not any(p.is_meta for p in tuned.parameters())
+    export = export_policy(policy, tmp_path / "export")
+    after = policy.transformer.state_dict()
+    assert all(torch.equal(live[k], after[k]) for k in live)  # the live model is untouched
+    loaded = FluxPipeline.from_pretrained(export, torch_dtype=torch.bfloat16).transformer
+    name = next(n for n in live if n.endswith("to_q.base_layer.weight"))
+    fused = loaded.state_dict()[name.replace(".base_layer", "")]
+    assert fused.dtype == torch.bfloat16 and not torch.equal(fused, live[name])
