@@ -216,6 +216,8 @@ def save_checkpoint(
     step: int,
     trainer_state: dict[str, Any],
     keep_last: int | None = 2,
+    process_tensors: dict[str, torch.Tensor] | None = None,
+    process_metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically and prune old ones. Call on *every* process.
 
@@ -225,6 +227,9 @@ def save_checkpoint(
         step: the counter naming the checkpoint (an epoch or an optimiser step).
         trainer_state: JSON-serialisable trainer state, returned by :func:`load_checkpoint`.
         keep_last: how many checkpoints to keep (None or 0 keeps all).
+        process_tensors / process_metadata: this process's own state (e.g. online DPO's pair
+            buffer), written as ``process<rank>.safetensors`` (strings as its metadata) and read
+            back by :func:`load_process_tensors`.
 
     Returns:
         The final checkpoint folder.
@@ -243,6 +248,11 @@ def save_checkpoint(
     accelerator.save_state(str(tmp), **kwargs)
     if _is_deepspeed(accelerator):
         save_trainable_weights(accelerator, tmp)
+    if process_tensors:
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in process_tensors.items()}
+        save_file(tensors, tmp / _process_file(accelerator.process_index), process_metadata)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(tmp / TRAINER_STATE, "w", encoding="utf-8") as f:
@@ -257,6 +267,27 @@ def save_checkpoint(
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _process_file(rank: int) -> str:
+    return f"process{rank}.safetensors"
+
+
+def load_process_tensors(
+    accelerator: Any, path: str | os.PathLike
+) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """This process's own state saved in checkpoint ``path`` (:func:`save_checkpoint`'s
+    ``process_tensors`` and ``process_metadata``), or None when there is none for it (a
+    checkpoint of a launch with fewer processes, or none saved)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    file = Path(path) / _process_file(accelerator.process_index)
+    if not file.is_file():
+        return None
+    with safe_open(str(file), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+    return load_file(str(file)), metadata
 
 
 def resolve_checkpoint(output_dir: str | os.PathLike, resume_from: str | None) -> Path | None:

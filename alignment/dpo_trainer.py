@@ -647,6 +647,22 @@ class DPOTrainer(PolicyTrainerBase):
         lat_w, lat_l = lat.float().chunk(2)
         return list(rows["prompt"]), lat_w, lat_l
 
+    def process_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Online pairs: this process's pair buffer (sampled at the last refresh by the policy
+        of then), so a run resumed between refreshes trains on the same pairs."""
+        if self._buffer is None:
+            return {}, {}
+        tensors = {k: self._buffer[k] for k in ("latents_w", "latents_l")}
+        return tensors, {"online_prompts": json.dumps(self._buffer["prompts"])}
+
+    def load_process_state(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
+        if "online_prompts" in metadata:
+            device = self.accelerator.device
+            self._buffer = {
+                "prompts": json.loads(metadata["online_prompts"]),
+                **{k: tensors[k].to(device) for k in ("latents_w", "latents_l")},
+            }
+
     def refresh_pairs(self) -> dict[str, float]:
         """Sample and rank fresh online pairs from the current policy; returns their stats.
 

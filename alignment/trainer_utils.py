@@ -707,13 +707,25 @@ class PolicyTrainerBase:
                 f"The trainable weights at {self.progress_text()} are not finite: no checkpoint "
                 f"written (the newest finite one, {latest_checkpoint(self.output_dir)}, is kept)."
             )
+        tensors, metadata = self.process_state()
         return save_checkpoint(
             self.accelerator,
             self.output_dir,
             self.checkpoint_index(),
             self.trainer_state(),
             keep_last=self.config.keep_last,
+            process_tensors=tensors,
+            process_metadata={**metadata, "num_processes": str(self.accelerator.num_processes)},
         )
+
+    def process_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """This process's own state for the checkpoint beyond what accelerate saves: tensors and
+        string metadata (none by default; online DPO: its pair buffer)."""
+        return {}, {}
+
+    def load_process_state(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
+        """Restore :meth:`process_state` on resume (called only for a checkpoint of a launch
+        with as many processes as this one)."""
 
     def maybe_resume(self) -> bool:
         """Resume from ``config.resume_from`` if set (``"latest"`` without a checkpoint starts
@@ -730,6 +742,11 @@ class PolicyTrainerBase:
             return False
         path, state = loaded
         self.load_trainer_state(state)
+        from alignment.checkpointing import load_process_tensors
+
+        own = load_process_tensors(self.accelerator, path)
+        if own is not None and own[1].get("num_processes") == str(self.accelerator.num_processes):
+            self.load_process_state(*own)
         self.accelerator.print(f"Resumed from {path} at {self.progress_text()}.")
         return True
 

@@ -472,3 +472,37 @@ def test_full_unet_dpo_keeps_a_frozen_reference_copy(tmp_path):
             ref = policy.predict_noise(x, 500, emb)
     torch.testing.assert_close(ref, start)  # the reference did not move
     assert (moved - start).abs().max() > 1e-5  # the policy did
+
+
+def test_online_resume_between_refreshes_trains_on_the_same_pairs(tmp_path):
+    """The online pair buffer is sampled every ``refresh_every`` steps by the policy of then; a
+    run resumed in between reads it back from the checkpoint (``process0.safetensors``) instead
+    of sampling new pairs from the moved policy, so it ends where the uninterrupted run does."""
+    from alignment.dpo_trainer import DPOTrainer
+
+    def config(out, **kw):
+        return _config(
+            out,
+            data="online",
+            build_data=False,
+            images_per_prompt=3,
+            prompts_per_refresh=2,
+            refresh_every=4,
+            gradient_accumulation_steps=1,
+            log_with="none",
+            **kw,
+        )
+
+    prompts = ["a cat", "a dog"]
+    straight = DPOTrainer(config(tmp_path / "a", max_steps=3), prompts=prompts)
+    straight.train()
+    DPOTrainer(config(tmp_path / "b", max_steps=2), prompts=prompts).train()
+    ckpt = tmp_path / "b" / "checkpoints" / "checkpoint-000002"
+    assert (ckpt / "process0.safetensors").is_file()
+    resumed = DPOTrainer(config(tmp_path / "b", max_steps=3, resume_from="latest"), prompts=prompts)
+    resumed.train()
+    assert [r["step"] for r in resumed.history] == [1, 2, 3]
+    assert "online/num_pairs" not in resumed.history[2]  # no refresh at step 3: the saved pairs
+    a, b = _lora(straight), _lora(resumed)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6)
