@@ -290,6 +290,9 @@ def load_process_tensors(
     return load_file(str(file)), metadata
 
 
+_LEGACY_PICKLE = re.compile(r"^custom_checkpoint_\d+\.pkl$")
+
+
 def resolve_checkpoint(output_dir: str | os.PathLike, resume_from: str | None) -> Path | None:
     """``None`` -> None; ``"latest"`` -> newest complete checkpoint (None if there is none);
     otherwise the given folder, which must be a complete checkpoint."""
@@ -322,6 +325,13 @@ def load_checkpoint(
         load_trainable_weights(accelerator, path)
         return state
     check_resumable(state.get("launch"), launch_info(accelerator), path)
+    if any(_LEGACY_PICKLE.match(f.name) for f in path.iterdir()):
+        raise RuntimeError(
+            f"{path} holds a pickled LR schedule (custom_checkpoint_*.pkl) written before the "
+            "schedule moved into trainer_state.json; loading it would unpickle (run code). Resume "
+            "its weights only (resume_weights_only=true), or delete the .pkl file if you trust "
+            "the checkpoint and accept a fresh schedule."
+        )
     if _is_deepspeed(accelerator):
         accelerator.load_state(str(path), load_module_strict=False)
     else:

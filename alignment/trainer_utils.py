@@ -377,8 +377,9 @@ class PolicyTrainerBase:
                 ds["gradient_clipping"] = cfg.max_grad_norm
         self.unet, self.optimizer = acc.prepare(self.trained_module(policy), optimizer)
         # stepped by hand once per optimiser step (a prepared scheduler steps once per process)
+        # its state goes into trainer_state.json (numbers), not through accelerate's custom
+        # objects: those are pickles, read back with weights_only=False (code on resume)
         self.lr_scheduler = scheduler
-        acc.register_for_checkpointing(scheduler)
         self.use_prepared_module(policy, self.unet)
         self.global_step = 0
         self.samples_seen = 0  # samples drawn so far by all processes together
@@ -667,6 +668,7 @@ class PolicyTrainerBase:
             "samples_seen": self.samples_seen,
             "history": self.history,
             "guard": self.guard.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
             "config": asdict(self.config),
         }
 
@@ -674,6 +676,8 @@ class PolicyTrainerBase:
         self.global_step = int(state["global_step"])
         self.history = list(state.get("history", []))
         self.guard.load_state_dict(state.get("guard", {}))
+        if "lr_scheduler" in state:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         cfg, acc = self.config, self.accelerator
         # checkpoints from before the counter: the position this launch's batch size implies
         per_step = cfg.gradient_accumulation_steps * cfg.train_batch_size * acc.num_processes

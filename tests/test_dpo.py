@@ -3,6 +3,7 @@ pairs labelled by brightness), the recipe end to end through accelerate, export 
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -506,3 +507,31 @@ def test_online_resume_between_refreshes_trains_on_the_same_pairs(tmp_path):
     a, b = _lora(straight), _lora(resumed)
     for n in a:
         torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoints_hold_the_lr_schedule_as_numbers_and_refuse_a_pickled_one(tmp_path):
+    """The LR schedule is saved in trainer_state.json (no pickle: accelerate reads its custom
+    objects with weights_only=False, i.e. a checkpoint could run code on resume) and restored
+    from there; an older checkpoint with a pickled schedule is refused with the way out."""
+    from alignment.dpo_trainer import DPOTrainer
+
+    prompts = ["a cat", "a dog", "a red circle"]
+    kw = dict(lr_warmup_steps=4, gradient_accumulation_steps=1)
+    straight = DPOTrainer(_config(tmp_path / "a", max_steps=3, **kw), prompts=prompts)
+    straight.train()
+    DPOTrainer(_config(tmp_path / "b", max_steps=2, **kw), prompts=prompts).train()
+    ckpt = tmp_path / "b" / "checkpoints" / "checkpoint-000002"
+    assert not list(ckpt.glob("custom_checkpoint_*"))  # (its RNG states load weights_only)
+    saved = json.loads((ckpt / "trainer_state.json").read_text())["lr_scheduler"]
+    assert saved["last_epoch"] == 2
+    cfg = _config(tmp_path / "b", max_steps=3, resume_from="latest", **kw)
+    resumed = DPOTrainer(cfg, prompts=prompts)
+    resumed.train()
+    assert [h["lr"] for h in resumed.history] == [h["lr"] for h in straight.history]
+    assert resumed.lr_scheduler.last_epoch == straight.lr_scheduler.last_epoch == 3
+
+    torch.save({"last_epoch": 1}, ckpt / "custom_checkpoint_0.pkl")
+    cfg = _config(tmp_path / "b", max_steps=3, resume_from=str(ckpt), **kw)
+    again = DPOTrainer(cfg, prompts=prompts)
+    with pytest.raises(RuntimeError, match="pickled LR schedule.*resume_weights_only=true"):
+        again.train()
