@@ -779,6 +779,10 @@ class LlavaRewardModel(PreTrainedModel):
     ) -> LlavaRewardModel:
         """Load a saved reward folder. ``backbone`` overrides the stored reference (e.g. a local copy).
 
+        ``trust_remote_code``: only the caller turns it on. A folder saved with it on (its
+        backbone runs code of its own) is refused unless the caller passes True: a downloaded
+        folder's ``config.json`` must not decide to run code.
+
         ``max_length``, ``min_pixels``, ``max_pixels`` override the saved token budget and Qwen
         image area range (None: the saved ones)."""
         path = Path(pretrained_model_name_or_path)
@@ -787,7 +791,13 @@ class LlavaRewardModel(PreTrainedModel):
                 f"{path} is not a LLaVA-Reward folder (no config.json); save one with save_pretrained()."
             )
         config = LlavaRewardConfig.from_pretrained(path)
-        remote = config.trust_remote_code if trust_remote_code is None else trust_remote_code
+        if config.trust_remote_code and trust_remote_code is None:
+            raise ValueError(
+                f"{path} was saved with trust_remote_code=True: its backbone "
+                f"({config.backbone!r}) runs code that ships with it. Load it with "
+                "trust_remote_code=True (--trust_remote_code) if you trust that code."
+            )
+        remote = config.trust_remote_code = bool(trust_remote_code)  # what this load did
         if backbone is None:
             backbone = config.backbone
             if backbone and not _is_local(backbone) and _is_local(str(path / backbone)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -344,3 +345,19 @@ def test_mixed_adapter_batch_equals_adapter_switching(backbone_dir, images):
     for n in names:
         torch.testing.assert_close(mixed[n], switched[n], atol=1e-5, rtol=0)
     assert not torch.allclose(mixed["overall"], mixed["safety"])
+
+
+def test_a_folder_cannot_turn_on_remote_code_by_itself(reward_dir, tmp_path):
+    """A reward folder whose config.json says trust_remote_code (as a downloaded one may) is
+    refused unless the caller passes True; False loads it without remote code."""
+    import shutil
+
+    folder = tmp_path / "remote"
+    shutil.copytree(reward_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "trust_remote_code": True}))
+    with pytest.raises(ValueError, match="saved with trust_remote_code=True.*if you trust"):
+        LlavaRewardModel.from_pretrained(folder)
+    for choice in (False, True):
+        model = LlavaRewardModel.from_pretrained(folder, trust_remote_code=choice)
+        assert model.config.trust_remote_code is choice
