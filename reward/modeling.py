@@ -243,6 +243,22 @@ def load_backbone(
     return _drop_lm_head(model)
 
 
+def _replace(src: Path, dst: Path) -> None:
+    """Move ``src`` (a file or folder) to ``dst``, replacing what is there: a file in one rename;
+    a folder renamed aside, the new one renamed in, then the old one deleted."""
+    import shutil
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_dir() and dst.exists():
+        old = dst.with_name(f".old-{dst.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
 class LlavaRewardModel(PreTrainedModel):
     """The LLaVA-Reward model. Build it with :meth:`from_backbone`, reload with :meth:`from_pretrained`."""
 
@@ -684,6 +700,11 @@ class LlavaRewardModel(PreTrainedModel):
         ``save_backbone=True`` (then it goes to ``backbone/`` and the reference points there).
         Nothing is pickled. Existing perspectives in the folder that this model does not hold are
         kept, so training one perspective at a time fills one folder.
+
+        Crash-safe: the perspectives' files and the processor are written to a staging folder
+        beside them and renamed into place, and ``config.json`` (which lists the perspectives)
+        is replaced last, in one rename: an interrupted save never leaves a listed perspective
+        without its files, nor half-written ones.
         """
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
@@ -700,18 +721,34 @@ class LlavaRewardModel(PreTrainedModel):
         if save_backbone:
             self._base.save_pretrained(out / BACKBONE_DIR, state_dict=self._backbone_state_dict())
             config["backbone"] = BACKBONE_DIR
-        LlavaRewardConfig.from_dict(config).save_pretrained(out)
-        if self.processor is not None:
-            self.processor.save_pretrained(out / PROCESSOR_DIR)
-        (out / HEADS_DIR).mkdir(exist_ok=True)
-        for name in names:
-            state = {
-                k: v.detach().cpu().contiguous() for k, v in self.heads[name].state_dict().items()
-            }
-            save_file(state, str(out / HEADS_DIR / f"{name}.safetensors"))
-        with_lora = [n for n in names if self.config.perspectives[n].get("lora") is not None]
-        if with_lora and isinstance(self.backbone, PeftModel):
-            self.backbone.save_pretrained(str(out / ADAPTERS_DIR), selected_adapters=with_lora)
+        import shutil
+        import tempfile
+
+        stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+        try:
+            if self.processor is not None:
+                self.processor.save_pretrained(stage / PROCESSOR_DIR)
+            (stage / HEADS_DIR).mkdir()
+            for name in names:
+                state = {
+                    k: v.detach().cpu().contiguous()
+                    for k, v in self.heads[name].state_dict().items()
+                }
+                save_file(state, str(stage / HEADS_DIR / f"{name}.safetensors"))
+            with_lora = [n for n in names if self.config.perspectives[n].get("lora") is not None]
+            if with_lora and isinstance(self.backbone, PeftModel):
+                self.backbone.save_pretrained(
+                    str(stage / ADAPTERS_DIR), selected_adapters=with_lora
+                )
+            LlavaRewardConfig.from_dict(config).save_pretrained(stage)
+            # into place: every file first, the config that lists them last
+            moves = [Path(PROCESSOR_DIR)] if self.processor is not None else []
+            moves += [Path(HEADS_DIR) / f"{n}.safetensors" for n in names]
+            moves += [Path(ADAPTERS_DIR) / n for n in names if (stage / ADAPTERS_DIR / n).exists()]
+            for rel in [*moves, Path("config.json")]:
+                _replace(stage / rel, out / rel)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
 
     def load_perspective_weights(self, directory: str | os.PathLike, name: str) -> None:
         """Load ``name``'s trained weights from a folder written by :meth:`save_pretrained`.

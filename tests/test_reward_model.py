@@ -361,3 +361,38 @@ def test_a_folder_cannot_turn_on_remote_code_by_itself(reward_dir, tmp_path):
     for choice in (False, True):
         model = LlavaRewardModel.from_pretrained(folder, trust_remote_code=choice)
         assert model.config.trust_remote_code is choice
+
+
+def test_an_interrupted_save_leaves_the_folder_as_it_was(reward_dir, tmp_path, images, monkeypatch):
+    """save_pretrained stages the perspectives' files and replaces config.json last: a crash in
+    the middle (here: writing the second head) leaves the saved folder loading exactly as before,
+    with no staging left behind."""
+    import shutil
+
+    import reward.modeling as modeling
+
+    folder = tmp_path / "kept"
+    shutil.copytree(reward_dir, folder)
+    before = RewardScorer.from_pretrained(folder)
+    prompts = ["a red circle", "a blue square"]
+    want = {p: before.score(prompts, images[:2], p) for p in before.model.perspectives}
+    model = LlavaRewardModel.from_pretrained(folder)
+    with torch.no_grad():
+        for head in model.heads.values():
+            for w in head.parameters():
+                w.add_(1.0)
+    real, calls = modeling.save_file, []
+
+    def crash_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(modeling, "save_file", crash_on_second)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(folder)
+    after = RewardScorer.from_pretrained(folder)
+    for p, scores in want.items():
+        torch.testing.assert_close(after.score(prompts, images[:2], p), scores, rtol=0, atol=0)
+    assert not [f for f in folder.iterdir() if f.name.startswith(".")]
