@@ -207,6 +207,8 @@ class DPOConfig(FlowPolicyOptions, PolicyTrainConfig):
     tracker_project: str = field(default="diffusion-dpo", metadata={"help": "Tracker project."})
     output_dir: str = field(default="outputs/dpo", metadata={"help": "Run folder."})
 
+    #: several preference files: comma-separated, or a YAML list
+    COMMA_FIELDS: ClassVar[tuple[str, ...]] = ("data",)
     RANGES: ClassVar[dict[str, str]] = {
         "max_pairs": ">= 1",
         "build_data_offset": ">= 0",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +43,8 @@ class RecipeParser(TrlParser):
 
     def __init__(self, dataclass_types: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", _HelpFormatter)
+        # no abbreviations: '--conf x' or '--lr 1e-4' would be taken for another option
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(dataclass_types, **kwargs)
         for action in self._actions:
             if isinstance(action, argparse._StoreFalseAction) and any(
@@ -55,6 +58,16 @@ class RecipeParser(TrlParser):
             metavar="FILE.yaml",
             help="YAML file of option values (flags given on the command line override it).",
         )
+
+    def parse_args_and_config(self, args: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """``TrlParser``'s, with ``--config=FILE`` read as ``--config FILE`` (TrlParser only
+        finds the YAML in the second form; the first one went to argparse and the file was
+        silently ignored)."""
+        argv = list(sys.argv[1:] if args is None else args)
+        split: list[str] = []
+        for a in argv:
+            split += a.split("=", 1) if a.startswith("--config=") else [a]
+        return super().parse_args_and_config(args=split, **kwargs)
 
 
 class _DropMessages(logging.Filter):

@@ -50,7 +50,7 @@ class TrainConfig:
 
     # --- model
     pretrained_model: str = field(
-        default="runwayml/stable-diffusion-v1-5",
+        default="stable-diffusion-v1-5/stable-diffusion-v1-5",
         metadata={"help": "Hub id, local diffusers folder, or 'tiny' (a tiny random pipeline)."},
     )
     revision: str | None = field(default=None, metadata={"help": "Hub revision of the model."})
@@ -143,6 +143,9 @@ class TrainConfig:
         "max_consecutive_skips": ">= 1",
         "keep_last": ">= 0",
     }
+
+    #: one comma-separated string, also from a YAML list (reward.guards.normalise_multi_values)
+    COMMA_FIELDS: ClassVar[tuple[str, ...]] = ("lora_target_modules",)
 
     def __post_init__(self) -> None:
         validate_config(self)

@@ -75,11 +75,34 @@ def check_ranges(config: Any, rules: Mapping[str, str]) -> None:
 
 def validate_config(config: Any) -> None:
     """Check every rule in the ``RANGES`` class attributes of ``type(config)`` and its bases (a
-    subclass adds rules or replaces a base's rule for the same field)."""
+    subclass adds rules or replaces a base's rule for the same field), after normalising the
+    fields that hold several values (:func:`normalise_multi_values`)."""
     rules: dict[str, str] = {}
+    lists: set[str] = set()
+    commas: set[str] = set()
     for cls in reversed(type(config).__mro__):
         rules.update(cls.__dict__.get("RANGES", {}))
+        lists.update(cls.__dict__.get("LIST_FIELDS", ()))
+        commas.update(cls.__dict__.get("COMMA_FIELDS", ()))
+    normalise_multi_values(config, lists, commas)
     check_ranges(config, rules)
+
+
+def normalise_multi_values(config: Any, lists=(), commas=()) -> None:
+    """Accept both ways of giving several values, in YAML or on the command line: a YAML list,
+    one comma-separated string, or a single value. ``lists`` fields become lists of strings
+    (``train_file: toy`` is ``["toy"]``, not its characters); ``commas`` fields become one
+    comma-separated string (``lora_target_modules: [to_q, to_k]`` is ``"to_q,to_k"``)."""
+    for name in lists:
+        value = getattr(config, name)
+        if value is not None:
+            items = [value] if isinstance(value, str) else list(value)
+            parts = [p.strip() for item in items for p in str(item).split(",")]
+            setattr(config, name, [p for p in parts if p])
+    for name in commas:
+        value = getattr(config, name)
+        if isinstance(value, (list, tuple)):
+            setattr(config, name, ",".join(str(v).strip() for v in value))
 
 
 # ----------------------------------------------------------------------------- non-finite steps
@@ -241,6 +264,7 @@ __all__ = [
     "check_ranges",
     "grads_finite",
     "indexed_device",
+    "normalise_multi_values",
     "is_finite",
     "params_finite",
     "poison_nonfinite",

@@ -1020,6 +1020,8 @@ class RewardScriptArguments:
         "toy_n_eval": ">= 1",
         "n_fixed_scores": ">= 0",
     }
+    #: several values: a YAML list, comma-separated, or one (reward.guards.normalise_multi_values)
+    LIST_FIELDS: ClassVar[tuple[str, ...]] = ("train_file", "eval_file", "lora_target_modules")
 
     def __post_init__(self) -> None:
         validate_config(self)
