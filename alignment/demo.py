@@ -161,6 +161,21 @@ class DemoConfig:
     )
     seed: int = field(default=0, metadata={"help": "Seed of everything."})
 
+    def __post_init__(self) -> None:
+        # refused now, not after the base evaluation and the methods before it have run
+        unknown = [m for m in self.methods() if m not in METHODS]
+        if unknown:
+            raise ValueError(
+                f"--method {self.method!r}: unknown {', '.join(map(repr, unknown))}; use one of "
+                f"{', '.join(METHODS)}, a comma list of them, or 'all'."
+            )
+
+    def methods(self) -> list[str]:
+        """The methods to run, in order."""
+        if self.method == "all":
+            return list(METHODS)
+        return [m.strip() for m in self.method.split(",") if m.strip()]
+
 
 def _load_reward(cfg: DemoConfig, out: Path):
     """Resolve ``cfg.reward`` once: ``(scorer, folder)``, or ``(None, None)`` for the oracle.
@@ -612,7 +627,12 @@ def run(cfg: DemoConfig) -> dict:
     held = [captions[i * len(captions) // n_eval] for i in range(n_eval)]
     seeds = list(range(cfg.eval_seeds))
     curve_seeds = seeds[: max(1, cfg.curve_seeds)]
-    methods = list(METHODS) if cfg.method == "all" else [m.strip() for m in cfg.method.split(",")]
+    methods = cfg.methods()
+    _ddpo_overrides(cfg)  # the JSON overrides checked before anything runs
+    if "flow_grpo" in methods:
+        from alignment.grpo_trainer import GRPOConfig
+
+        _overrides(cfg.flow_kwargs, GRPOConfig, "flow_kwargs")
 
     t0 = time.perf_counter()
     scorer, reward_path = _load_reward(cfg, out)  # once: 'train' would retrain it per method

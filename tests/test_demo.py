@@ -235,3 +235,17 @@ def test_demo_flow_grpo_and_online_dpo_tune_the_sd3_policy_and_are_measured_agai
         assert len(methods[name]["gain_per_seed"]) == 2
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "| flow_grpo |" in report and "| flow_dpo |" in report and "| ddpo |" in report
+
+
+def test_unknown_methods_and_bad_overrides_are_refused_before_anything_runs(tmp_path):
+    """A typo in --method is refused when the config is built (it failed after the base
+    evaluation and every method before it had run); a bad ddpo_kwargs key before the base
+    evaluation."""
+    from alignment.demo import DemoConfig, main
+
+    with pytest.raises(ValueError, match="unknown 'dpo'; use one of flow_draft"):
+        DemoConfig(method="flow_draft,dpo")
+    assert DemoConfig(method="all").methods()[0] == "flow_draft"
+    with pytest.raises(ValueError, match="ddpo_kwargs"):
+        main(["--output_dir", str(tmp_path), "--ddpo_kwargs", '{"not_a_field": 1}'])
+    assert not (tmp_path / "summary.json").exists()
