@@ -337,7 +337,7 @@ class ScalingConfig:
     """Settings of the sampling recipe (``recipes/best_of_n.py``), parsed by ``trl.TrlParser``."""
 
     pretrained_model: str = field(
-        default="runwayml/stable-diffusion-v1-5",
+        default="stable-diffusion-v1-5/stable-diffusion-v1-5",
         metadata={
             "help": "Hub id or diffusers folder (SD 1.x: DiffusionPolicy; SD 3.x / FLUX: "
             "FlowPolicy), 'tiny', 'tiny-sd3' or 'tiny-flux'."

@@ -2,7 +2,7 @@
 
     python recipes/best_of_n.py --pretrained_model tiny --method best_of_n --n 4 \
         --num_steps 10 --reward brightness --output_dir outputs/bon
-    python recipes/best_of_n.py --pretrained_model runwayml/stable-diffusion-v1-5 --method fk \
+    python recipes/best_of_n.py --pretrained_model stable-diffusion-v1-5/stable-diffusion-v1-5 --method fk \
         --n 4 --lmbda 10 --resample_every 5 --reward llava_reward \
         --reward_kwargs '{"path": "outputs/llava_reward", "perspective": "alignment"}'
 Writes the best image per prompt and scores.json (every score, UNet and reward evaluations).
