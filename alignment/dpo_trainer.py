@@ -549,8 +549,16 @@ class DPOTrainer(PolicyTrainerBase):
         dataset: Any = None,
     ) -> None:
         from alignment.prompts import load_prompts
-        from alignment.rewards import get_reward_fn
+        from alignment.rewards import check_reward, get_reward_fn
 
+        # the reward's name and the prompts first: a typo fails before a model is loaded
+        if reward_fn is None and config.reward:
+            check_reward(config.reward)
+        self.prompts = (
+            list(prompts)
+            if prompts is not None
+            else load_prompts(config.prompts, config.prompt_category)
+        )
         self.setup(config, policy, keep_reference=True)
         cfg, acc = config, self.accelerator
         # self.is_flow (the base's): the flow-matching form (FlowPolicy) or the
@@ -578,9 +586,6 @@ class DPOTrainer(PolicyTrainerBase):
                 "llava_reward with reward_kwargs {path, perspective}, or brightness), or pass "
                 "reward_fn= to the trainer."
             )
-        self.prompts = (
-            list(prompts) if prompts is not None else load_prompts(cfg.prompts, cfg.prompt_category)
-        )
         self.resolution = cfg.resolution or self.policy.latent_shape(1)[-1] * 2 ** (
             len(self.policy.vae.config.block_out_channels) - 1
         )

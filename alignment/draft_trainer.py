@@ -148,7 +148,16 @@ class DraftTrainer(PolicyTrainerBase):
         prompts: Sequence[str] | None = None,
     ) -> None:
         from alignment.prompts import load_prompts
+        from alignment.rewards import check_reward
 
+        # the reward's name and the prompts first: a typo fails before a model is loaded
+        if reward_fn is None and config.reward not in ("llava_reward", "brightness"):
+            check_reward(config.reward)
+        self.prompts = (
+            list(prompts)
+            if prompts is not None
+            else load_prompts(config.prompts, config.prompt_category)
+        )
         self.setup(config, policy)
         if self.is_flow and config.method == "refl":
             raise ValueError(
@@ -163,11 +172,6 @@ class DraftTrainer(PolicyTrainerBase):
                 self.reward_fn = differentiable_reward_fn(
                     config.reward, **self.reward_kwargs(config.reward_kwargs)
                 )
-        self.prompts = (
-            list(prompts)
-            if prompts is not None
-            else load_prompts(config.prompts, config.prompt_category)
-        )
         self._checked = False
 
     def next_batch(self) -> tuple[list[str], list[torch.Generator]]:

@@ -261,8 +261,18 @@ class OnlineRLTrainerBase(PolicyTrainerBase):
         prompts: Sequence[str] | None = None,
     ) -> None:
         from alignment.prompts import load_prompts
-        from alignment.rewards import get_reward_fn
+        from alignment.rewards import check_reward, get_reward_fn
 
+        # the reward's name and the prompts first: a typo fails before a model is loaded
+        if reward_fn is None:
+            check_reward(config.reward)
+        self.prompts = (
+            list(prompts)
+            if prompts is not None
+            else load_prompts(config.prompts, config.prompt_category)
+        )
+        if not self.prompts:
+            raise ValueError("No prompts to train on.")
         self.setup(
             config,
             policy,
@@ -274,11 +284,6 @@ class OnlineRLTrainerBase(PolicyTrainerBase):
             with self.frozen_outside_zero3():
                 reward_fn = get_reward_fn(cfg.reward, **self.reward_kwargs(cfg.reward_kwargs))
         self.reward_fn = reward_fn
-        self.prompts = (
-            list(prompts) if prompts is not None else load_prompts(cfg.prompts, cfg.prompt_category)
-        )
-        if not self.prompts:
-            raise ValueError("No prompts to train on.")
         self.stat_tracker = PerPromptStatTracker(cfg.stat_buffer_size, cfg.stat_min_count)
         self.epoch = 0
         self.sampling_batch = 0  # the batch of the epoch being sampled (see sample_epoch)

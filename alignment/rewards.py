@@ -56,6 +56,30 @@ def _takes_device(factory: Callable) -> bool:
     return "device" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+def check_reward(name: str) -> Callable:
+    """The factory (or ``module:function``) that reward ``name`` resolves to, without building
+    it: the trainers call this before they load a model, so that a typo fails in seconds.
+
+    Raises:
+        KeyError: an unknown name (the message lists the registered ones) or an import failure.
+    """
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise KeyError(
+                f"Cannot import reward {name!r} ({err}); give 'package.module:function' of an "
+                "importable module."
+            ) from err
+    raise KeyError(
+        f"Unknown reward {name!r}. Registered: {available_rewards()}; or give "
+        "'package.module:function' of your own fn(images, prompts) -> Tensor[N]."
+    )
+
+
 def get_reward_fn(name: str, device: str | torch.device | None = None, **kwargs: Any) -> RewardFn:
     """Return the reward function called ``name`` (a registered name or ``"module:function"``).
 
@@ -71,25 +95,9 @@ def get_reward_fn(name: str, device: str | torch.device | None = None, **kwargs:
     Raises:
         KeyError: an unknown name (the message lists the registered ones).
     """
-    if name in _REGISTRY:
-        factory = _REGISTRY[name]
-    elif ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            obj = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise KeyError(
-                f"Cannot import reward {name!r} ({err}); give 'package.module:function' of an "
-                "importable module."
-            ) from err
-        if not (kwargs or getattr(obj, "is_reward_factory", False)):
-            return obj
-        factory = obj
-    else:
-        raise KeyError(
-            f"Unknown reward {name!r}. Registered: {available_rewards()}; or give "
-            "'package.module:function' of your own fn(images, prompts) -> Tensor[N]."
-        )
+    factory = check_reward(name)
+    if name not in _REGISTRY and not (kwargs or getattr(factory, "is_reward_factory", False)):
+        return factory  # a module:function reward itself
     if device is not None and _takes_device(factory):
         kwargs["device"] = device
     return factory(**kwargs)

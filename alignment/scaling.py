@@ -424,6 +424,10 @@ def run_scaling(cfg: ScalingConfig) -> dict[str, Any]:
     from reward.images import to_pil
 
     device = torch.device(cfg.device) if cfg.device else process_device()
+    # the reward and the prompts first: a typo fails before the pipeline is loaded
+    kwargs = parse_json_kwargs(cfg.reward_kwargs, "reward_kwargs")
+    reward_fn = get_reward_fn(cfg.reward, device=device, **kwargs)
+    prompts = load_prompts(cfg.prompts, cfg.prompt_category)[: cfg.max_prompts]
     if pipeline_kind(cfg.pretrained_model) is not None:
         policy = FlowPolicy.from_pretrained(cfg.pretrained_model, use_lora=False, device=device)
         policy.transformer.requires_grad_(False).eval()
@@ -432,9 +436,6 @@ def run_scaling(cfg: ScalingConfig) -> dict[str, Any]:
             cfg.pretrained_model, use_lora=False, device=device
         )
         policy.unet.requires_grad_(False).eval()
-    kwargs = parse_json_kwargs(cfg.reward_kwargs, "reward_kwargs")
-    reward_fn = get_reward_fn(cfg.reward, device=device, **kwargs)
-    prompts = load_prompts(cfg.prompts, cfg.prompt_category)[: cfg.max_prompts]
     print(
         f"{cfg.method}: {len(prompts)} prompts x {cfg.n} {'images' if cfg.method == 'best_of_n' else 'particles'}, "
         f"{cfg.num_steps} steps, reward {cfg.reward!r}, on {device}."

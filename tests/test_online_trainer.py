@@ -572,3 +572,29 @@ def test_dpo_built_pairs_go_under_output_dir(tmp_path, monkeypatch):
     assert trainer.data_path == str(tmp_path / "run" / "pairs" / "pairs.jsonl")
     assert Path(trainer.data_path).is_file() and not (elsewhere / "pairs").exists()
     assert len(trainer.dataset) == 3
+
+
+@pytest.mark.parametrize("kind", ["ddpo", "dpo", "draft"])
+def test_a_bad_reward_or_prompt_source_fails_before_any_model_is_loaded(
+    kind, monkeypatch, tmp_path
+):
+    """The reward's name and the prompt source are checked before ``setup`` loads and prepares
+    the policy (an SD 3.5 or FLUX load takes minutes before a typo surfaced)."""
+    from alignment.dpo_trainer import DPOConfig, DPOTrainer
+    from alignment.draft_trainer import DraftConfig, DraftTrainer
+    from alignment.trainer_utils import PolicyTrainerBase
+
+    def no_setup(self, *args, **kwargs):
+        raise AssertionError("setup reached: the model would have been loaded")
+
+    monkeypatch.setattr(PolicyTrainerBase, "setup", no_setup)
+    cls, config_cls = {
+        "ddpo": (DDPOTrainer, DDPOConfig),
+        "dpo": (DPOTrainer, DPOConfig),
+        "draft": (DraftTrainer, DraftConfig),
+    }[kind]
+    out = str(tmp_path)
+    with pytest.raises(KeyError, match="Unknown reward 'no_such_reward'"):
+        cls(config_cls(output_dir=out, reward="no_such_reward"))
+    with pytest.raises(FileNotFoundError):
+        cls(config_cls(output_dir=out, reward="brightness", prompts=str(tmp_path / "none.txt")))
