@@ -778,8 +778,10 @@ def run(cfg: DemoConfig) -> dict:
         [(label, ev["images"][cols]) for label, ev in grid],
         [{k: v[cols] for k, v in ev["scores"].items()} for _, ev in grid],
     ).save(out / "before_after.png")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "report.md").write_text(_report(summary, methods))
+    from reward.files import atomic_write_text
+
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "report.md", _report(summary, methods))
     return summary
 
 

@@ -45,6 +45,7 @@ from alignment.ddpo import ddim_step_with_logprob
 from alignment.draft import predict_x0
 from alignment.flow import flow_predict_x0, sde_step_with_logprob
 from alignment.flow_policy import is_flow_policy
+from reward.files import atomic_write_text
 
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
 POTENTIALS = ("diff", "max", "add")
@@ -496,7 +497,7 @@ def run_scaling(cfg: ScalingConfig) -> dict[str, Any]:
         "info": res.info,
         "prompts": records,
     }
-    (out / "scores.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    atomic_write_text(out / "scores.json", json.dumps(report, indent=1))
     print(
         f"Wrote the best image of each of {len(prompts)} prompts (p0000.png ...) and "
         f"scores.json to {out.resolve()} (mean best score {report['mean_best_score']:.4g}, "

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from alignment.flow_policy import is_flow_policy
+from reward.files import atomic_write_text
 from reward.guards import (
     NonFiniteError,
     StepGuard,
@@ -652,9 +653,7 @@ class PolicyTrainerBase:
 
     def write_history(self) -> None:
         if self.accelerator.is_main_process and self.history:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.output_dir / "history.json", "w", encoding="utf-8") as f:
-                json.dump(self.history, f, indent=1)
+            atomic_write_text(self.output_dir / "history.json", json.dumps(self.history, indent=1))
             self.plot_curves()
 
     # ------------------------------------------------------------------------------ state

@@ -97,7 +97,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +105,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 
+from reward.files import atomic_write_text
 from reward.images import ImageInputError, load_image
 
 if TYPE_CHECKING:
@@ -1081,15 +1081,7 @@ def write_skipped(path: PathLike, reports: Iterable[ReadReport]) -> Path | None:
     if not lines:
         path.unlink(missing_ok=True)
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "\n".join(lines) + "\n")
     logger.warning("%d skipped records written to %s", len(lines), path)
     return path
 

@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from reward.data import ON_ERROR_HELP, load_image_ref
+from reward.files import atomic_write_text
 from reward.guards import validate_config
 from reward.losses import preference_logit
 
@@ -348,14 +348,7 @@ def format_markdown(metrics: Mapping[str, Any], title: str = "Reward model evalu
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
 
 
 def write_report(

@@ -534,3 +534,17 @@ def test_reward_training_under_a_loss_scaler_skips_a_nan_loss_step_through_the_s
     now = dict(_trainable(model))
     assert all(torch.isfinite(p).all() for p in now.values())
     assert any(not torch.equal(start[n], now[n]) for n in start)  # step 2 trained
+
+
+def test_reports_are_written_atomically(tmp_path):
+    """history.json, the demo's summary, best-of-N's scores and the reward reports go through
+    atomic_write_text: a write that fails midway leaves the previous file whole and no temporary
+    file behind."""
+    from reward.files import atomic_write_text
+
+    path = atomic_write_text(tmp_path / "runs" / "history.json", '[{"step": 1}]')
+    assert json.loads(path.read_text()) == [{"step": 1}]
+    with pytest.raises(TypeError):
+        atomic_write_text(path, None)  # type: ignore[arg-type]  # fails inside the write
+    assert json.loads(path.read_text()) == [{"step": 1}]
+    assert [p.name for p in path.parent.iterdir()] == ["history.json"]
