@@ -60,7 +60,7 @@ from alignment.flow import group_advantages, sde_window
 from alignment.flow_policy import FLOW_LORA_TARGETS
 from alignment.online_trainer import OnlineRLConfig, OnlineRLTrainerBase
 from alignment.seeding import stream_generator
-from alignment.trainer_utils import LORA_ALPHA_HELP, FlowPolicyOptions
+from alignment.trainer_utils import BUNDLED_WEIGHTS, LORA_ALPHA_HELP, FlowPolicyOptions
 
 EMA_FILE = "ema.safetensors"
 
@@ -78,10 +78,12 @@ class GRPOConfig(FlowPolicyOptions, OnlineRLConfig):
 
     # the shared fields with Flow-GRPO's defaults
     pretrained_model: str = field(
-        default="stabilityai/stable-diffusion-3.5-medium",
+        default=str(BUNDLED_WEIGHTS / "tiny-world-sd3"),
         metadata={
-            "help": "SD 3.x / FLUX hub id or diffusers folder ('tiny-sd3', 'tiny-flux': tiny "
-            "random ones built in code); an SD 1.x pipeline ('tiny' too) trains with DDIM's SDE."
+            "help": "SD 3.x / FLUX hub id (e.g. stabilityai/stable-diffusion-3.5-medium) or "
+            "diffusers folder ('tiny-sd3', 'tiny-flux': tiny random ones built in code); an SD "
+            "1.x pipeline ('tiny' too) trains with DDIM's SDE. Default: the bundled tiny-world "
+            "SD 3-architecture model (offline)."
         },
     )
     lora_rank: int = field(default=32, metadata={"help": "LoRA rank."})

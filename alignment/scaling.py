@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -338,10 +339,11 @@ class ScalingConfig:
     """Settings of the sampling recipe (``recipes/best_of_n.py``), parsed by ``trl.TrlParser``."""
 
     pretrained_model: str = field(
-        default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        default=str(Path(__file__).resolve().parent / "world" / "weights" / "tiny-world-sd"),
         metadata={
             "help": "Hub id or diffusers folder (SD 1.x: DiffusionPolicy; SD 3.x / FLUX: "
-            "FlowPolicy), 'tiny', 'tiny-sd3' or 'tiny-flux'."
+            "FlowPolicy), 'tiny', 'tiny-sd3' or 'tiny-flux'. Default: the bundled tiny-world "
+            "SD 1.5-architecture model (offline)."
         },
     )
     method: str = field(default="best_of_n", metadata={"help": "'best_of_n' or 'fk'."})

@@ -41,6 +41,10 @@ LORA_ALPHA_HELP = (
 )
 
 
+#: The bundled tiny-world models (alignment/world/weights): the trainers' offline defaults.
+BUNDLED_WEIGHTS = Path(__file__).resolve().parent / "world" / "weights"
+
+
 @dataclass
 class TrainConfig:
     """Settings every policy trainer shares (model, LoRA, optimiser, output, logging).
@@ -51,8 +55,12 @@ class TrainConfig:
 
     # --- model
     pretrained_model: str = field(
-        default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-        metadata={"help": "Hub id, local diffusers folder, or 'tiny' (a tiny random pipeline)."},
+        default=str(BUNDLED_WEIGHTS / "tiny-world-sd"),
+        metadata={
+            "help": "Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), local diffusers "
+            "folder, or 'tiny' (a tiny random pipeline). Default: the bundled tiny-world SD 1.5-"
+            "architecture model (offline; nothing is downloaded unless you name a hub id)."
+        },
     )
     revision: str | None = field(default=None, metadata={"help": "Hub revision of the model."})
     use_lora: bool = field(

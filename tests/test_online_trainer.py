@@ -598,3 +598,19 @@ def test_a_bad_reward_or_prompt_source_fails_before_any_model_is_loaded(
         cls(config_cls(output_dir=out, reward="no_such_reward"))
     with pytest.raises(FileNotFoundError):
         cls(config_cls(output_dir=out, reward="brightness", prompts=str(tmp_path / "none.txt")))
+
+
+def test_every_default_model_is_a_bundled_local_folder():
+    """No default path downloads: a trainer or best-of-N run without a model named runs on the
+    bundled tiny-world pipelines (a hub id is only used when the user gives one)."""
+    from alignment.dpo_trainer import DPOConfig
+    from alignment.draft_trainer import DraftConfig
+    from alignment.grpo_trainer import GRPOConfig
+    from alignment.scaling import ScalingConfig
+
+    for cls in (DDPOConfig, DPOConfig, DraftConfig, GRPOConfig, ScalingConfig):
+        folder = Path(cls.__dataclass_fields__["pretrained_model"].default)
+        assert (folder / "model_index.json").is_file(), (cls.__name__, folder)
+    assert (
+        Path(GRPOConfig.__dataclass_fields__["pretrained_model"].default).name == "tiny-world-sd3"
+    )
