@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +42,8 @@ LORA_ALPHA_HELP = (
     "and 2 x the rank for SD 3.x / FLUX transformers (Flow-GRPO's rank 32 / alpha 64)."
 )
 
+
+logger = logging.getLogger(__name__)
 
 #: The bundled tiny-world models (alignment/world/weights): the trainers' offline defaults.
 BUNDLED_WEIGHTS = Path(__file__).resolve().parent / "world" / "weights"
@@ -157,6 +161,13 @@ class TrainConfig:
     COMMA_FIELDS: ClassVar[tuple[str, ...]] = ("lora_target_modules",)
 
     def __post_init__(self) -> None:
+        if self.mixed_precision is False:  # an unquoted YAML 'no' is a boolean
+            self.mixed_precision = "no"
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
+            raise ValueError(
+                f"mixed_precision = {self.mixed_precision!r}: use 'no', 'fp16' or 'bf16' (or "
+                "leave it unset to take accelerate launch's --mixed_precision)."
+            )
         validate_config(self)
 
     def target_modules(self) -> list[str]:
@@ -343,6 +354,16 @@ class PolicyTrainerBase:
 
         self.config = cfg = config
         self.output_dir = Path(cfg.output_dir)
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+        if cfg.mixed_precision and launched and launched != cfg.mixed_precision:
+            logger.warning(
+                "mixed_precision=%r from the recipe's config overrides accelerate launch's %r; "
+                "pass --mixed_precision %s to the recipe (or remove it from the config) to use "
+                "the launcher's.",
+                cfg.mixed_precision,
+                launched,
+                launched,
+            )
         log_with = None if cfg.log_with == "none" else cfg.log_with
         if log_with in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
             log_with = "tensorboard"

@@ -614,3 +614,22 @@ def test_every_default_model_is_a_bundled_local_folder():
     assert (
         Path(GRPOConfig.__dataclass_fields__["pretrained_model"].default).name == "tiny-world-sd3"
     )
+
+
+def test_mixed_precision_from_yaml_is_checked_and_a_clash_with_the_launcher_is_said(
+    tmp_path, monkeypatch, caplog
+):
+    """An unquoted YAML ``mixed_precision: no`` (a boolean) means 'no'; a bad value is refused by
+    name; a config value that overrides ``accelerate launch --mixed_precision`` is logged."""
+    from alignment.recipe_utils import RecipeParser
+
+    yaml = tmp_path / "mp.yaml"
+    yaml.write_text("mixed_precision: no\n")
+    (cfg,) = RecipeParser(DDPOConfig).parse_args_and_config(["--config", str(yaml)])
+    assert cfg.mixed_precision == "no"
+    with pytest.raises(ValueError, match="mixed_precision = 'fp8': use 'no', 'fp16' or 'bf16'"):
+        tiny_ddpo_config(tmp_path, mixed_precision="fp8")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with caplog.at_level(logging.WARNING, logger="alignment.trainer_utils"):
+        DDPOTrainer(tiny_ddpo_config(tmp_path, mixed_precision="no", num_epochs=1))
+    assert "overrides accelerate launch's 'bf16'" in caplog.text
