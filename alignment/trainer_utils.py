@@ -355,7 +355,7 @@ class PolicyTrainerBase:
         self.config = cfg = config
         self.output_dir = Path(cfg.output_dir)
         launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
-        if cfg.mixed_precision and launched and launched != cfg.mixed_precision:
+        if cfg.mixed_precision and launched not in (None, "no", cfg.mixed_precision):
             logger.warning(
                 "mixed_precision=%r from the recipe's config overrides accelerate launch's %r; "
                 "pass --mixed_precision %s to the recipe (or remove it from the config) to use "
@@ -707,7 +707,8 @@ class PolicyTrainerBase:
         self.global_step = int(state["global_step"])
         self.history = list(state.get("history", []))
         self.guard.load_state_dict(state.get("guard", {}))
-        if "lr_scheduler" in state:
+        if "lr_scheduler" in state and not self.config.resume_weights_only:
+            # (a weights-only resume starts a fresh schedule: e.g. a new learning rate)
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         cfg, acc = self.config, self.accelerator
         # checkpoints from before the counter: the position this launch's batch size implies

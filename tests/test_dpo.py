@@ -530,6 +530,19 @@ def test_checkpoints_hold_the_lr_schedule_as_numbers_and_refuse_a_pickled_one(tm
     assert [h["lr"] for h in resumed.history] == [h["lr"] for h in straight.history]
     assert resumed.lr_scheduler.last_epoch == straight.lr_scheduler.last_epoch == 3
 
+    # a weights-only resume starts a fresh schedule (a new learning rate is what it is for)
+    cfg = _config(
+        tmp_path / "c",
+        max_steps=3,
+        resume_from=str(ckpt),
+        resume_weights_only=True,
+        **{**kw, "learning_rate": 4e-3},
+    )
+    fresh = DPOTrainer(cfg, prompts=prompts)
+    fresh.train()
+    # its one step logs what a fresh run's first step logs, at the new rate
+    assert fresh.history[-1]["lr"] == pytest.approx(straight.history[0]["lr"] * 4e-3 / 1e-2)
+
     torch.save({"last_epoch": 1}, ckpt / "custom_checkpoint_0.pkl")
     cfg = _config(tmp_path / "b", max_steps=3, resume_from=str(ckpt), **kw)
     again = DPOTrainer(cfg, prompts=prompts)
