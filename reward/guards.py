@@ -89,16 +89,16 @@ def validate_config(config: Any) -> None:
 
 
 def normalise_multi_values(config: Any, lists=(), commas=()) -> None:
-    """Accept both ways of giving several values, in YAML or on the command line: a YAML list,
-    one comma-separated string, or a single value. ``lists`` fields become lists of strings
-    (``train_file: toy`` is ``["toy"]``, not its characters); ``commas`` fields become one
-    comma-separated string (``lora_target_modules: [to_q, to_k]`` is ``"to_q,to_k"``)."""
+    """Accept a YAML list or a single value for fields that hold several. ``lists`` fields
+    become lists of strings: a lone string is one item (``train_file: toy`` is ``["toy"]``, not
+    its characters; nothing is split, as a path may hold a comma); ``commas`` fields (one
+    comma-separated string by design) take a YAML list too (``[to_q, to_k]`` is ``"to_q,to_k"``)."""
     for name in lists:
         value = getattr(config, name)
-        if value is not None:
-            items = [value] if isinstance(value, str) else list(value)
-            parts = [p.strip() for item in items for p in str(item).split(",")]
-            setattr(config, name, [p for p in parts if p])
+        if isinstance(value, str):
+            setattr(config, name, [value])
+        elif value is not None:
+            setattr(config, name, [str(v) for v in value])
     for name in commas:
         value = getattr(config, name)
         if isinstance(value, (list, tuple)):

@@ -419,7 +419,10 @@ class LlavaRewardModel(PreTrainedModel):
         if lora is None:
             return None
         lora = dict(lora)
-        if not lora.get("target_modules") or lora.get("target_modules") == "all-linear":
+        if not lora.get("target_modules") or lora.get("target_modules") in (
+            "all-linear",
+            ["all-linear"],
+        ):
             lora["target_modules"] = self._all_linear
         if spec.get("train_projector"):
             lora["modules_to_save"] = [self.family.projector]

@@ -482,9 +482,8 @@ def test_recipe_help_lists_config_says_what_no_flags_do_and_states_defaults_once
 
 def test_recipes_read_config_equals_file_refuse_abbreviations_and_take_lists_either_way(tmp_path):
     """``--config=FILE`` reads the YAML (it was silently ignored: the recipe crashed unpacking);
-    an abbreviated option is refused by name; several values may be a YAML list, one
-    comma-separated string or a single value, for the policy's comma fields and the reward's
-    list fields alike (a single YAML string was split into characters)."""
+    an abbreviated option is refused by name; the policy's comma fields take a YAML list too, and
+    the reward's list fields a single value (a lone YAML string was split into characters)."""
     from alignment.dpo_trainer import DPOConfig
     from alignment.recipe_utils import RecipeParser
     from reward.training import RewardScriptArguments
@@ -500,12 +499,13 @@ def test_recipes_read_config_equals_file_refuse_abbreviations_and_take_lists_eit
     (dpo,) = RecipeParser(DPOConfig).parse_args_and_config(["--config", str(yaml)])
     assert dpo.lora_target_modules == "to_q,to_k" and dpo.target_modules() == ["to_q", "to_k"]
     assert dpo.data == "a.jsonl,b.jsonl" and not dpo.online
-    yaml.write_text("train_file: toy\nlora_target_modules: q_proj,v_proj\n")
+    yaml.write_text("train_file: toy\nlora_target_modules: [q_proj, v_proj]\n")
     (script,) = RecipeParser(RewardScriptArguments).parse_args_and_config(["--config", str(yaml)])
     assert script.train_file == ["toy"] and script.lora_target_modules == ["q_proj", "v_proj"]
-    argv = ["--train_file", "a.jsonl,b.jsonl", "--eval_file", "c.jsonl"]
+    argv = ["--train_file", "a.jsonl", "data/b,c.jsonl", "--eval_file", "d.jsonl"]
     (script,) = RecipeParser(RewardScriptArguments).parse_args_and_config(argv)
-    assert script.train_file == ["a.jsonl", "b.jsonl"] and script.eval_file == ["c.jsonl"]
+    assert script.train_file == ["a.jsonl", "data/b,c.jsonl"]  # a path may hold a comma
+    assert script.eval_file == ["d.jsonl"]
 
 
 def test_quiet_logs_drops_the_torchvision_fallback_and_names_the_ds_accelerator(monkeypatch):
