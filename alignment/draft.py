@@ -161,7 +161,12 @@ def differentiable_reward_fn(
         dtype = kwargs.get("dtype")
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        scorer = RewardScorer.from_pretrained(kwargs["path"], device=device, dtype=dtype)
+        scorer = RewardScorer.from_pretrained(
+            kwargs["path"],
+            device=device,
+            dtype=dtype,
+            trust_remote_code=kwargs.get("trust_remote_code"),
+        )
         scorer.model.requires_grad_(False)
         # no perspective: the folder's only one, else overall (reward.scorer.default_perspective)
         return scorer.as_reward_fn(kwargs.get("perspective"), differentiable=True)

@@ -176,6 +176,7 @@ def llava_reward(
     perspective: str | dict[str, float] | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool | None = None,
 ) -> RewardFn:
     """A frozen LLaVA-Reward model (``reward.scorer.RewardScorer``) as a reward.
 
@@ -187,10 +188,14 @@ def llava_reward(
         device: where the reward model runs (None: this process's device,
             :func:`reward.guards.process_device`; the trainers pass ``accelerator.device``).
         dtype: its dtype (e.g. ``"bfloat16"``); None keeps the scorer's default.
+        trust_remote_code: True to load a folder whose backbone runs its own code (only the
+            user turns it on: ``reward_kwargs: {trust_remote_code: true}``).
     """
     from reward.scorer import RewardScorer
 
-    scorer = RewardScorer.from_pretrained(path, device=device, dtype=dtype)
+    scorer = RewardScorer.from_pretrained(
+        path, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
     return scorer.as_reward_fn(perspective, differentiable=False)
 
 

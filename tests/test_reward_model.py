@@ -361,6 +361,14 @@ def test_a_folder_cannot_turn_on_remote_code_by_itself(reward_dir, tmp_path):
     for choice in (False, True):
         model = LlavaRewardModel.from_pretrained(folder, trust_remote_code=choice)
         assert model.config.trust_remote_code is choice
+    # the trainers' reward loaders pass the user's choice on (reward_kwargs)
+    from alignment.draft import differentiable_reward_fn
+    from alignment.rewards import get_reward_fn
+
+    with pytest.raises(ValueError, match="saved with trust_remote_code=True"):
+        get_reward_fn("llava_reward", path=str(folder), device="cpu")
+    for build in (get_reward_fn, differentiable_reward_fn):
+        assert callable(build("llava_reward", path=str(folder), trust_remote_code=True))
 
 
 def test_an_interrupted_save_leaves_the_folder_as_it_was(reward_dir, tmp_path, images, monkeypatch):
