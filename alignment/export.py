@@ -42,12 +42,12 @@ from typing import Any
 import torch
 
 
-def _own_cpu_copy(t: torch.Tensor) -> torch.Tensor:
-    """``t`` on the CPU, in storage of its own (the export fuses the LoRA into it in place: it
-    must never be the live model's; a tensor already on the CPU is cloned, others are copied by
-    the move)."""
+def _own_cpu_copy(t: torch.Tensor, live: set[int]) -> torch.Tensor:
+    """``t`` on the CPU, never in the storage of the live model's tensors (data pointers
+    ``live``): the export fuses the LoRA into it in place. A gathered state (ZeRO-3) or a move
+    from the GPU is already a copy and is not cloned again."""
     out = t.detach().cpu()
-    return out.clone() if out.data_ptr() == t.data_ptr() else out
+    return out.clone() if out.data_ptr() in live else out
 
 
 def build_tuned_module(
@@ -71,11 +71,14 @@ def build_tuned_module(
     live = policy.trained_model
     if state_dict is None:
         state_dict = live.state_dict()
-    state = {k.removeprefix("module."): _own_cpu_copy(v) for k, v in state_dict.items()}
+    owned = {t.data_ptr() for t in live.state_dict().values() if t.numel()}
+    state = {k.removeprefix("module."): _own_cpu_copy(v, owned) for k, v in state_dict.items()}
+    unet = policy.trained_attr == "unet"
     for name, value in (overrides or {}).items():
         if name not in state:
             raise KeyError(f"Override {name!r} is not a weight of the {type(live).__name__}.")
-        state[name] = _own_cpu_copy(value).to(state[name].dtype)
+        # (the UNet is exported in float32: an fp32 EMA is not rounded to a 16-bit state first)
+        state[name] = value.detach().cpu().to(torch.float32 if unet else state[name].dtype)
     with init_empty_weights():
         module = type(live).from_config(live.config)
         if policy.lora_config is not None:
@@ -88,7 +91,7 @@ def build_tuned_module(
             "accelerator.get_state_dict(module), with stage3_gather_16bit_weights_on_model_save "
             "under ZeRO-3)."
         )
-    if policy.trained_attr == "unet":
+    if unet:
         module.float()
     return module.eval()
 

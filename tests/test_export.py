@@ -161,3 +161,20 @@ def test_ddpo_tiny_recipe_export_loads_with_load_lora_weights(tmp_path):
     )  # fmt: skip
     assert len(history) == 1
     assert_lora_file_reproduces_merged(out / "export", None)
+
+
+def test_a_16_bit_gathered_state_keeps_float32_overrides_in_the_float32_unet_export():
+    """Under DeepSpeed bf16 the gathered UNet state is 16-bit; an EMA override in float32 goes
+    into the (float32) exported UNet as it is, not rounded to bf16 first; the live UNet is
+    never written into."""
+    from alignment.export import build_tuned_module
+
+    policy = DiffusionPolicy.from_pretrained(str(saved_tiny_pipeline()), lora_rank=4)
+    live = {k: v.clone() for k, v in policy.unet.state_dict().items()}
+    gathered = {k: v.to(torch.bfloat16) for k, v in policy.unet.state_dict().items()}
+    name = next(k for k in gathered if "lora_B" in k)
+    ema = torch.full_like(live[name], 1.0 + 2.0**-12)  # not representable in bf16
+    tuned = build_tuned_module(policy, gathered, {name: ema})
+    assert all(p.dtype == torch.float32 for p in tuned.parameters())
+    assert torch.equal(tuned.state_dict()[name], ema)
+    assert all(torch.equal(v, policy.unet.state_dict()[k]) for k, v in live.items())
