@@ -19,14 +19,17 @@ set -uo pipefail
 stage=${1:-1}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
+python3 -c "import torch, transformers, accelerate, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'peft', peft.__version__)"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 out=${OUT:-bench/results/gpu}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 run() { echo "== $*"; timeout "$1" "${@:2}" 2>&1 | grep -v -i "warn" | tail -40; }
 if [ "$stage" = 1 ]; then
+    run 180 python3 bench/gpu_checks.py "$out"                            # fp16 scaler, async reward
     run 150 python3 .gpuref/gpu_anchors.py "$out/gpu_anchors.json"      # the baseline, same call
     run 120 python3 bench/score.py --gpu                                  # target >= 110 images/s
+elif [ "$stage" = 4 ]; then
     run 200 python3 bench/score.py --gpu --compile
 elif [ "$stage" = 3 ]; then
     run 420 python3 bench/grpo.py --gpu --samples 16 --train_batch 4      # peak GiB: memory < 24
