@@ -17,6 +17,7 @@
 #       device time is left.
 set -uo pipefail
 stage=${1:-1}
+touch /tmp/gpu_start
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
 python3 -c "import torch, transformers, accelerate, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'peft', peft.__version__)"
@@ -39,4 +40,5 @@ else
     run 120 python3 bench/draft.py
     run 120 python3 bench/train_reward.py
 fi
-cp bench/results/*.json docs/benchmarks.md "$out/" 2>/dev/null || true
+# only what this call wrote (at most 8 files come back)
+find bench/results docs/benchmarks.md -newer /tmp/gpu_start -type f -exec cp {} "$out/" \; 2>/dev/null || true
