@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 2-5, as one script for a session that is lent a device machine.
-# Not yet run: no session so far had a GPU. Figures go to bench/results/*_gpu*.json and
-# docs/benchmarks.md, which come back through $OUT.
+# First run on 2026-11-30 (NVIDIA H200): stage 1 and the DPO bench; figures in
+# bench/results/*_gpu.json, *_h200.json and docs/benchmarks.md ("First GPU figures").
 #
-# Prepare here once (the device image has torch, transformers, peft, accelerate, but no
-# diffusers, trl or deepspeed; ../shared does not travel):
+# Prepare here once (the device image has torch 2.11, transformers 5.17, peft, accelerate, but no
+# diffusers, trl, deepspeed or datasets; its transformers lacks SubConfigSpec (>= 5.20) and its
+# huggingface_hub is older than 2.x, which needs httpx2: carry transformers, not the hub;
+# ../shared does not travel):
 #   printf '/.whl/\n/.gpuref/\n' >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 safetensors huggingface_hub \
+#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 safetensors==0.8.0 \
+#       transformers==5.24.0 trl==1.16.0 \
 #       bitsandbytes          # 8-bit AdamW for the GRPO memory variant (skipped without it)
 #   python3 -m pip wheel --no-deps -w .whl deepspeed==0.19.8 trl==1.16.0
 #   mkdir -p .gpuref && cp ../shared/bench-reference/gpu_anchors.py .gpuref/
@@ -18,7 +21,7 @@
 set -uo pipefail
 stage=${1:-1}
 touch /tmp/gpu_start
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+rm -rf /tmp/site; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
 python3 -c "import torch, transformers, accelerate, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'peft', peft.__version__)"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
