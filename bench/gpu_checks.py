@@ -28,33 +28,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def ddpo_fp16_async(tmp: Path) -> dict:
-    import alignment.online_trainer as online_trainer
-    from alignment.ddpo_trainer import DDPOConfig, DDPOTrainer
+    from _tiny_sd import tiny_ddpo_config  # the tests' few-second DDPO run
 
-    cfg = DDPOConfig(
-        pretrained_model="tiny",
-        output_dir=str(tmp / "ddpo"),
-        reward="brightness",
-        num_steps=3,
-        guidance_scale=2.0,
-        sample_batch_size=2,
-        num_batches_per_epoch=2,
-        train_batch_size=2,
-        gradient_accumulation_steps=2,
-        timesteps_per_call=2,
-        lora_rank=4,
-        learning_rate=1e-2,
-        clip_range=1e-3,
-        stat_min_count=2,
-        num_epochs=2,
-        save_every=0,
-        log_with="none",
-        log_images_every=0,
-        progress_bar=False,
-        seed=3,
-        mixed_precision="fp16",
-        async_reward=True,
-    )
+    import alignment.online_trainer as online_trainer
+    from alignment.ddpo_trainer import DDPOTrainer
+
+    cfg = tiny_ddpo_config(tmp / "ddpo", mixed_precision="fp16", async_reward=True)
     trainer = DDPOTrainer(cfg)
     acc = trainer.accelerator
     real = online_trainer.ppo_clip_loss
