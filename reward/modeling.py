@@ -833,9 +833,9 @@ class LlavaRewardModel(PreTrainedModel):
         config = LlavaRewardConfig.from_pretrained(path)
         if config.trust_remote_code and trust_remote_code is None:
             raise ValueError(
-                f"{path} was saved with trust_remote_code=True: its backbone "
+                f"{path} was saved with remote code trusted: its backbone "
                 f"({config.backbone!r}) runs code that ships with it. Load it with "
-                "trust_remote_code=True (--trust_remote_code) if you trust that code."
+                "trust_remote_code set to true (--trust_remote_code) if you trust that code."
             )
         remote = config.trust_remote_code = bool(trust_remote_code)  # what this load did
         if backbone is None:

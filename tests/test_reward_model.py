@@ -356,7 +356,7 @@ def test_a_folder_cannot_turn_on_remote_code_by_itself(reward_dir, tmp_path):
     shutil.copytree(reward_dir, folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "trust_remote_code": True}))
-    with pytest.raises(ValueError, match="saved with trust_remote_code=True.*if you trust"):
+    with pytest.raises(ValueError, match="saved with remote code trusted.*if you trust"):
         LlavaRewardModel.from_pretrained(folder)
     for choice in (False, True):
         model = LlavaRewardModel.from_pretrained(folder, trust_remote_code=choice)
@@ -365,7 +365,7 @@ def test_a_folder_cannot_turn_on_remote_code_by_itself(reward_dir, tmp_path):
     from alignment.draft import differentiable_reward_fn
     from alignment.rewards import get_reward_fn
 
-    with pytest.raises(ValueError, match="saved with trust_remote_code=True"):
+    with pytest.raises(ValueError, match="saved with remote code trusted"):
         get_reward_fn("llava_reward", path=str(folder), device="cpu")
     for build in (get_reward_fn, differentiable_reward_fn):
         assert callable(build("llava_reward", path=str(folder), trust_remote_code=True))
