@@ -280,14 +280,13 @@ def load_process_tensors(
     ``process_tensors`` and ``process_metadata``), or None when there is none for it (a
     checkpoint of a launch with fewer processes, or none saved)."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     file = Path(path) / _process_file(accelerator.process_index)
     if not file.is_file():
         return None
-    with safe_open(str(file), framework="pt") as f:
-        metadata = dict(f.metadata() or {})
-    return load_file(str(file)), metadata
+    with safe_open(str(file), framework="pt") as f:  # one read: tensors and metadata
+        names = f.keys()
+        return {k: f.get_tensor(k) for k in names}, dict(f.metadata() or {})
 
 
 _LEGACY_PICKLE = re.compile(r"^custom_checkpoint_\d+\.pkl$")
