@@ -195,13 +195,15 @@ class RewardCollator:
     mixed. With ``P`` pairs and ``U`` single images the batch holds ``2P + U`` sequences in the
     order ``[chosen_1..P, rejected_1..P, image_1..U]`` (``input_ids``, ``attention_mask`` and the
     family's pixel inputs), plus ``n_pairs`` (0-d long tensor, ``P``) and ``reward_labels``
-    (``[U]`` float). Images may be PIL images or raw refs (paths, bytes, ``{"bytes", "path"}``).
+    (``[U]`` float) and ``example_order`` (``[P + U]`` long: the position in ``examples`` of
+    pair 1..P, then of single 1..U; evaluation uses it to leave out the rows that pad the last
+    batch). Images may be PIL images or raw refs (paths, bytes, ``{"bytes", "path"}``).
     """
 
     processor: Any
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        pairs, singles = [], []
+        pairs, singles, pair_at, single_at = [], [], [], []
         for i, ex in enumerate(examples):
             if _is_set(ex.get("chosen")) and _is_set(ex.get("rejected")):
                 if ex.get("tie"):
@@ -210,8 +212,10 @@ class RewardCollator:
                         "the training data with keep_ties=False (prepare_training_data does)."
                     )
                 pairs.append(ex)
+                pair_at.append(i)
             elif _is_set(ex.get("image")) and _is_set(ex.get("label")):
                 singles.append(ex)
+                single_at.append(i)
             else:
                 raise ValueError(
                     f"example id={ex.get('id', i)} has neither (chosen, rejected) nor "
@@ -226,6 +230,7 @@ class RewardCollator:
         batch = dict(self.processor(prompts, images))
         batch["n_pairs"] = torch.tensor(len(pairs), dtype=torch.long)
         batch["reward_labels"] = torch.tensor([float(e["label"]) for e in singles])
+        batch["example_order"] = torch.tensor(pair_at + single_at, dtype=torch.long)
         return batch
 
 
@@ -478,6 +483,34 @@ class _NonFiniteStepGuard(TrainerCallback):
 _STAT_KEYS = ("accuracy", "margin", "unpaired_accuracy")
 
 
+def real_rows_of_last_batch(remainder: int, process_index: int, batch_rows: int) -> int:
+    """How many of this process's ``batch_rows`` examples in the last evaluation batch are real.
+
+    accelerate pads the last global batch (``even_batches``) with examples from the start of the
+    split so that every process runs the same number of equal batches. Process ``r`` holds rows
+    ``[r * b, (r + 1) * b)`` of that global batch, and its first ``remainder`` rows are real
+    (``remainder = len(split) % (b * processes)``; 0 when nothing is padded), so the count is
+    ``clamp(remainder - r * b, 0, b)``. Example: 11 pairs, ``b`` = 3, two processes: remainder
+    5, process 0 keeps 3 and process 1 keeps 2 of its 3 (the third repeats pair 0).
+    """
+    if remainder <= 0:
+        return batch_rows
+    return max(0, min(batch_rows, remainder - process_index * batch_rows))
+
+
+def select_examples(
+    rewards: torch.Tensor, n_pairs: int, labels: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """The rows of one collated batch whose examples ``keep`` marks (``Tensor[P + U]`` bool,
+    pairs first, in :class:`RewardCollator`'s order): ``(rewards [2P' + U'], P', labels [U'])``,
+    the same layout, ready for :func:`reward_loss`."""
+    keep_pairs, keep_singles = keep[:n_pairs], keep[n_pairs:]
+    chosen, rejected = rewards[:n_pairs], rewards[n_pairs : 2 * n_pairs]
+    singles = rewards[2 * n_pairs :]
+    kept = torch.cat([chosen[keep_pairs], rejected[keep_pairs], singles[keep_singles]])
+    return kept, int(keep_pairs.sum()), labels[keep_singles]
+
+
 class RewardTrainer(Trainer):
     """``transformers.Trainer`` for one perspective of a :class:`LlavaRewardModel`.
 
@@ -568,6 +601,7 @@ class RewardTrainer(Trainer):
         inputs = dict(inputs)
         n_pairs = int(inputs.pop("n_pairs"))
         labels = inputs.pop("reward_labels")
+        order = inputs.pop("example_order", None)
         with _autocast_for(self.accelerator.unwrap_model(model)):
             outputs = model(**self._cast_inputs(model, inputs), perspective=self.perspective)
         loss, stats = reward_loss(outputs.rewards, n_pairs, labels, self.args.loss_type, self.tau)
@@ -576,10 +610,37 @@ class RewardTrainer(Trainer):
             if self.is_deepspeed_enabled:
                 loss = poison_nonfinite(loss)
         mode = "train" if model.training else "eval"
-        counts = {"accuracy": n_pairs, "margin": n_pairs, "unpaired_accuracy": labels.numel()}
+        if mode == "eval":
+            stats, n_pairs, n_single = self._stats_of_real_examples(
+                stats, outputs.rewards, n_pairs, labels, order
+            )
+        else:
+            n_single = labels.numel()
+        counts = {"accuracy": n_pairs, "margin": n_pairs, "unpaired_accuracy": n_single}
         for k, v in stats.items():
             self._metrics[mode][k].append((v * counts[k], counts[k]))
         return (loss, outputs) if return_outputs else loss
+
+    def _stats_of_real_examples(
+        self, stats: dict, rewards: torch.Tensor, n_pairs: int, labels: torch.Tensor, order
+    ) -> tuple[dict[str, float], int, int]:
+        """An evaluation batch's statistics over its real examples only: the last batch of a
+        split that does not divide among the processes is padded with repeats, which would
+        otherwise count twice (:func:`real_rows_of_last_batch`)."""
+        state = self.accelerator.gradient_state
+        n_rows = n_pairs + labels.numel()
+        remainder = state.remainder if state.end_of_dataloader else 0
+        n_real = real_rows_of_last_batch(remainder, self.accelerator.process_index, n_rows)
+        if n_real == n_rows:
+            return stats, n_pairs, labels.numel()
+        if n_real == 0:
+            return {}, 0, 0
+        if order is None:  # a collator of one's own: its rows are taken as in order
+            order = torch.arange(n_rows)
+        keep = order.to(rewards.device) < n_real
+        rewards, n_pairs, labels = select_examples(rewards.detach(), n_pairs, labels, keep)
+        _, stats = reward_loss(rewards, n_pairs, labels, self.args.loss_type, self.tau)
+        return stats, n_pairs, labels.numel()
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

@@ -145,12 +145,14 @@ SCENARIOS: dict[str, tuple[str, str, dict[str, str]]] = {
         "reward_tiny.yaml",
         {
             "toy_n_train": "16",
-            "toy_n_eval": "12",  # 6 per rank: the eval statistics must be over both shards
+            # 11 = 6 + 5: the eval statistics must be over both shards, and the last batch (3
+            # rows per rank) is padded with a repeat of pair 0 that must not count twice
+            "toy_n_eval": "11",
             "eval_strategy": "steps",
             "eval_steps": "2",
             "max_steps": "2",
             "per_device_train_batch_size": "2",
-            "per_device_eval_batch_size": "3",  # no padding of the last batch
+            "per_device_eval_batch_size": "3",
             "save_steps": "2",
             "logging_steps": "1",
             "report_to": "none",

@@ -190,17 +190,19 @@ def test_two_ranks(runs, backend, scenario):
 
 @pytest.mark.parametrize("backend", ["ddp", *ZERO])
 def test_reward_eval_accuracy_is_over_every_shard_and_the_same_on_each_rank(runs, backend):
-    """Each rank evaluates its shard of the eval pairs (6 of 12); the pair accuracy ``evaluate``
-    returns (which the best-checkpoint choice reads) is reduced over both: the same on each
-    rank (one all-reduce in ``log``, reached by every rank under DDP and ZeRO), and equal to the
-    full eval split's accuracy that the end-of-run report computes with the same final weights.
-    (Here both shards score 3 of 6; the weighting itself is checked by hand in
-    ``tests/test_reward_training.py``.)"""
+    """Each rank evaluates its shard of the eval pairs (6 and 5 of 11); the pair accuracy
+    ``evaluate`` returns (which the best-checkpoint choice reads) is reduced over both: the same
+    on each rank (one all-reduce in ``log``, reached by every rank under DDP and ZeRO), and equal
+    to the full eval split's accuracy that the end-of-run report computes with the same final
+    weights. The last batch of rank 1 is padded with a repeat of pair 0, which must not count:
+    with it, k right of 11 would read (k + 0 or 1) / 12, never k / 11 for 0 < k < 11. (The
+    weighting itself is checked by hand in ``tests/test_reward_training.py``.)"""
     name = f"{backend}_reward"
     r0, r1 = runs["two"][name]
     (m0,), (m1,) = _calls(r0, "eval_metrics"), _calls(r1, "eval_metrics")
     assert m0 == m1
     report = json.loads((runs["out"] / name / "eval_report_alignment.json").read_text())
+    assert report["n_pairs"] == 11 and 0 < report["accuracy"] < 1, report
     assert m0["eval_accuracy"] == pytest.approx(report["accuracy"], abs=1e-6)
 
 

@@ -29,7 +29,9 @@ from reward.training import (
     evaluate_model,
     mix_datasets,
     read_reward_files,
+    real_rows_of_last_batch,
     reward_loss,
+    select_examples,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,6 +127,7 @@ def test_collator_mixes_pairs_and_singles_in_one_batch(backbone_dir, toy):
     assert int(batch["n_pairs"]) == 3
     assert batch["input_ids"].shape[0] == batch["pixel_values"].shape[0] == 2 * 3 + 2
     assert batch["reward_labels"].tolist() == [rows[0]["label"], rows[2]["label"]]
+    assert batch["example_order"].tolist() == [1, 3, 4, 0, 2]  # pairs' positions, then singles'
     # row order: chosen of the pairs, rejected of the pairs, then the single images
     from reward.data import load_image_ref
 
@@ -561,3 +564,26 @@ def test_logged_statistics_are_example_weighted_over_every_process(
     assert logs["eval_margin"] == pytest.approx(0.0 / 16)  # (4 - 4 + 0) / 16
     assert logs["eval_unpaired_accuracy"] == pytest.approx(0.5)
     assert not trainer._metrics["eval"]  # cleared for the next window
+
+
+def test_padding_of_the_last_eval_batch_is_found_and_left_out_by_hand():
+    """accelerate pads the last global evaluation batch with repeats of the split's first
+    examples. 11 pairs, 3 per process, 2 processes: global batches of 6, remainder 11 % 6 = 5,
+    so in the last batch process 0 keeps its 3 rows and process 1 keeps 2 of its 3; with 3
+    processes (remainder 11 % 9 = 2) process 0 keeps 2, processes 1 and 2 none. No remainder
+    (a split that divides, or not the last batch): every row is real."""
+    assert real_rows_of_last_batch(5, 0, 3) == 3
+    assert real_rows_of_last_batch(5, 1, 3) == 2
+    assert [real_rows_of_last_batch(2, r, 3) for r in range(3)] == [2, 0, 0]
+    assert real_rows_of_last_batch(0, 1, 3) == 3 and real_rows_of_last_batch(-1, 1, 3) == 3
+
+    # a batch of examples [single, pair, pair, single] (collated: pairs first, then singles) of
+    # which the first two are real: the first pair and the first single stay
+    rewards = torch.tensor([1.0, 2.0, 0.0, 5.0, 0.5, -0.5])  # chosen x2, rejected x2, single x2
+    labels = torch.tensor([1.0, 0.0])
+    order = torch.tensor([1, 2, 0, 3])
+    kept, n_pairs, kept_labels = select_examples(rewards, 2, labels, order < 2)
+    assert kept.tolist() == [1.0, 0.0, 0.5] and n_pairs == 1 and kept_labels.tolist() == [1.0]
+    _, stats = reward_loss(kept, n_pairs, kept_labels)
+    # pair 1 ranked right (margin 1), its repeat of pair 2 (ranked wrong) left out; single right
+    assert stats == {"accuracy": 1.0, "margin": 1.0, "unpaired_accuracy": 1.0}
