@@ -119,7 +119,10 @@ class RewardTrainingArguments(TrainingArguments):
     )
     report_to: None | str | list[str] = field(
         default="auto",
-        metadata={"help": "'auto' = tensorboard (+ wandb when installed), or a list / 'none'."},
+        metadata={
+            "help": "'auto' = tensorboard (+ wandb when installed), 'none', one integration, or "
+            "several: a YAML list or comma-separated ('tensorboard,wandb')."
+        },
     )
     bf16: bool | None = field(
         default=None,
@@ -161,6 +164,10 @@ class RewardTrainingArguments(TrainingArguments):
             self.dataloader_pin_memory = False
         if self.report_to == "auto":
             self.report_to = default_report_to()
+        elif isinstance(self.report_to, str) and "," in self.report_to:
+            # the command line takes one value here (transformers' parser): several go comma-
+            # separated (no integration's name holds a comma)
+            self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
         if self.bf16 is None:  # bf16 by default where the GPU has it, unless fp16 was asked for
             self.bf16 = (
                 bool(_cuda() and torch.cuda.is_bf16_supported())

@@ -507,6 +507,19 @@ def test_recipes_read_config_equals_file_refuse_abbreviations_and_take_lists_eit
     assert script.train_file == ["a.jsonl", "data/b,c.jsonl"]  # a path may hold a comma
     assert script.eval_file == ["d.jsonl"]
 
+    # the reward's loggers: transformers' parser takes one value for report_to (it refused
+    # "--report_to tensorboard wandb" and kept "a,b" as one unknown integration name)
+    from reward.training import RewardTrainingArguments
+
+    def report_to(value: str) -> list[str]:
+        out = str(tmp_path / "rt")
+        argv = ["--output_dir", out, "--report_to", value]
+        (args,) = RecipeParser(RewardTrainingArguments).parse_args_and_config(argv)
+        return args.report_to
+
+    assert report_to("tensorboard, codecarbon") == ["tensorboard", "codecarbon"]
+    assert report_to("tensorboard") == ["tensorboard"] and report_to("none") == []
+
 
 def test_quiet_logs_drops_the_torchvision_fallback_and_names_the_ds_accelerator(monkeypatch):
     from alignment.recipe_utils import quiet_logs
