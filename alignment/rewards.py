@@ -199,6 +199,84 @@ def llava_reward(
     return scorer.as_reward_fn(perspective, differentiable=False)
 
 
+def caption_contrast(scores: torch.Tensor, own: torch.Tensor, tau: float) -> torch.Tensor:
+    """How much more an image fits its own caption than the alternatives to it.
+
+    ``c(x) = log softmax_k(s_k / tau)[own] = s_own / tau - log sum_k exp(s_k / tau)`` (<= 0).
+
+    Args:
+        scores: ``Tensor[N, K]``: a reward's scores of each image against ``K`` captions (entries
+            of ``-inf`` are absent alternatives, for groups of fewer than ``K``).
+        own: ``LongTensor[N]``: the column of each image's own caption.
+        tau: temperature (> 0) in the reward's units.
+
+    Returns ``Tensor[N]``; differentiable in ``scores``.
+    """
+    if tau <= 0:
+        raise ValueError(f"tau = {tau!r}: the contrast's temperature must be > 0.")
+    logp = torch.log_softmax(scores / tau, dim=-1)
+    return logp.gather(-1, own.view(-1, 1).to(logp.device)).squeeze(-1)
+
+
+def contrastive_reward(
+    reward_fn: RewardFn, alternatives: Callable[[str], list[list[str]]], tau: float = 10.0
+) -> RewardFn:
+    """A reward that pays for what distinguishes an image's own caption from its alternatives.
+
+    ``r_c(x, p) = sum_g caption_contrast(r(x, A_g(p)), own, tau)``: for each group ``A_g(p)``
+    of captions that ``alternatives(p)`` returns (each group holds ``p`` itself, e.g. ``p`` with
+    its colour word replaced by every colour), the log-probability that ``x`` shows ``p``
+    rather than another caption of the group, under ``softmax(r / tau)``. Whatever ``r`` pays
+    for regardless of the caption (sharpness, contrast, the style of its training images)
+    cancels out, so a policy tuned on the reward's gradient (DRaFT) cannot raise ``r_c`` that
+    way; only the attributes the caption names count. ``tau`` is in ``r``'s units (its scores'
+    spread between captions). Costs one reward call on ``sum_g |A_g(p)|`` images per image.
+
+    ``reward_fn``: any registered reward (differentiable or not; ``r_c`` is differentiable when
+    it is); ``alternatives``: prompt -> groups of captions, e.g.
+    :func:`alignment.world.grammar.attribute_alternatives`.
+    """
+    if tau <= 0:
+        raise ValueError(f"tau = {tau!r}: the contrast's temperature must be > 0.")
+
+    def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        rows, captions, segments = [], [], []  # segments: (image, start, size, own)
+        for i, prompt in enumerate(prompts):
+            groups = alternatives(prompt)
+            if not groups:
+                raise ValueError(f"no alternative captions for {prompt!r}.")
+            for group in groups:
+                if prompt not in group:
+                    raise ValueError(
+                        f"an alternatives group of {prompt!r} does not hold the prompt itself: "
+                        f"{group!r}; each group must (its own caption is what is scored)."
+                    )
+                segments.append((i, len(captions), len(group), group.index(prompt)))
+                rows += [i] * len(group)
+                captions += list(group)
+        scores = reward_fn(images[torch.tensor(rows, device=images.device)], captions)
+        width = max(size for _, _, size, _ in segments)
+        table = scores.new_full((len(segments), width), float("-inf"))
+        index = torch.tensor(
+            [
+                [start + k for k in range(size)] + [0] * (width - size)
+                for _, start, size, _ in segments
+            ],
+            device=scores.device,
+        )
+        present = torch.tensor(
+            [[True] * size + [False] * (width - size) for _, _, size, _ in segments],
+            device=scores.device,
+        )
+        table = torch.where(present, scores[index], table)
+        own = torch.tensor([o for *_, o in segments])
+        per_group = caption_contrast(table, own, tau)
+        image_of = torch.tensor([i for i, *_ in segments], device=per_group.device)
+        return per_group.new_zeros(len(prompts)).index_add(0, image_of, per_group)
+
+    return fn
+
+
 # The CLIP rewards (signatures and docs in alignment.clip_rewards; transformers loads lazily).
 register_reward("pickscore")(pickscore_reward)
 register_reward("clip_score")(clip_score_reward)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import types
 
@@ -108,3 +109,60 @@ def test_llava_reward_entry_matches_the_scorer(tmp_path):
         "llava_reward", path=str(tmp_path / "rm"), perspective={"overall": 1.0, "safety": 0.5}
     )
     assert weighted(images, prompts).shape == (3,)
+
+
+def test_caption_contrast_by_hand():
+    """log softmax(s / tau)[own]: scores (2, 0) at tau 2, own 0: 1 - log(e + 1); an absent
+    alternative (-inf) weighs nothing; the gradient is softmax - onehot, over tau."""
+    from alignment.rewards import caption_contrast
+
+    scores = torch.tensor([[2.0, 0.0, float("-inf")], [1.0, 1.0, 1.0]], requires_grad=True)
+    out = caption_contrast(scores, torch.tensor([0, 2]), tau=2.0)
+    assert out.tolist() == pytest.approx([1 - math.log(math.e + 1), -math.log(3)], rel=1e-6)
+    out[0].backward()
+    p = math.e / (math.e + 1)
+    assert scores.grad[0].tolist() == pytest.approx([(1 - p) / 2, -(1 - p) / 2, 0.0], rel=1e-6)
+    with pytest.raises(ValueError, match="temperature"):
+        caption_contrast(scores, torch.tensor([0, 0]), tau=0.0)
+
+
+def test_contrastive_reward_pays_only_for_what_the_caption_names():
+    """A reward that sees the colour word and also pays for brightness: through the contrast the
+    brightness term cancels (same values, no gradient from it), the colour term is what is left,
+    as computed by hand for the world's four colour captions (the other attributes' groups see
+    no difference and add log(1/3), log(1/5), log(1/3))."""
+    from alignment.rewards import contrastive_reward
+    from alignment.world.grammar import attribute_alternatives
+
+    def sees_red(images, prompts):
+        red = images[:, 0].mean((1, 2)) - images[:, 1:].mean((1, 2, 3))
+        is_red = torch.tensor([float(" red " in p) for p in prompts])
+        return 20.0 * red * is_red
+
+    def also_bright(images, prompts):
+        return sees_red(images, prompts) + 50.0 * images.mean((1, 2, 3))
+
+    images = torch.zeros(2, 3, 4, 4)
+    images[0, 0] = 0.5  # reddish
+    images[1] = 0.4  # gray
+    prompts = ["a red circle at the top left on a white background"] * 2
+    plain = contrastive_reward(sees_red, attribute_alternatives, tau=2.0)
+    bright = contrastive_reward(also_bright, attribute_alternatives, tau=2.0)
+    x = images.clone().requires_grad_(True)
+    value = bright(x, prompts)
+    assert torch.allclose(value, plain(images, prompts), atol=1e-5)
+    s = 20.0 * 0.5 / 2.0  # the red caption's score over tau for image 0; 0 for the rest
+    rest = -math.log(3) - math.log(5) - math.log(3)
+    expected0 = s - math.log(math.exp(s) + 3) + rest
+    expected1 = -math.log(4) + rest  # gray: every colour caption scores the same
+    assert value.tolist() == pytest.approx([expected0, expected1], rel=1e-5)
+    value[1].backward()  # the gray image's value moves only through its red - other channels
+    g = x.grad[1]
+    assert torch.allclose(g.sum(0), torch.zeros(4, 4), atol=1e-6)  # brightness: no pull
+    assert g[0].mean() > 0  # more red makes the red caption fit better
+
+    def ungrouped(prompt):
+        return [["another caption"]]
+
+    with pytest.raises(ValueError, match="does not hold the prompt itself"):
+        contrastive_reward(sees_red, ungrouped)(images, prompts)

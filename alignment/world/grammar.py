@@ -121,6 +121,22 @@ def parse_caption(caption: str) -> Scene:
         raise ValueError(f"caption {caption!r}: {err}") from err
 
 
+def attribute_alternatives(caption: str) -> list[list[str]]:
+    """For each attribute of ``caption`` (colour, shape, position, background), the captions
+    with that attribute set to each of its values, ``caption`` itself included:
+    ``[[a red circle ..., a green circle ..., ...], [a red circle ..., a red square ..., ...],
+    ...]`` (4 + 3 + 5 + 3 captions), the groups of
+    :func:`alignment.rewards.contrastive_reward`."""
+    scene = parse_caption(caption)
+    return [
+        [
+            caption if value == getattr(scene, name) else scene.replace(**{name: value}).caption
+            for value in values
+        ]
+        for name, values in ATTRIBUTES.items()
+    ]
+
+
 def all_scenes() -> list[Scene]:
     """Every scene of the grammar, in a fixed order (colour, shape, position, background)."""
     return [Scene(*combo) for combo in product(*ATTRIBUTES.values())]
