@@ -101,6 +101,16 @@ class DemoConfig:
         default='{"alignment": 1.0}',
         metadata={"help": "Perspective weights of the reward as JSON."},
     )
+    reward_contrast_tau: float = field(
+        default=10.0,
+        metadata={
+            "help": "Use the LLaVA-Reward contrastively (alignment.rewards.contrastive_reward): "
+            "the log-probability, under softmax(r / tau), that an image shows its caption "
+            "rather than the caption with one attribute changed, summed over the 4 attributes. "
+            "What the reward pays for whatever the caption says (crisp shapes) then cancels. "
+            "0: the reward's own score."
+        },
+    )
     method: str = field(
         default="flow_draft",
         metadata={
@@ -210,7 +220,13 @@ def _reward_fn(scorer, cfg: DemoConfig, differentiable: bool = False):
         from alignment.world.oracle import oracle_reward
 
         return oracle_reward(cfg.reward.partition(":")[2] or "alignment", differentiable)
-    return scorer.as_reward_fn(json.loads(cfg.reward_weights), differentiable=differentiable)
+    fn = scorer.as_reward_fn(json.loads(cfg.reward_weights), differentiable=differentiable)
+    if cfg.reward_contrast_tau > 0:
+        from alignment.rewards import contrastive_reward
+        from alignment.world.grammar import attribute_alternatives
+
+        fn = contrastive_reward(fn, attribute_alternatives, cfg.reward_contrast_tau)
+    return fn
 
 
 def _evaluate(policy, prompts, seeds, cfg, reward=None) -> dict:
@@ -628,6 +644,11 @@ def run(cfg: DemoConfig) -> dict:
     seeds = list(range(cfg.eval_seeds))
     curve_seeds = seeds[: max(1, cfg.curve_seeds)]
     methods = cfg.methods()
+    if cfg.reward_contrast_tau < 0:
+        raise ValueError(
+            f"reward_contrast_tau = {cfg.reward_contrast_tau!r}: use 0 (the reward's own "
+            "score) or a temperature > 0."
+        )
     _ddpo_overrides(cfg)  # the JSON overrides checked before anything runs
     if "flow_grpo" in methods:
         from alignment.grpo_trainer import GRPOConfig
@@ -848,6 +869,19 @@ def _report(s: dict, methods: list[str]) -> str:
         if acc
         else ""
     )
+    cfg = s["config"]
+    tau = cfg.get("reward_contrast_tau", 0)
+    reward_line = (
+        f"Training reward: the oracle ({cfg['reward']})."
+        if cfg["reward"].startswith("oracle")
+        else f"Training reward: the LLaVA-Reward {cfg['reward_weights']}"
+        + (
+            f", used contrastively (tau {tau:g}: log-probability that the image shows its "
+            "caption rather than the caption with one attribute changed, summed over the four)."
+            if tau > 0
+            else "."
+        )
+    )
     rise_lines = "".join(
         f"\n- {m}: training reward, mean of the first {r['reward_rise']['window']} epochs "
         f"{r['reward_rise']['first']:.3f} -> last {r['reward_rise']['window']} "
@@ -861,7 +895,7 @@ def _report(s: dict, methods: list[str]) -> str:
 {_PROMPTS_LINE[s["config"]["rl_prompts"]].format(n=s["train_prompts"], m=len(s["held_out_prompts"]))} x seeds
 {s["seeds"]}. Oracle alignment in [0, 1] (background x colour x shape x position). Seed-to-seed
 noise of the mean (std over {s["config"]["noise_seed_sets"]} disjoint seed sets, base model):
-{s["oracle_alignment_noise"]:.3f}. {acc_line}
+{s["oracle_alignment_noise"]:.3f}. {acc_line} {reward_line}
 
 | method | oracle alignment before | after | gain ± s.e. | gain per seed | seconds |
 |---|---|---|---|---|---|

@@ -40,14 +40,13 @@ def _assert_export_draws(pipe) -> None:
     assert image.shape[-2:] == (32, 32) and torch.isfinite(image).all()
 
 
-def test_default_demo_learns_above_twice_the_seed_noise_and_on_every_seed(tmp_path):
-    """`make demo`'s chain in a shorter run: the held-out oracle alignment of the bundled SD 3
-    world policy rises by more than twice the seed-to-seed noise of the mean (the std of the base
-    policy's mean over disjoint seed sets) and on every evaluation seed, the export loads in
-    plain diffusers and the summary says what the bundled reward sees per kind of mismatch.
-    The gain of the same run differs with the CPU's float reductions (+0.035 in one thread,
-    +0.059 in two; noise 0.011-0.013), so the demo issue's bar, every seed above 4x the noise,
-    is not met and not asserted (alignment/world/weights/README.md, fourth round)."""
+def test_default_demo_learns_above_four_times_the_seed_noise_on_every_seed(tmp_path):
+    """`make demo`'s chain (one thread, noise over 3 seed sets instead of 4): the held-out oracle
+    alignment of the bundled SD 3 world policy rises on every evaluation seed by more than 4x the
+    seed-to-seed noise of the mean (the std of the base policy's mean over disjoint seed sets),
+    the bundled reward sees every kind of mismatch (>= 0.85 each, from its build report), the
+    export loads in plain diffusers. The gain differs with the CPU's float reductions (one
+    thread: every seed +0.06 to +0.08; two threads, `make demo`: +0.02 to +0.08)."""
     from diffusers import StableDiffusion3Pipeline
 
     summary = run(DemoConfig(output_dir=str(tmp_path / "demo"), **CI_DEFAULT))
@@ -61,8 +60,10 @@ def test_default_demo_learns_above_twice_the_seed_noise_and_on_every_seed(tmp_pa
     assert summary["oracle_alignment_after"] == draft["oracle_alignment_after"]
     assert draft["policy"].endswith("tiny-world-sd3") and noise > 0
     assert len(draft["gain_per_seed"]) == 4
-    assert draft["gain"] > 2 * noise, (draft["gain"], noise)
-    assert all(g > 0 for g in draft["gain_per_seed"]), draft["gain_per_seed"]
+    assert all(g > 4 * noise for g in draft["gain_per_seed"]), (draft["gain_per_seed"], noise)
+    assert draft["reward_rise"]["z"] > 3, draft["reward_rise"]
+    kinds = summary["reward_accuracy_per_mismatch"]
+    assert min(kinds.values()) >= 0.85, kinds
     assert set(summary["reward_accuracy_per_mismatch"]) == {
         "background",
         "colour",

@@ -94,7 +94,7 @@ class PretrainConfig:
         default=0.1,
         metadata={
             "help": "sd3: dropout of the T5 encoder while it trains (T5's own default 0.1; "
-            "the bundled model was made with it)."
+            "the bundled model was made with 0, recipes/configs/pretrain_tiny_world_sd3.yaml)."
         },
     )
     image_size: int = field(default=32, metadata={"help": "Image side in pixels."})
