@@ -14,7 +14,8 @@ bars. What is ours:
 
 * :class:`RewardCollator`: a batch of paired rows ``{prompt, chosen, rejected}`` and/or unpaired
   rows ``{prompt, image, label}`` becomes ONE model batch of ``2P + U`` sequences ordered
-  ``[chosen_1..P, rejected_1..P, image_1..U]`` plus ``n_pairs = P`` and ``reward_labels [U]``;
+  ``[chosen_1..P, rejected_1..P, image_1..U]`` plus ``n_pairs = P``, ``reward_labels [U]`` and
+  ``example_order`` (which lets evaluation leave out the padding of its last batch);
 * :func:`reward_loss` (pure): the pair loss (``bt`` / ``paired_bce`` / ``gpm``, from
   :mod:`reward.losses`) and the unpaired BCE, averaged over the examples of the batch;
 * :class:`RewardTrainer`: trains one perspective (``model.set_trainable``); checkpoints hold that
@@ -162,12 +163,21 @@ class RewardTrainingArguments(TrainingArguments):
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
         if not _cuda():  # pinned host memory only helps copies to a GPU (and warns without one)
             self.dataloader_pin_memory = False
-        if self.report_to == "auto":
-            self.report_to = default_report_to()
-        elif isinstance(self.report_to, str) and "," in self.report_to:
+        if isinstance(self.report_to, str) and "," in self.report_to:
             # the command line takes one value here (transformers' parser): several go comma-
             # separated (no integration's name holds a comma)
-            self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
+            names = [name.strip() for name in self.report_to.split(",") if name.strip()]
+            if not names:
+                raise ValueError(
+                    f"report_to={self.report_to!r} names no logger: give one or several "
+                    "('tensorboard,wandb'), 'auto' or 'none'."
+                )
+            self.report_to = names
+        if self.report_to == "auto":
+            self.report_to = default_report_to()
+        elif isinstance(self.report_to, list) and "auto" in self.report_to:
+            auto = default_report_to()
+            self.report_to = auto + [n for n in self.report_to if n not in auto and n != "auto"]
         if self.bf16 is None:  # bf16 by default where the GPU has it, unless fp16 was asked for
             self.bf16 = (
                 bool(_cuda() and torch.cuda.is_bf16_supported())
@@ -487,7 +497,9 @@ class _NonFiniteStepGuard(TrainerCallback):
 
 
 #: The statistics :func:`reward_loss` reports (``RewardTrainer`` logs them, example-weighted).
-_STAT_KEYS = ("accuracy", "margin", "unpaired_accuracy")
+#: The statistics ``log`` reduces over the processes (``loss``: evaluation only, where it replaces
+#: ``Trainer``'s, which counts each of a batch's ``2P + U`` rows and the last batch's padding).
+_STAT_KEYS = ("accuracy", "margin", "unpaired_accuracy", "loss")
 
 
 def real_rows_of_last_batch(remainder: int, process_index: int, batch_rows: int) -> int:
@@ -619,11 +631,16 @@ class RewardTrainer(Trainer):
         mode = "train" if model.training else "eval"
         if mode == "eval":
             stats, n_pairs, n_single = self._stats_of_real_examples(
-                stats, outputs.rewards, n_pairs, labels, order
+                {**stats, "loss": float(loss.detach())}, outputs.rewards, n_pairs, labels, order
             )
         else:
             n_single = labels.numel()
-        counts = {"accuracy": n_pairs, "margin": n_pairs, "unpaired_accuracy": n_single}
+        counts = {
+            "accuracy": n_pairs,
+            "margin": n_pairs,
+            "unpaired_accuracy": n_single,
+            "loss": n_pairs + n_single,  # the loss is a mean over the batch's examples
+        }
         for k, v in stats.items():
             self._metrics[mode][k].append((v * counts[k], counts[k]))
         return (loss, outputs) if return_outputs else loss
@@ -631,12 +648,14 @@ class RewardTrainer(Trainer):
     def _stats_of_real_examples(
         self, stats: dict, rewards: torch.Tensor, n_pairs: int, labels: torch.Tensor, order
     ) -> tuple[dict[str, float], int, int]:
-        """An evaluation batch's statistics over its real examples only: the last batch of a
-        split that does not divide among the processes is padded with repeats, which would
-        otherwise count twice (:func:`real_rows_of_last_batch`)."""
+        """An evaluation batch's statistics (and loss) over its real examples only: the last
+        batch of a split that does not divide among the processes is padded with repeats, which
+        would otherwise count twice (:func:`real_rows_of_last_batch`). Without accelerate's
+        ``even_batches`` nothing is padded."""
         state = self.accelerator.gradient_state
         n_rows = n_pairs + labels.numel()
-        remainder = state.remainder if state.end_of_dataloader else 0
+        padded = state.end_of_dataloader and self.accelerator.even_batches
+        remainder = state.remainder if padded else 0
         n_real = real_rows_of_last_batch(remainder, self.accelerator.process_index, n_rows)
         if n_real == n_rows:
             return stats, n_pairs, labels.numel()
@@ -646,8 +665,8 @@ class RewardTrainer(Trainer):
             order = torch.arange(n_rows)
         keep = order.to(rewards.device) < n_real
         rewards, n_pairs, labels = select_examples(rewards.detach(), n_pairs, labels, keep)
-        _, stats = reward_loss(rewards, n_pairs, labels, self.args.loss_type, self.tau)
-        return stats, n_pairs, labels.numel()
+        loss, stats = reward_loss(rewards, n_pairs, labels, self.args.loss_type, self.tau)
+        return {**stats, "loss": float(loss)}, n_pairs, labels.numel()
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

@@ -519,6 +519,9 @@ def test_recipes_read_config_equals_file_refuse_abbreviations_and_take_lists_eit
 
     assert report_to("tensorboard, codecarbon") == ["tensorboard", "codecarbon"]
     assert report_to("tensorboard") == ["tensorboard"] and report_to("none") == []
+    assert report_to("auto, codecarbon")[-1] == "codecarbon" and "auto" not in report_to("auto,a")
+    with pytest.raises(ValueError, match="names no logger"):
+        report_to(" , ")
 
 
 def test_quiet_logs_drops_the_torchvision_fallback_and_names_the_ds_accelerator(monkeypatch):

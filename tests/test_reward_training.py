@@ -553,13 +553,17 @@ def test_logged_statistics_are_example_weighted_over_every_process(
 
     train, _ = read_reward_files(toy["alignment"][0])
     trainer = RewardTrainer(_model(backbone_dir, "alignment"), _args(tmp_path, "alignment"), train)
-    other = torch.tensor([[3.0, 0.0, 1.0], [10.0, 10.0, 2.0]], dtype=torch.float64)  # sums; counts
+    other = torch.tensor(  # sums; counts (accuracy, margin, unpaired accuracy, loss)
+        [[3.0, 0.0, 1.0, 5.0], [10.0, 10.0, 2.0, 12.0]], dtype=torch.float64
+    )
     monkeypatch.setattr(accelerate.Accelerator, "num_processes", property(lambda self: 2))
     monkeypatch.setattr(trainer.accelerator, "reduce", lambda t, reduction: t + other)
     trainer._metrics["eval"]["accuracy"] += [(0.75 * 4, 4), (0.5 * 2, 2)]
     trainer._metrics["eval"]["margin"] += [(1.0 * 4, 4), (-2.0 * 2, 2)]
-    logs = {"eval_loss": 0.5}
+    trainer._metrics["eval"]["loss"] += [(0.4 * 4, 4), (0.7 * 2, 2)]
+    logs = {"eval_loss": 0.5}  # Trainer's (row-weighted, padding included) is replaced
     trainer.log(logs)
+    assert logs["eval_loss"] == pytest.approx((1.6 + 1.4 + 5.0) / (6 + 12))
     assert logs["eval_accuracy"] == pytest.approx(7 / 16)
     assert logs["eval_margin"] == pytest.approx(0.0 / 16)  # (4 - 4 + 0) / 16
     assert logs["eval_unpaired_accuracy"] == pytest.approx(0.5)
@@ -587,3 +591,33 @@ def test_padding_of_the_last_eval_batch_is_found_and_left_out_by_hand():
     _, stats = reward_loss(kept, n_pairs, kept_labels)
     # pair 1 ranked right (margin 1), its repeat of pair 2 (ranked wrong) left out; single right
     assert stats == {"accuracy": 1.0, "margin": 1.0, "unpaired_accuracy": 1.0}
+
+
+def test_trainer_leaves_out_padding_only_where_accelerate_pads(
+    backbone_dir, toy, tmp_path, monkeypatch
+):
+    """The trainer's wiring of the above: rank 1 of 2 in the last batch of 11 pairs (3 per
+    rank, remainder 5) keeps 2 of its 3 pairs, and the loss over those two; with
+    ``even_batches`` off accelerate pads nothing, so all 3 count; before the last batch too."""
+    import accelerate
+    from accelerate.state import GradientState
+
+    train, _ = read_reward_files(toy["alignment"][0])
+    trainer = RewardTrainer(_model(backbone_dir, "alignment"), _args(tmp_path, "alignment"), train)
+    rewards = torch.tensor([1.0, 2.0, 3.0, 0.0, 5.0, 1.0])  # pairs right, wrong, right
+    labels, order = torch.zeros(0), torch.tensor([0, 1, 2])
+    loss, stats = reward_loss(rewards, 3, labels, "bt", trainer.tau)
+    monkeypatch.setattr(accelerate.Accelerator, "process_index", property(lambda self: 1))
+    monkeypatch.setattr(GradientState, "remainder", property(lambda self: 5))
+    end = {"value": True}
+    monkeypatch.setattr(GradientState, "end_of_dataloader", property(lambda self: end["value"]))
+    full = {**stats, "loss": float(loss)}
+
+    kept, n_pairs, n_single = trainer._stats_of_real_examples(full, rewards, 3, labels, order)
+    two_loss, two = reward_loss(torch.tensor([1.0, 2.0, 0.0, 5.0]), 2, labels, "bt", trainer.tau)
+    assert (n_pairs, n_single) == (2, 0) and kept["accuracy"] == two["accuracy"] == 0.5
+    assert kept["loss"] == pytest.approx(float(two_loss))
+    trainer.accelerator.even_batches = False
+    assert trainer._stats_of_real_examples(full, rewards, 3, labels, order) == (full, 3, 0)
+    trainer.accelerator.even_batches, end["value"] = True, False
+    assert trainer._stats_of_real_examples(full, rewards, 3, labels, order) == (full, 3, 0)
