@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -644,7 +645,7 @@ def run(cfg: DemoConfig) -> dict:
     seeds = list(range(cfg.eval_seeds))
     curve_seeds = seeds[: max(1, cfg.curve_seeds)]
     methods = cfg.methods()
-    if cfg.reward_contrast_tau < 0:
+    if not (math.isfinite(cfg.reward_contrast_tau) and cfg.reward_contrast_tau >= 0):
         raise ValueError(
             f"reward_contrast_tau = {cfg.reward_contrast_tau!r}: use 0 (the reward's own "
             "score) or a temperature > 0."

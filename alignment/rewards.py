@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import io
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -199,6 +200,11 @@ def llava_reward(
     return scorer.as_reward_fn(perspective, differentiable=False)
 
 
+def _check_tau(tau: float) -> None:
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau = {tau!r}: the contrast's temperature must be a finite number > 0.")
+
+
 def caption_contrast(scores: torch.Tensor, own: torch.Tensor, tau: float) -> torch.Tensor:
     """How much more an image fits its own caption than the alternatives to it.
 
@@ -212,21 +218,23 @@ def caption_contrast(scores: torch.Tensor, own: torch.Tensor, tau: float) -> tor
 
     Returns ``Tensor[N]``; differentiable in ``scores``.
     """
-    if tau <= 0:
-        raise ValueError(f"tau = {tau!r}: the contrast's temperature must be > 0.")
+    _check_tau(tau)
     logp = torch.log_softmax(scores / tau, dim=-1)
     return logp.gather(-1, own.view(-1, 1).to(logp.device)).squeeze(-1)
 
 
 def contrastive_reward(
-    reward_fn: RewardFn, alternatives: Callable[[str], list[list[str]]], tau: float = 10.0
+    reward_fn: RewardFn,
+    alternatives: Callable[[str], list[tuple[list[str], int]]],
+    tau: float = 10.0,
 ) -> RewardFn:
     """A reward that pays for what distinguishes an image's own caption from its alternatives.
 
-    ``r_c(x, p) = sum_g caption_contrast(r(x, A_g(p)), own, tau)``: for each group ``A_g(p)``
-    of captions that ``alternatives(p)`` returns (each group holds ``p`` itself, e.g. ``p`` with
-    its colour word replaced by every colour), the log-probability that ``x`` shows ``p``
-    rather than another caption of the group, under ``softmax(r / tau)``. Whatever ``r`` pays
+    ``r_c(x, p) = sum_g caption_contrast(r(x, A_g(p)), own_g, tau)``: for each group
+    ``(A_g(p), own_g)`` that ``alternatives(p)`` returns (captions, e.g. ``p`` with its colour
+    word replaced by every colour, and the index of the one that means ``p``), the
+    log-probability that ``x`` shows that caption rather than another of the group, under
+    ``softmax(r / tau)``. Whatever ``r`` pays
     for regardless of the caption (sharpness, contrast, the style of its training images)
     cancels out, so a policy tuned on the reward's gradient (DRaFT) cannot raise ``r_c`` that
     way; only the attributes the caption names count. ``tau`` is in ``r``'s units (its scores'
@@ -236,8 +244,7 @@ def contrastive_reward(
     it is); ``alternatives``: prompt -> groups of captions, e.g.
     :func:`alignment.world.grammar.attribute_alternatives`.
     """
-    if tau <= 0:
-        raise ValueError(f"tau = {tau!r}: the contrast's temperature must be > 0.")
+    _check_tau(tau)
 
     def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         rows, captions, segments = [], [], []  # segments: (image, start, size, own)
@@ -245,13 +252,14 @@ def contrastive_reward(
             groups = alternatives(prompt)
             if not groups:
                 raise ValueError(f"no alternative captions for {prompt!r}.")
-            for group in groups:
-                if prompt not in group:
+            for group, own in groups:
+                if not (isinstance(own, int) and 0 <= own < len(group)):
                     raise ValueError(
-                        f"an alternatives group of {prompt!r} does not hold the prompt itself: "
-                        f"{group!r}; each group must (its own caption is what is scored)."
+                        f"an alternatives group of {prompt!r} names caption {own!r} as its own, "
+                        f"but holds {len(group)}: {group!r}; give (captions, index of the one "
+                        "that means the prompt)."
                     )
-                segments.append((i, len(captions), len(group), group.index(prompt)))
+                segments.append((i, len(captions), len(group), own))
                 rows += [i] * len(group)
                 captions += list(group)
         scores = reward_fn(images[torch.tensor(rows, device=images.device)], captions)

@@ -113,7 +113,7 @@ def test_llava_reward_entry_matches_the_scorer(tmp_path):
 
 def test_caption_contrast_by_hand():
     """log softmax(s / tau)[own]: scores (2, 0) at tau 2, own 0: 1 - log(e + 1); an absent
-    alternative (-inf) weighs nothing; the gradient is softmax - onehot, over tau."""
+    alternative (-inf) weighs nothing; the gradient is (onehot - softmax) / tau."""
     from alignment.rewards import caption_contrast
 
     scores = torch.tensor([[2.0, 0.0, float("-inf")], [1.0, 1.0, 1.0]], requires_grad=True)
@@ -161,8 +161,23 @@ def test_contrastive_reward_pays_only_for_what_the_caption_names():
     assert torch.allclose(g.sum(0), torch.zeros(4, 4), atol=1e-6)  # brightness: no pull
     assert g[0].mean() > 0  # more red makes the red caption fit better
 
-    def ungrouped(prompt):
-        return [["another caption"]]
+    def no_own(prompt):
+        return [(["another caption"], 1)]
 
-    with pytest.raises(ValueError, match="does not hold the prompt itself"):
-        contrastive_reward(sees_red, ungrouped)(images, prompts)
+    with pytest.raises(ValueError, match="names caption 1 as its own"):
+        contrastive_reward(sees_red, no_own)(images, prompts)
+    with pytest.raises(ValueError, match="finite number > 0"):
+        contrastive_reward(sees_red, attribute_alternatives, tau=float("nan"))
+
+
+def test_attribute_alternatives_are_canonical_and_name_their_own():
+    """Every group is in the grammar's wording (the caption's own entry too, whatever its case or
+    full stop), one attribute varied, its own index at the caption's value."""
+    from alignment.world.grammar import attribute_alternatives
+
+    groups = attribute_alternatives("A blue square at the top right on a gray background.")
+    assert [len(g) for g, _ in groups] == [4, 3, 5, 3]
+    (colours, c), (shapes, s), _, (backgrounds, b) = groups
+    own = "a blue square at the top right on a gray background"
+    assert colours[c] == shapes[s] == backgrounds[b] == own
+    assert shapes == [own.replace("square", x) for x in ("circle", "square", "triangle")]

@@ -121,18 +121,19 @@ def parse_caption(caption: str) -> Scene:
         raise ValueError(f"caption {caption!r}: {err}") from err
 
 
-def attribute_alternatives(caption: str) -> list[list[str]]:
-    """For each attribute of ``caption`` (colour, shape, position, background), the captions
-    with that attribute set to each of its values, ``caption`` itself included:
-    ``[[a red circle ..., a green circle ..., ...], [a red circle ..., a red square ..., ...],
-    ...]`` (4 + 3 + 5 + 3 captions), the groups of
+def attribute_alternatives(caption: str) -> list[tuple[list[str], int]]:
+    """For each attribute of ``caption`` (colour, shape, position, background): the captions with
+    that attribute set to each of its values, and the index of ``caption``'s own value among
+    them: ``[([a red circle ..., a green circle ..., ...], 0), ([a red circle ..., a red square
+    ..., ...], 0), ...]`` (4 + 3 + 5 + 3 captions, all in the grammar's canonical wording, the
+    caption's own too, so that only the attribute differs), the groups of
     :func:`alignment.rewards.contrastive_reward`."""
     scene = parse_caption(caption)
     return [
-        [
-            caption if value == getattr(scene, name) else scene.replace(**{name: value}).caption
-            for value in values
-        ]
+        (
+            [scene.replace(**{name: value}).caption for value in values],
+            values.index(getattr(scene, name)),
+        )
         for name, values in ATTRIBUTES.items()
     ]
 
