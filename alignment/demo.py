@@ -780,7 +780,13 @@ def run(cfg: DemoConfig) -> dict:
                 history,
                 summary["methods"][method]["held_out_curve"],
                 out / "training_curves.png",
-                reward_label="LLaVA-Reward (alignment)" if scorer is not None else cfg.reward,
+                reward_label=(
+                    cfg.reward
+                    if scorer is None
+                    else "LLaVA-Reward (alignment)"
+                    if cfg.reward_contrast_tau == 0
+                    else "LLaVA-Reward contrast"
+                ),
                 samples_per_epoch=_DRAFT_BATCH * _DRAFT_EPOCH_STEPS
                 if per_step
                 else _ddpo_settings(cfg)["sample_batch_size"]
