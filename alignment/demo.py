@@ -25,7 +25,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-WEIGHTS = Path(__file__).resolve().parent / "world" / "weights"
+from alignment.world import BUNDLED_WEIGHTS as WEIGHTS
+
 METHODS = (
     "flow_draft",
     "flow_grpo",
@@ -180,6 +181,11 @@ class DemoConfig:
                 f"--method {self.method!r}: unknown {', '.join(map(repr, unknown))}; use one of "
                 f"{', '.join(METHODS)}, a comma list of them, or 'all'."
             )
+        if not (math.isfinite(self.reward_contrast_tau) and self.reward_contrast_tau >= 0):
+            raise ValueError(
+                f"reward_contrast_tau = {self.reward_contrast_tau!r}: use 0 (the reward's own "
+                "score) or a temperature > 0."
+            )
 
     def methods(self) -> list[str]:
         """The methods to run, in order."""
@@ -212,6 +218,13 @@ def _load_base(path: str):
     if pipeline_kind(path) is not None:
         return FlowPolicy.from_pretrained(path, use_lora=False)
     return DiffusionPolicy.from_pretrained(path, use_lora=False)
+
+
+def _reward_label(scorer, cfg: DemoConfig) -> str:
+    """What the training reward is, for the figure's axis."""
+    if scorer is None:
+        return cfg.reward
+    return "LLaVA-Reward contrast" if cfg.reward_contrast_tau > 0 else "LLaVA-Reward (alignment)"
 
 
 def _reward_fn(scorer, cfg: DemoConfig, differentiable: bool = False):
@@ -645,11 +658,6 @@ def run(cfg: DemoConfig) -> dict:
     seeds = list(range(cfg.eval_seeds))
     curve_seeds = seeds[: max(1, cfg.curve_seeds)]
     methods = cfg.methods()
-    if not (math.isfinite(cfg.reward_contrast_tau) and cfg.reward_contrast_tau >= 0):
-        raise ValueError(
-            f"reward_contrast_tau = {cfg.reward_contrast_tau!r}: use 0 (the reward's own "
-            "score) or a temperature > 0."
-        )
     _ddpo_overrides(cfg)  # the JSON overrides checked before anything runs
     if "flow_grpo" in methods:
         from alignment.grpo_trainer import GRPOConfig
@@ -780,13 +788,7 @@ def run(cfg: DemoConfig) -> dict:
                 history,
                 summary["methods"][method]["held_out_curve"],
                 out / "training_curves.png",
-                reward_label=(
-                    cfg.reward
-                    if scorer is None
-                    else "LLaVA-Reward (alignment)"
-                    if cfg.reward_contrast_tau == 0
-                    else "LLaVA-Reward contrast"
-                ),
+                reward_label=_reward_label(scorer, cfg),
                 samples_per_epoch=_DRAFT_BATCH * _DRAFT_EPOCH_STEPS
                 if per_step
                 else _ddpo_settings(cfg)["sample_batch_size"]

@@ -548,17 +548,9 @@ class DPOTrainer(PolicyTrainerBase):
         prompts: Sequence[str] | None = None,
         dataset: Any = None,
     ) -> None:
-        from alignment.prompts import load_prompts
-        from alignment.rewards import check_reward, get_reward_fn
+        from alignment.rewards import get_reward_fn
 
-        # the reward's name and the prompts first: a typo fails before a model is loaded
-        if reward_fn is None and config.reward:
-            check_reward(config.reward)
-        self.prompts = (
-            list(prompts)
-            if prompts is not None
-            else load_prompts(config.prompts, config.prompt_category)
-        )
+        self.load_prompts_and_check_reward(config, prompts, None if reward_fn else config.reward)
         self.setup(config, policy, keep_reference=True)
         cfg, acc = config, self.accelerator
         # self.is_flow (the base's): the flow-matching form (FlowPolicy) or the

@@ -147,16 +147,10 @@ class DraftTrainer(PolicyTrainerBase):
         reward_fn: Callable | None = None,
         prompts: Sequence[str] | None = None,
     ) -> None:
-        from alignment.prompts import load_prompts
-        from alignment.rewards import check_reward
-
-        # the reward's name and the prompts first: a typo fails before a model is loaded
-        if reward_fn is None and config.reward not in ("llava_reward", "brightness"):
-            check_reward(config.reward)
-        self.prompts = (
-            list(prompts)
-            if prompts is not None
-            else load_prompts(config.prompts, config.prompt_category)
+        # (llava_reward and brightness have differentiable versions of their own, built below)
+        builtin = config.reward in ("llava_reward", "brightness")
+        self.load_prompts_and_check_reward(
+            config, prompts, None if reward_fn or builtin else config.reward
         )
         self.setup(config, policy)
         if self.is_flow and config.method == "refl":

@@ -260,17 +260,9 @@ class OnlineRLTrainerBase(PolicyTrainerBase):
         reward_fn: Callable | None = None,
         prompts: Sequence[str] | None = None,
     ) -> None:
-        from alignment.prompts import load_prompts
-        from alignment.rewards import check_reward, get_reward_fn
+        from alignment.rewards import get_reward_fn
 
-        # the reward's name and the prompts first: a typo fails before a model is loaded
-        if reward_fn is None:
-            check_reward(config.reward)
-        self.prompts = (
-            list(prompts)
-            if prompts is not None
-            else load_prompts(config.prompts, config.prompt_category)
-        )
+        self.load_prompts_and_check_reward(config, prompts, None if reward_fn else config.reward)
         if not self.prompts:
             raise ValueError("No prompts to train on.")
         self.setup(

@@ -264,7 +264,6 @@ def contrastive_reward(
                 captions += list(group)
         scores = reward_fn(images[torch.tensor(rows, device=images.device)], captions)
         width = max(size for _, _, size, _ in segments)
-        table = scores.new_full((len(segments), width), float("-inf"))
         index = torch.tensor(
             [
                 [start + k for k in range(size)] + [0] * (width - size)
@@ -276,7 +275,7 @@ def contrastive_reward(
             [[True] * size + [False] * (width - size) for _, _, size, _ in segments],
             device=scores.device,
         )
-        table = torch.where(present, scores[index], table)
+        table = scores[index].masked_fill(~present, float("-inf"))
         own = torch.tensor([o for *_, o in segments])
         per_group = caption_contrast(table, own, tau)
         image_of = torch.tensor([i for i, *_ in segments], device=per_group.device)

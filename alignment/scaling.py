@@ -46,6 +46,7 @@ from alignment.ddpo import ddim_step_with_logprob
 from alignment.draft import predict_x0
 from alignment.flow import flow_predict_x0, sde_step_with_logprob
 from alignment.flow_policy import is_flow_policy
+from alignment.world import BUNDLED_WEIGHTS
 from reward.files import atomic_write_text
 
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
@@ -339,7 +340,7 @@ class ScalingConfig:
     """Settings of the sampling recipe (``recipes/best_of_n.py``), parsed by ``trl.TrlParser``."""
 
     pretrained_model: str = field(
-        default=str(Path(__file__).resolve().parent / "world" / "weights" / "tiny-world-sd"),
+        default=str(BUNDLED_WEIGHTS / "tiny-world-sd"),
         metadata={
             "help": "Hub id or diffusers folder (SD 1.x: DiffusionPolicy; SD 3.x / FLUX: "
             "FlowPolicy), 'tiny', 'tiny-sd3' or 'tiny-flux'. Default: the bundled tiny-world "
@@ -416,7 +417,6 @@ def run_scaling(cfg: ScalingConfig) -> dict[str, Any]:
     """Load the policy and reward, run best-of-N or FK steering, write ``output_dir``
     (``pNNNN.png`` best images, ``pNNNN_kK.png`` with ``save_all``, ``scores.json``)."""
     import json
-    from pathlib import Path
 
     from alignment.flow_policy import FlowPolicy, pipeline_kind
     from alignment.policy import DiffusionPolicy

@@ -25,13 +25,16 @@ import numpy as np
 import torch
 
 from alignment.flow_policy import is_flow_policy
+from alignment.world import BUNDLED_WEIGHTS
 from reward.files import atomic_write_text
 from reward.guards import (
     NonFiniteError,
     StepGuard,
     any_process,
+    enabled_scaler,
     is_finite,
     params_finite,
+    poison_gradients,
     poison_nonfinite,
     validate_config,
 )
@@ -44,9 +47,6 @@ LORA_ALPHA_HELP = (
 
 
 logger = logging.getLogger(__name__)
-
-#: The bundled tiny-world models (alignment/world/weights): the trainers' offline defaults.
-BUNDLED_WEIGHTS = Path(__file__).resolve().parent / "world" / "weights"
 
 
 @dataclass
@@ -334,6 +334,23 @@ class PolicyTrainerBase:
     #: the record key that is the tracker's x axis (and the history's)
     step_key: ClassVar[str] = "step"
 
+    def load_prompts_and_check_reward(
+        self, config: Any, prompts: Sequence[str] | None, reward: str | None
+    ) -> None:
+        """Before any model is loaded, so that a typo fails in seconds: resolve the reward's name
+        ``reward`` (None: nothing to check, e.g. a reward function was passed) and read
+        ``config.prompts`` into ``self.prompts`` (``prompts`` given: those)."""
+        from alignment.prompts import load_prompts
+        from alignment.rewards import check_reward
+
+        if reward:
+            check_reward(reward)
+        self.prompts = (
+            list(prompts)
+            if prompts is not None
+            else load_prompts(config.prompts, config.prompt_category)
+        )
+
     def setup(
         self,
         config: TrainConfig,
@@ -558,16 +575,14 @@ class PolicyTrainerBase:
             skipped = held = not engine.was_step_applied()
             if skipped and not loss_bad and engine.fp16_enabled():
                 skipped = False  # the loss scaler's own overflow skip
-        elif acc.scaler is not None and acc.scaler.is_enabled():
+        elif enabled_scaler(acc) is not None:
             # The scaler has to see every step: the clip below unscales (fp16) and only its
             # ``step`` + ``update`` reset that, or the next clip raises. A skipped step hands it
             # NaN gradients, so it skips and lowers its scale; it lowers the scale exactly when it
             # skips (a fused AdamW is always called and skips inside its kernel).
             scale = acc.scaler.get_scale()
             if loss_bad:
-                for p in self.trainable:
-                    if p.grad is not None:
-                        p.grad.fill_(float("nan"))
+                poison_gradients(self.trainable)
             acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
             self.optimizer.step()
             skipped = loss_bad

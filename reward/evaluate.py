@@ -347,10 +347,6 @@ def format_markdown(metrics: Mapping[str, Any], title: str = "Reward model evalu
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    atomic_write_text(path, text)
-
-
 def write_report(
     metrics: Mapping[str, Any],
     output_dir: str | os.PathLike,
@@ -362,8 +358,8 @@ def write_report(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / f"{name}.json", out / f"{name}.md"
-    _atomic_write(json_path, json.dumps(metrics, indent=2, sort_keys=False) + "\n")
-    _atomic_write(md_path, format_markdown(metrics, title))
+    atomic_write_text(json_path, json.dumps(metrics, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(md_path, format_markdown(metrics, title))
     return json_path, md_path
 
 

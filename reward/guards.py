@@ -154,6 +154,22 @@ def any_process(accelerator: Any, flag: bool) -> bool:
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
 
+def enabled_scaler(accelerator: Any) -> Any:
+    """The accelerator's dynamic fp16 loss scaler (``torch.amp.GradScaler``), or None when there
+    is none or it is disabled."""
+    scaler = getattr(accelerator, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def poison_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Fill every existing ``.grad`` of ``params`` with NaN: how a step is skipped through a loss
+    scaler, which refuses a step without gradients but skips (and lowers its scale) on
+    non-finite ones."""
+    for p in params:
+        if p.grad is not None:
+            p.grad.fill_(float("nan"))
+
+
 def poison_nonfinite(loss: torch.Tensor) -> torch.Tensor:
     """``loss * NaN`` when ``loss`` is not finite (else ``loss`` unchanged).
 
@@ -262,11 +278,13 @@ __all__ = [
     "StepGuard",
     "any_process",
     "check_ranges",
+    "enabled_scaler",
     "grads_finite",
     "indexed_device",
     "normalise_multi_values",
     "is_finite",
     "params_finite",
+    "poison_gradients",
     "poison_nonfinite",
     "process_device",
     "set_thread_device",

@@ -23,6 +23,8 @@ import json
 import math
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,8 +248,6 @@ def load_backbone(
 def _replace(src: Path, dst: Path) -> None:
     """Move ``src`` (a file or folder) to ``dst``, replacing what is there: a file in one rename;
     a folder renamed aside, the new one renamed in, then the old one deleted."""
-    import shutil
-
     dst.parent.mkdir(parents=True, exist_ok=True)
     if src.is_dir() and dst.exists():
         old = dst.with_name(f".old-{dst.name}")
@@ -724,9 +724,6 @@ class LlavaRewardModel(PreTrainedModel):
         if save_backbone:
             self._base.save_pretrained(out / BACKBONE_DIR, state_dict=self._backbone_state_dict())
             config["backbone"] = BACKBONE_DIR
-        import shutil
-        import tempfile
-
         stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
         try:
             if self.processor is not None:

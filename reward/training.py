@@ -57,8 +57,10 @@ from .guards import (
     NonFiniteError,
     StepGuard,
     any_process,
+    enabled_scaler,
     grads_finite,
     params_finite,
+    poison_gradients,
     poison_nonfinite,
     validate_config,
 )
@@ -496,9 +498,9 @@ class _NonFiniteStepGuard(TrainerCallback):
         self.trainer._guard_after_step(state.global_step + 1)
 
 
-#: The statistics :func:`reward_loss` reports (``RewardTrainer`` logs them, example-weighted).
-#: The statistics ``log`` reduces over the processes (``loss``: evaluation only, where it replaces
-#: ``Trainer``'s, which counts each of a batch's ``2P + U`` rows and the last batch's padding).
+#: The statistics of :func:`reward_loss` that ``RewardTrainer.log`` reduces over the processes,
+#: example-weighted (``loss``: evaluation only, where it replaces ``Trainer``'s, which counts
+#: each of a batch's ``2P + U`` rows and the last batch's padding).
 _STAT_KEYS = ("accuracy", "margin", "unpaired_accuracy", "loss")
 
 
@@ -671,11 +673,6 @@ class RewardTrainer(Trainer):
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def _scaler(self):
-        """The accelerator's dynamic fp16 loss scaler, or None (also when it is disabled)."""
-        scaler = self.accelerator.scaler
-        return scaler if scaler is not None and scaler.is_enabled() else None
-
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients:
@@ -694,19 +691,21 @@ class RewardTrainer(Trainer):
         (:meth:`_drop_skipped_gradients`), so the logged norm shows what was skipped."""
         if self.is_deepspeed_enabled:
             return
-        scaler = self._scaler()
+        scaler = enabled_scaler(self.accelerator)
         self._scale_before = scaler.get_scale() if scaler is not None else None
         grad_bad = scaler is None and not grads_finite(self._trainable())
         self._skip_step = any_process(self.accelerator, self.guard.pending or grad_bad)
         if self._skip_step and scaler is not None:
-            for p in self._trainable():
-                if p.grad is not None:
-                    p.grad.fill_(float("nan"))
+            poison_gradients(self._trainable())
 
     def _drop_skipped_gradients(self) -> None:
         """Just before the optimiser steps: a skipped step without a loss scaler steps on no
         gradients (AdamW leaves the weights and its moments as they are)."""
-        if self._skip_step and self._scaler() is None and not self.is_deepspeed_enabled:
+        if (
+            self._skip_step
+            and enabled_scaler(self.accelerator) is None
+            and not self.is_deepspeed_enabled
+        ):
             self.optimizer.zero_grad(set_to_none=True)
 
     def _guard_after_step(self, step: int) -> None:
@@ -718,7 +717,7 @@ class RewardTrainer(Trainer):
                 skipped = False  # the loss scaler's own overflow skip
         else:
             skipped = self._skip_step
-            scaler = self._scaler()
+            scaler = enabled_scaler(self.accelerator)
             # ``Trainer`` holds the learning-rate schedule when the accelerated optimiser says its
             # step was skipped. Without a scaler it never says so itself; with one it says so only
             # when the scaler did not call ``optimizer.step``, but a fused optimiser (the Trainer's
@@ -950,14 +949,15 @@ def write_reward_report(
 ) -> None:
     """``reward.evaluate.write_report``; for mixed data the markdown gets one table per kind
     under a line with the example-weighted ``accuracy``."""
-    from .evaluate import _atomic_write, format_markdown, write_report
+    from .evaluate import format_markdown, write_report
+    from .files import atomic_write_text
 
     _, md_path = write_report(metrics, output_dir, name=name, title=title)
     kinds = {k: metrics[k] for k in ("paired", "unpaired") if isinstance(metrics.get(k), dict)}
     if len(kinds) > 1:
         text = format_markdown(kinds, title)
         head = f"accuracy over all {metrics['n_examples']} examples: {metrics['accuracy']:.4f}"
-        _atomic_write(md_path, text.replace("\n", f"\n{head}\n", 1))
+        atomic_write_text(md_path, text.replace("\n", f"\n{head}\n", 1))
 
 
 def fixed_example_scores(
@@ -1107,7 +1107,8 @@ class RewardScriptArguments:
         "toy_n_eval": ">= 1",
         "n_fixed_scores": ">= 0",
     }
-    #: several values: a YAML list, comma-separated, or one (reward.guards.normalise_multi_values)
+    #: several values: a YAML list, or one (reward.guards.normalise_multi_values; not split on
+    #: commas, as a path may hold one)
     LIST_FIELDS: ClassVar[tuple[str, ...]] = ("train_file", "eval_file", "lora_target_modules")
 
     def __post_init__(self) -> None:
