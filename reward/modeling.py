@@ -39,6 +39,7 @@ from transformers.utils import ModelOutput
 
 from .configuration import LlavaRewardConfig
 from .families import family_for
+from .files import atomic_write_text
 from .processing import RewardProcessor
 
 HEADS_DIR = "heads"
@@ -257,6 +258,47 @@ def _replace(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
+
+
+#: Written into a save's staging folder once every file is there: from then on the save is
+#: committed, and :func:`finish_interrupted_save` completes it if the process died while moving
+#: the files into place. Lists the moves (paths relative to the folder), ``config.json`` last.
+_COMMIT_FILE = "COMMIT.json"
+_STAGING_PREFIX = ".staging-"
+
+
+def _commit(stage: Path, out: Path, moves: list[Path]) -> None:
+    """Move ``stage/rel`` to ``out/rel`` for every ``rel`` of ``moves`` still in the staging
+    folder (idempotent: the ones a previous attempt moved are skipped), then drop the folder."""
+    for rel in moves:
+        if (stage / rel).exists():
+            _replace(stage / rel, out / rel)
+    for leftover in [*out.glob(".old-*"), *out.glob(f"{ADAPTERS_DIR}/.old-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)  # a folder renamed aside by _replace
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def finish_interrupted_save(folder: str | os.PathLike) -> list[str]:
+    """Complete a :meth:`LlavaRewardModel.save_pretrained` into ``folder`` that was interrupted
+    after it committed (every new file written) but before every file was moved into place.
+
+    Without this, a crash between two moves would leave a perspective with its new head and its
+    old adapter, loading without an error. Called by ``from_pretrained``, ``save_pretrained``
+    and ``load_perspective_weights``; returns the staging folders it completed (empty when the
+    folder is consistent). A staging folder without a commit file is a save that died while
+    writing: nothing of it was moved, and the folder is as it was (``save_pretrained`` deletes
+    it).
+    """
+    out = Path(folder)
+    done = []
+    for stage in sorted(out.glob(f"{_STAGING_PREFIX}*")):
+        commit = stage / _COMMIT_FILE
+        if not commit.is_file():
+            continue
+        moves = [Path(rel) for rel in json.loads(commit.read_text())["moves"]]
+        _commit(stage, out, moves)
+        done.append(stage.name)
+    return done
 
 
 class LlavaRewardModel(PreTrainedModel):
@@ -705,12 +747,17 @@ class LlavaRewardModel(PreTrainedModel):
         kept, so training one perspective at a time fills one folder.
 
         Crash-safe: the perspectives' files and the processor are written to a staging folder
-        beside them and renamed into place, and ``config.json`` (which lists the perspectives)
-        is replaced last, in one rename: an interrupted save never leaves a listed perspective
-        without its files, nor half-written ones.
+        beside them; once all are there a commit file lists the moves, and they are renamed into
+        place, ``config.json`` (which lists the perspectives) last. A save interrupted while
+        writing leaves the folder as it was; one interrupted while moving is completed the next
+        time the folder is opened (:func:`finish_interrupted_save`), so a perspective never loads
+        with a new head and an old adapter. One writer per folder.
         """
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
+        finish_interrupted_save(out)
+        for stale in out.glob(f"{_STAGING_PREFIX}*"):  # uncommitted: a save that died writing
+            shutil.rmtree(stale, ignore_errors=True)
         names = list(perspectives or self.perspectives)
         config = self.config.to_dict()
         existing = {}
@@ -724,7 +771,8 @@ class LlavaRewardModel(PreTrainedModel):
         if save_backbone:
             self._base.save_pretrained(out / BACKBONE_DIR, state_dict=self._backbone_state_dict())
             config["backbone"] = BACKBONE_DIR
-        stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+        stage = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=out))
+        committed = False
         try:
             if self.processor is not None:
                 self.processor.save_pretrained(stage / PROCESSOR_DIR)
@@ -745,10 +793,15 @@ class LlavaRewardModel(PreTrainedModel):
             moves = [Path(PROCESSOR_DIR)] if self.processor is not None else []
             moves += [Path(HEADS_DIR) / f"{n}.safetensors" for n in names]
             moves += [Path(ADAPTERS_DIR) / n for n in names if (stage / ADAPTERS_DIR / n).exists()]
-            for rel in [*moves, Path("config.json")]:
-                _replace(stage / rel, out / rel)
+            moves.append(Path("config.json"))
+            atomic_write_text(
+                stage / _COMMIT_FILE, json.dumps({"moves": [str(rel) for rel in moves]})
+            )
+            committed = True
+            _commit(stage, out, moves)
         finally:
-            shutil.rmtree(stage, ignore_errors=True)
+            if not committed:  # nothing moved yet: the folder is as it was
+                shutil.rmtree(stage, ignore_errors=True)
 
     def load_perspective_weights(self, directory: str | os.PathLike, name: str) -> None:
         """Load ``name``'s trained weights from a folder written by :meth:`save_pretrained`.
@@ -762,6 +815,7 @@ class LlavaRewardModel(PreTrainedModel):
 
         self._check_perspective(name)
         path = Path(directory)
+        finish_interrupted_save(path)
         head_file = path / HEADS_DIR / f"{name}.safetensors"
         if not head_file.is_file():
             raise FileNotFoundError(
@@ -823,6 +877,7 @@ class LlavaRewardModel(PreTrainedModel):
         ``max_length``, ``min_pixels``, ``max_pixels`` override the saved token budget and Qwen
         image area range (None: the saved ones)."""
         path = Path(pretrained_model_name_or_path)
+        finish_interrupted_save(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"{path} is not a LLaVA-Reward folder (no config.json); save one with save_pretrained()."

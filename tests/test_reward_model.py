@@ -371,6 +371,51 @@ def test_a_folder_cannot_turn_on_remote_code_by_itself(reward_dir, tmp_path):
         assert callable(build("llava_reward", path=str(folder), trust_remote_code=True))
 
 
+def test_a_save_interrupted_while_moving_is_completed_on_the_next_open(
+    reward_dir, tmp_path, images, monkeypatch
+):
+    """Once every new file is written the save is committed; a crash after it moved the new
+    head but before the adapter would load as a perspective with a new head and an old adapter,
+    without an error. The next open finishes the moves: the folder scores exactly as the
+    model that was being saved."""
+    import shutil
+
+    import reward.modeling as modeling
+
+    folder = tmp_path / "half"
+    shutil.copytree(reward_dir, folder)
+    model = LlavaRewardModel.from_pretrained(folder, is_trainable=True)
+    with torch.no_grad():  # new weights in every head and every adapter
+        for w in model.parameters():
+            if w.requires_grad:
+                w.add_(0.05 * torch.randn_like(w))
+    prompts = ["a red circle", "a blue square"]
+    reference = tmp_path / "reference"
+    shutil.copytree(reward_dir, reference)
+    model.save_pretrained(reference)  # the same model, saved without a crash
+    want = RewardScorer.from_pretrained(reference)
+    want = {p: want.score(prompts, images[:2], p) for p in want.model.perspectives}
+
+    real, moved = modeling._replace, []
+
+    def crash_after_first_head(src, dst):
+        if moved and dst.suffix != ".safetensors":
+            raise KeyboardInterrupt  # the process dies between two moves
+        moved.append(dst)
+        real(src, dst)
+
+    monkeypatch.setattr(modeling, "_replace", crash_after_first_head)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(folder)
+    monkeypatch.setattr(modeling, "_replace", real)
+    assert moved and [f.name for f in folder.glob(".staging-*/COMMIT.json")] == ["COMMIT.json"]
+    after = RewardScorer.from_pretrained(folder)
+    for p, scores in want.items():
+        torch.testing.assert_close(after.score(prompts, images[:2], p), scores, rtol=0, atol=0)
+    assert not [f for f in folder.rglob(".*")]  # staging and renamed-aside folders are gone
+    assert modeling.finish_interrupted_save(folder) == []
+
+
 def test_an_interrupted_save_leaves_the_folder_as_it_was(reward_dir, tmp_path, images, monkeypatch):
     """save_pretrained stages the perspectives' files and replaces config.json last: a crash in
     the middle (here: writing the second head) leaves the saved folder loading exactly as before,
