@@ -24,8 +24,12 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alignment.world import BUNDLED_WEIGHTS as WEIGHTS
+
+if TYPE_CHECKING:
+    import torch
 
 METHODS = (
     "flow_draft",
@@ -77,6 +81,14 @@ class DemoConfig:
         metadata={
             "help": "LoRA rank of DRaFT on the flow policy (alpha = 2 x rank). Ranks 8 to 64 "
             "gave the same held-out alignment within the spread of the LoRA's random start."
+        },
+    )
+    flow_draft_kwargs: str = field(
+        default="{}",
+        metadata={
+            "help": "JSON of further DraftConfig fields for the flow DRaFT run, e.g. "
+            '\'{"use_lora": false, "learning_rate": 1e-4}\' (they override the flow_draft_* '
+            "settings).",
         },
     )
     flow_epochs: int = field(default=20, metadata={"help": "Flow-GRPO epochs (flow_grpo)."})
@@ -289,6 +301,34 @@ def _std(values) -> float:
     import torch
 
     return torch.stack(list(values)).std().item() if len(values) > 1 else 0.0
+
+
+def on_policy_agreement(reward: torch.Tensor, oracle: torch.Tensor, margin: float = 0.1) -> dict:
+    """How often the reward orders a policy's own images of one prompt as the oracle does.
+
+    ``reward``, ``oracle``: ``Tensor[S, P]`` (seed ``s``, prompt ``p``). Over the pairs
+    ``(s, t)``, ``s < t``, of each prompt whose oracle scores differ by at least ``margin``
+    (``|o[s, p] - o[t, p]| >= margin``): ``agreement = mean(sign(r[s, p] - r[t, p]) ==
+    sign(o[s, p] - o[t, p]))`` (a reward tie counts as a disagreement). Returns
+    ``{"agreement": float | None, "pairs": int}`` (None without such pairs). Unlike the held-out
+    accuracy on renders, this is measured where a policy fine-tuned on the reward lives.
+    """
+    import torch
+
+    if reward.shape != oracle.shape or reward.ndim != 2:
+        raise ValueError(
+            f"on_policy_agreement: reward {tuple(reward.shape)} and oracle "
+            f"{tuple(oracle.shape)} must both be [seeds, prompts]."
+        )
+    s, t = torch.triu_indices(reward.shape[0], reward.shape[0], offset=1)
+    d_oracle = oracle[s] - oracle[t]  # [pairs of seeds, P]
+    d_reward = reward[s] - reward[t]
+    counted = d_oracle.abs() >= margin
+    pairs = int(counted.sum())
+    if pairs == 0:
+        return {"agreement": None, "pairs": 0}
+    agree = (d_reward * d_oracle > 0) & counted
+    return {"agreement": agree.sum().item() / pairs, "pairs": pairs}
 
 
 def _mean_and_stderr(rows) -> dict:
@@ -576,23 +616,26 @@ def _train(
             if every
             else DraftTrainer
         )
+        settings = dict(
+            common,
+            pretrained_model=cfg.flow_policy,
+            num_steps=cfg.num_steps,
+            guidance_scale=cfg.guidance_scale,
+            max_steps=cfg.flow_draft_steps,
+            train_batch_size=_DRAFT_BATCH,
+            grad_steps=cfg.num_steps,
+            learning_rate=cfg.flow_draft_learning_rate,
+            adam_weight_decay=0.0,
+            lora_rank=cfg.flow_draft_lora_rank,
+            lora_alpha=2.0 * cfg.flow_draft_lora_rank,
+            lora_target_modules=",".join(FLOW_LORA_TARGETS),
+            log_every=1,
+            save_every=0,
+            eval_every=0,
+        )
+        settings.update(_overrides(cfg.flow_draft_kwargs, DraftConfig, "flow_draft_kwargs"))
         trainer = trainer_cls(
-            DraftConfig(
-                **dict(common, pretrained_model=cfg.flow_policy),
-                num_steps=cfg.num_steps,
-                guidance_scale=cfg.guidance_scale,
-                max_steps=cfg.flow_draft_steps,
-                train_batch_size=_DRAFT_BATCH,
-                grad_steps=cfg.num_steps,
-                learning_rate=cfg.flow_draft_learning_rate,
-                adam_weight_decay=0.0,
-                lora_rank=cfg.flow_draft_lora_rank,
-                lora_alpha=2.0 * cfg.flow_draft_lora_rank,
-                lora_target_modules=",".join(FLOW_LORA_TARGETS),
-                log_every=1,
-                save_every=0,
-                eval_every=0,
-            ),
+            DraftConfig(**settings),
             reward_fn=_reward_fn(scorer, cfg, differentiable=True),
             prompts=train_prompts,
         )
@@ -663,6 +706,10 @@ def run(cfg: DemoConfig) -> dict:
         from alignment.grpo_trainer import GRPOConfig
 
         _overrides(cfg.flow_kwargs, GRPOConfig, "flow_kwargs")
+    if "flow_draft" in methods:
+        from alignment.draft_trainer import DraftConfig
+
+        _overrides(cfg.flow_draft_kwargs, DraftConfig, "flow_draft_kwargs")
 
     t0 = time.perf_counter()
     scorer, reward_path = _load_reward(cfg, out)  # once: 'train' would retrain it per method
@@ -702,6 +749,11 @@ def run(cfg: DemoConfig) -> dict:
         "oracle_parts_noise": first["parts_noise"],
         "reward_before": first["sets"][0]["reward"].mean().item(),
         "reward_noise": _std([e["reward"].mean() for e in first["sets"]]),
+        # over the base's images of every seed set (16 per prompt at the defaults)
+        "reward_on_policy_agreement": on_policy_agreement(
+            torch.cat([e["reward"] for e in first["sets"]]),
+            torch.cat([e["alignment"] for e in first["sets"]]),
+        ),
         "methods": {},
     }
     # the grid's columns: 8 varied held-out prompts, images of the first evaluation seed
@@ -764,6 +816,9 @@ def run(cfg: DemoConfig) -> dict:
             "part_gain_per_seed": part_gains,
             # the training reward on the held-out images, after - before, per seed
             "reward_after": None if reward_after is None else reward_after.mean().item(),
+            "reward_on_policy_agreement_after": None
+            if reward_after is None
+            else on_policy_agreement(reward_after, after),
             "reward_gain_per_seed": None
             if reward_after is None
             else (reward_after.mean(1) - sets[0]["reward"].mean(1)).tolist(),
@@ -878,6 +933,13 @@ def _report(s: dict, methods: list[str]) -> str:
         if acc
         else ""
     )
+    agree = s.get("reward_on_policy_agreement") or {}
+    if agree.get("agreement") is not None:
+        acc_line += (
+            f" On the base policy's own images (pairs of one prompt whose oracle alignment differs "
+            f"by >= 0.1) the training reward orders {agree['agreement']:.3f} of "
+            f"{agree['pairs']} pairs as the oracle does."
+        )
     cfg = s["config"]
     tau = cfg.get("reward_contrast_tau", 0)
     reward_line = (

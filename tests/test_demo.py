@@ -112,9 +112,15 @@ def test_demo_chain_writes_every_measure_and_a_loadable_export(tmp_path):
     kinds = saved["reward_accuracy_per_mismatch"]
     assert set(kinds) == {"background", "colour", "shape", "position"}
     assert kinds["background"] > 0.95  # what the demo's reward is known to see
+    # the reward against the oracle on the base policy's own images (2 sets x 2 seeds per
+    # prompt: up to 6 pairs of each of the 8 prompts), and on the tuned policy's (1 pair each)
+    agree = saved["reward_on_policy_agreement"]
+    assert 0 < agree["pairs"] <= 8 * 6 and 0.0 <= agree["agreement"] <= 1.0
+    assert ddpo["reward_on_policy_agreement_after"]["pairs"] <= 8
     report = (out / "report.md").read_text()
     assert report.startswith("# Tiny-world demo") and "| model | background | colour |" in report
     assert "| base |" in report and "| ddpo |" in report
+    assert f"orders {agree['agreement']:.3f} of {agree['pairs']} pairs" in report
     assert (out / "before_after.png").is_file() and (out / "training_curves.png").is_file()
 
     from diffusers import StableDiffusionPipeline
@@ -167,6 +173,20 @@ def test_reward_rise_in_standard_errors_by_hand():
     assert rise["stderr"] == pytest.approx(5**0.5, abs=1e-12)
     assert rise["z"] == pytest.approx(3 / 5**0.5, abs=1e-12)
     assert reward_rise([1.0, 2.0, 3.0], window=2) is None  # too few epochs
+
+
+def test_on_policy_agreement_by_hand():
+    from alignment.demo import on_policy_agreement
+
+    # prompt 0: oracle 0.9, 0.5, 0.45 over three seeds; pairs (0,1) and (0,2) differ by >= 0.1,
+    # (1,2) by 0.05 (not counted). The reward orders (0,1) rightly, (0,2) wrongly.
+    # prompt 1: oracle 0.2, 0.2, 0.6; pairs (0,2) and (1,2); the reward ties (1,2): wrong.
+    oracle = torch.tensor([[0.9, 0.2], [0.5, 0.2], [0.45, 0.6]])
+    reward = torch.tensor([[2.0, 0.0], [1.0, 1.0], [3.0, 1.0]])
+    assert on_policy_agreement(reward, oracle) == {"agreement": 2 / 4, "pairs": 4}
+    assert on_policy_agreement(reward, oracle, margin=0.5) == {"agreement": None, "pairs": 0}
+    with pytest.raises(ValueError, match=r"\[seeds, prompts\]"):
+        on_policy_agreement(reward, oracle[:2])
 
 
 def test_words_wrap_whole_and_the_grid_shows_every_caption_and_verdict():
@@ -249,6 +269,8 @@ def test_unknown_methods_and_bad_overrides_are_refused_before_anything_runs(tmp_
     assert DemoConfig(method="all").methods()[0] == "flow_draft"
     with pytest.raises(ValueError, match="ddpo_kwargs"):
         main(["--output_dir", str(tmp_path), "--ddpo_kwargs", '{"not_a_field": 1}'])
+    with pytest.raises(ValueError, match="flow_draft_kwargs"):
+        main(["--output_dir", str(tmp_path), "--flow_draft_kwargs", '{"not_a_field": 1}'])
     for tau in ("-1", "nan"):
         with pytest.raises(ValueError, match="reward_contrast_tau"):
             main(["--output_dir", str(tmp_path), "--reward_contrast_tau", tau])
