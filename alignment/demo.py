@@ -87,8 +87,8 @@ class DemoConfig:
         default="{}",
         metadata={
             "help": "JSON of further DraftConfig fields for the flow DRaFT run, e.g. "
-            '\'{"use_lora": false, "learning_rate": 1e-4}\' (they override the flow_draft_* '
-            "settings).",
+            '\'{"lora_target_modules": "to_q,to_k,to_v,ff.net.2"}\' or \'{"use_lora": false}\' '
+            "(steps, learning rate, rank, batch: their own flags).",
         },
     )
     flow_epochs: int = field(default=20, metadata={"help": "Flow-GRPO epochs (flow_grpo)."})
@@ -315,6 +315,8 @@ def on_policy_agreement(reward: torch.Tensor, oracle: torch.Tensor, margin: floa
     """
     import torch
 
+    if not margin > 0:
+        raise ValueError(f"on_policy_agreement: margin={margin!r}; use a margin > 0.")
     if reward.shape != oracle.shape or reward.ndim != 2:
         raise ValueError(
             f"on_policy_agreement: reward {tuple(reward.shape)} and oracle "
@@ -408,6 +410,35 @@ def _overrides(text: str, config_cls, flag: str) -> dict:
         raise ValueError(
             f"{flag}: {unknown} are not {config_cls.__name__} fields; see "
             f"{config_cls.__module__.replace('.', '/')}.py (e.g. images_per_prompt, kl_coef)."
+        )
+    return extra
+
+
+#: DraftConfig fields that --flow_draft_kwargs may not set: the demo's own flags set them, or
+#: it uses them beside the trainer (the held-out curve's points, the figure's epochs).
+_FLOW_DRAFT_OWN = {
+    "max_steps": "--flow_draft_steps",
+    "learning_rate": "--flow_draft_learning_rate",
+    "lora_rank": "--flow_draft_lora_rank",
+    "num_steps": "--num_steps",
+    "guidance_scale": "--guidance_scale",
+    "train_batch_size": "the figure's epochs of 8 steps x 8 images",
+    "gradient_accumulation_steps": "the figure's epochs of 8 steps x 8 images",
+    "log_every": "the figure's epochs of 8 steps x 8 images",
+}
+
+
+def _flow_draft_overrides(cfg: DemoConfig) -> dict:
+    """``cfg.flow_draft_kwargs`` checked against DraftConfig's fields and :data:`_FLOW_DRAFT_OWN`."""
+    from alignment.draft_trainer import DraftConfig
+
+    extra = _overrides(cfg.flow_draft_kwargs, DraftConfig, "flow_draft_kwargs")
+    own = sorted(set(extra) & set(_FLOW_DRAFT_OWN))
+    if own:
+        raise ValueError(
+            "flow_draft_kwargs: "
+            + "; ".join(f"{k} is set by {_FLOW_DRAFT_OWN[k]}" for k in own)
+            + ". Use those instead."
         )
     return extra
 
@@ -633,7 +664,7 @@ def _train(
             save_every=0,
             eval_every=0,
         )
-        settings.update(_overrides(cfg.flow_draft_kwargs, DraftConfig, "flow_draft_kwargs"))
+        settings.update(_flow_draft_overrides(cfg))
         trainer = trainer_cls(
             DraftConfig(**settings),
             reward_fn=_reward_fn(scorer, cfg, differentiable=True),
@@ -707,9 +738,7 @@ def run(cfg: DemoConfig) -> dict:
 
         _overrides(cfg.flow_kwargs, GRPOConfig, "flow_kwargs")
     if "flow_draft" in methods:
-        from alignment.draft_trainer import DraftConfig
-
-        _overrides(cfg.flow_draft_kwargs, DraftConfig, "flow_draft_kwargs")
+        _flow_draft_overrides(cfg)
 
     t0 = time.perf_counter()
     scorer, reward_path = _load_reward(cfg, out)  # once: 'train' would retrain it per method
@@ -934,7 +963,7 @@ def _report(s: dict, methods: list[str]) -> str:
         else ""
     )
     agree = s.get("reward_on_policy_agreement") or {}
-    if agree.get("agreement") is not None:
+    if agree.get("agreement") is not None and not s["config"]["reward"].startswith("oracle"):
         acc_line += (
             f" On the base policy's own images (pairs of one prompt whose oracle alignment differs "
             f"by >= 0.1) the training reward orders {agree['agreement']:.3f} of "

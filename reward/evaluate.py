@@ -498,6 +498,7 @@ def evaluate_reward_folder(script: EvalScriptArguments) -> dict[str, dict[str, A
     ``{perspective: metrics}``."""
     from reward.configuration import LlavaRewardConfig
     from reward.data import load_reward_data, write_skipped
+    from reward.modeling import finish_interrupted_save
     from reward.scorer import RewardScorer
     from reward.training import evaluate_dataset, mix_datasets, write_reward_report
 
@@ -508,6 +509,7 @@ def evaluate_reward_folder(script: EvalScriptArguments) -> dict[str, dict[str, A
     reads = [load_reward_data(f, **kwargs) for f in script.data_file]
     reports = [r.report for r in reads]
     write_skipped(out / "skipped_eval.jsonl", reports)
+    finish_interrupted_save(script.model_dir)  # before its perspectives are read
     config = LlavaRewardConfig.from_pretrained(script.model_dir)
     plan = assign_perspectives(reports, list(config.perspectives), script.perspective)
     scorer = RewardScorer.from_pretrained(

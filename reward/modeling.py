@@ -267,14 +267,57 @@ _COMMIT_FILE = "COMMIT.json"
 _STAGING_PREFIX = ".staging-"
 
 
+def _check_move(rel: str, out: Path) -> Path:
+    """``rel`` as a move of a save into ``out``: only ``processor``, ``config.json``,
+    ``heads/<name>.safetensors`` or ``adapters/<name>``, and inside ``out`` (a folder from
+    elsewhere must not move files out of it)."""
+    path = Path(rel)
+    parts = path.parts
+    allowed = (
+        parts in ((PROCESSOR_DIR,), ("config.json",))
+        or (len(parts) == 2 and parts[0] == HEADS_DIR and parts[1].endswith(".safetensors"))
+        or (len(parts) == 2 and parts[0] == ADAPTERS_DIR)
+    )
+    inside = (out / path).resolve().is_relative_to(out.resolve())
+    if path.is_absolute() or ".." in parts or not allowed or not inside:
+        raise ValueError(
+            f"{out}: an interrupted save lists the move {rel!r}, which is not a file of a reward "
+            "folder; the folder was not written by save_pretrained. Delete its .staging-* "
+            "folders (or get a clean copy) before loading it."
+        )
+    return path
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (POSIX ``flock``; none where that is missing):
+    processes that complete or make the same save take turns."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(path, "rb") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _commit(stage: Path, out: Path, moves: list[Path]) -> None:
     """Move ``stage/rel`` to ``out/rel`` for every ``rel`` of ``moves`` still in the staging
-    folder (idempotent: the ones a previous attempt moved are skipped), then drop the folder."""
-    for rel in moves:
-        if (stage / rel).exists():
-            _replace(stage / rel, out / rel)
-    for leftover in [*out.glob(".old-*"), *out.glob(f"{ADAPTERS_DIR}/.old-*")]:
-        shutil.rmtree(leftover, ignore_errors=True)  # a folder renamed aside by _replace
+    folder (idempotent: the ones a previous attempt moved are skipped), then drop the folder.
+    Holds the lock of the commit file, so that a reader completing the same save waits."""
+    with _locked(stage / _COMMIT_FILE):
+        if not (stage / _COMMIT_FILE).is_file():
+            return  # another process completed it while this one waited
+        for rel in moves:
+            if (stage / rel).exists():
+                _replace(stage / rel, out / rel)
+        for leftover in [*out.glob(".old-*"), *out.glob(f"{ADAPTERS_DIR}/.old-*")]:
+            shutil.rmtree(leftover, ignore_errors=True)  # a folder renamed aside by _replace
+        (stage / _COMMIT_FILE).unlink()
     shutil.rmtree(stage, ignore_errors=True)
 
 
@@ -283,11 +326,14 @@ def finish_interrupted_save(folder: str | os.PathLike) -> list[str]:
     after it committed (every new file written) but before every file was moved into place.
 
     Without this, a crash between two moves would leave a perspective with its new head and its
-    old adapter, loading without an error. Called by ``from_pretrained``, ``save_pretrained``
-    and ``load_perspective_weights``; returns the staging folders it completed (empty when the
-    folder is consistent). A staging folder without a commit file is a save that died while
-    writing: nothing of it was moved, and the folder is as it was (``save_pretrained`` deletes
-    it).
+    old adapter, loading without an error. Called by ``from_pretrained``, ``save_pretrained``,
+    ``load_perspective_weights`` and the reward trainer before it reads a folder; returns the
+    staging folders it completed (empty when the folder is consistent). Processes that call it
+    at once take turns (a lock on the commit file). A staging folder without a commit file is a
+    save that died while writing: nothing of it was moved, and the folder is as it was
+    (``save_pretrained`` deletes it). Raises ``ValueError`` for a commit file that lists
+    anything but a reward folder's own files, and a clear ``PermissionError`` for a read-only
+    folder that needs completing.
     """
     out = Path(folder)
     done = []
@@ -295,8 +341,23 @@ def finish_interrupted_save(folder: str | os.PathLike) -> list[str]:
         commit = stage / _COMMIT_FILE
         if not commit.is_file():
             continue
-        moves = [Path(rel) for rel in json.loads(commit.read_text())["moves"]]
-        _commit(stage, out, moves)
+        try:
+            listed = json.loads(commit.read_text())["moves"]
+        except FileNotFoundError:
+            continue  # completed by another process just now
+        moves = [_check_move(rel, out) for rel in listed]
+        try:
+            _commit(stage, out, moves)
+        except PermissionError as err:
+            raise PermissionError(
+                f"{out} holds a save that was interrupted while moving its files ({stage.name}); "
+                "completing it needs write access: open the folder once where it is writable "
+                "(or copy it), then load it."
+            ) from err
+        except FileNotFoundError:
+            if commit.exists():
+                raise
+            continue  # completed by another process just now
         done.append(stage.name)
     return done
 
@@ -749,7 +810,8 @@ class LlavaRewardModel(PreTrainedModel):
         Crash-safe: the perspectives' files and the processor are written to a staging folder
         beside them; once all are there a commit file lists the moves, and they are renamed into
         place, ``config.json`` (which lists the perspectives) last. A save interrupted while
-        writing leaves the folder as it was; one interrupted while moving is completed the next
+        writing leaves the folder as it was (except ``backbone/``, written in place with
+        ``save_backbone=True``); one interrupted while moving is completed the next
         time the folder is opened (:func:`finish_interrupted_save`), so a perspective never loads
         with a new head and an old adapter. One writer per folder.
         """

@@ -65,7 +65,7 @@ from .guards import (
     validate_config,
 )
 from .losses import bradley_terry_loss, gpm_loss, paired_bce_loss, unpaired_bce_loss
-from .modeling import LlavaRewardModel, check_backbone
+from .modeling import LlavaRewardModel, check_backbone, finish_interrupted_save
 
 logger = logging.getLogger(__name__)
 
@@ -1173,6 +1173,7 @@ def build_reward_model(
         "train_projector": script.train_projector,
     }
     others: list[str] = []
+    finish_interrupted_save(out)  # a save that died while moving its files, before reading it
     if script.continue_perspective and not (out / "config.json").is_file():
         raise ValueError(
             f"--continue_perspective: {out} holds no reward model yet; train the perspective "

@@ -185,6 +185,12 @@ def test_on_policy_agreement_by_hand():
     reward = torch.tensor([[2.0, 0.0], [1.0, 1.0], [3.0, 1.0]])
     assert on_policy_agreement(reward, oracle) == {"agreement": 2 / 4, "pairs": 4}
     assert on_policy_agreement(reward, oracle, margin=0.5) == {"agreement": None, "pairs": 0}
+    # pooled over pairs, not averaged over prompts: prompt 1 now has one counted pair, (0, 2)
+    # (0.35 - 0.2), which the reward orders rightly: 2 of 3 (a mean per prompt would be 0.75)
+    oracle[:, 1] = torch.tensor([0.2, 0.28, 0.35])
+    assert on_policy_agreement(reward, oracle) == {"agreement": 2 / 3, "pairs": 3}
+    with pytest.raises(ValueError, match="margin > 0"):
+        on_policy_agreement(reward, oracle, margin=0.0)
     with pytest.raises(ValueError, match=r"\[seeds, prompts\]"):
         on_policy_agreement(reward, oracle[:2])
 
@@ -271,6 +277,8 @@ def test_unknown_methods_and_bad_overrides_are_refused_before_anything_runs(tmp_
         main(["--output_dir", str(tmp_path), "--ddpo_kwargs", '{"not_a_field": 1}'])
     with pytest.raises(ValueError, match="flow_draft_kwargs"):
         main(["--output_dir", str(tmp_path), "--flow_draft_kwargs", '{"not_a_field": 1}'])
+    with pytest.raises(ValueError, match="max_steps is set by --flow_draft_steps"):
+        main(["--output_dir", str(tmp_path), "--flow_draft_kwargs", '{"max_steps": 10}'])
     for tau in ("-1", "nan"):
         with pytest.raises(ValueError, match="reward_contrast_tau"):
             main(["--output_dir", str(tmp_path), "--reward_contrast_tau", tau])

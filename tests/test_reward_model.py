@@ -398,13 +398,13 @@ def test_a_save_interrupted_while_moving_is_completed_on_the_next_open(
 
     real, moved = modeling._replace, []
 
-    def crash_after_first_head(src, dst):
+    def crash_before_first_adapter(src, dst):  # the processor and the heads are moved
         if moved and dst.suffix != ".safetensors":
             raise KeyboardInterrupt  # the process dies between two moves
         moved.append(dst)
         real(src, dst)
 
-    monkeypatch.setattr(modeling, "_replace", crash_after_first_head)
+    monkeypatch.setattr(modeling, "_replace", crash_before_first_adapter)
     with pytest.raises(KeyboardInterrupt):
         model.save_pretrained(folder)
     monkeypatch.setattr(modeling, "_replace", real)
@@ -414,6 +414,24 @@ def test_a_save_interrupted_while_moving_is_completed_on_the_next_open(
         torch.testing.assert_close(after.score(prompts, images[:2], p), scores, rtol=0, atol=0)
     assert not [f for f in folder.rglob(".*")]  # staging and renamed-aside folders are gone
     assert modeling.finish_interrupted_save(folder) == []
+
+
+def test_a_commit_file_that_moves_files_out_of_the_folder_is_refused(reward_dir, tmp_path):
+    """A downloaded folder decides nothing: a commit file listing a path outside the folder (or
+    anything but a reward folder's own files) is refused before any file moves."""
+    import shutil
+
+    folder = tmp_path / "shipped" / "rm"
+    shutil.copytree(reward_dir, folder)
+    (folder / "notes.txt").write_text("mine")
+    stage = folder / ".staging-x"
+    stage.mkdir()
+    for moves in (["../notes.txt"], ["/etc/passwd"], ["tokenizer.json"], ["heads/../../x"]):
+        (stage / "COMMIT.json").write_text(json.dumps({"moves": moves}))
+        with pytest.raises(ValueError, match="not a file of a reward folder"):
+            LlavaRewardModel.from_pretrained(folder)
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "shipped" / "notes.txt").exists()
 
 
 def test_an_interrupted_save_leaves_the_folder_as_it_was(reward_dir, tmp_path, images, monkeypatch):
