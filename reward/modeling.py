@@ -305,13 +305,14 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _commit(stage: Path, out: Path, moves: list[Path]) -> None:
+def _commit(stage: Path, out: Path, moves: list[Path]) -> bool:
     """Move ``stage/rel`` to ``out/rel`` for every ``rel`` of ``moves`` still in the staging
     folder (idempotent: the ones a previous attempt moved are skipped), then drop the folder.
-    Holds the lock of the commit file, so that a reader completing the same save waits."""
+    Holds the lock of the commit file, so that a reader completing the same save waits.
+    Returns False when another process completed it while this one waited."""
     with _locked(stage / _COMMIT_FILE):
         if not (stage / _COMMIT_FILE).is_file():
-            return  # another process completed it while this one waited
+            return False
         for rel in moves:
             if (stage / rel).exists():
                 _replace(stage / rel, out / rel)
@@ -319,6 +320,7 @@ def _commit(stage: Path, out: Path, moves: list[Path]) -> None:
             shutil.rmtree(leftover, ignore_errors=True)  # a folder renamed aside by _replace
         (stage / _COMMIT_FILE).unlink()
     shutil.rmtree(stage, ignore_errors=True)
+    return True
 
 
 def finish_interrupted_save(folder: str | os.PathLike) -> list[str]:
@@ -347,7 +349,7 @@ def finish_interrupted_save(folder: str | os.PathLike) -> list[str]:
             continue  # completed by another process just now
         moves = [_check_move(rel, out) for rel in listed]
         try:
-            _commit(stage, out, moves)
+            completed = _commit(stage, out, moves)
         except PermissionError as err:
             raise PermissionError(
                 f"{out} holds a save that was interrupted while moving its files ({stage.name}); "
@@ -358,7 +360,8 @@ def finish_interrupted_save(folder: str | os.PathLike) -> list[str]:
             if commit.exists():
                 raise
             continue  # completed by another process just now
-        done.append(stage.name)
+        if completed:
+            done.append(stage.name)
     return done
 
 
