@@ -1,8 +1,10 @@
-"""The reward build's stage gates: a plateau that was never crossed is started again, then refused."""
+"""The reward build's stage loop: a plateau that was never crossed is started again, then
+refused; an interrupted build goes on after its last finished stage."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,8 +24,8 @@ class FakeRecipe:
     """Stands in for ``subprocess.run`` of recipes/train_reward.py: writes the eval report a run
     would, with the held-out accuracy ``accuracy[(data set, seed)]`` (default 1.0)."""
 
-    def __init__(self, accuracy: dict[tuple[str, int], float]):
-        self.accuracy, self.calls = accuracy, []
+    def __init__(self, accuracy: dict[tuple[str, int], float], crash_at: str | None = None):
+        self.accuracy, self.calls, self.crash_at = accuracy, [], crash_at
 
     def __call__(self, cmd: list[str], check: bool) -> None:
         assert check
@@ -31,6 +33,8 @@ class FakeRecipe:
         stage = Path(arg["--train_file"]).parent.name.removeprefix("train_")
         seed = int(arg.get("--seed", 0))
         self.calls.append((stage, seed, "--overwrite_perspective" in cmd))
+        if stage == self.crash_at:  # the recipe dies before it writes its report
+            raise subprocess.CalledProcessError(-9, cmd)
         report = {"accuracy": self.accuracy.get((stage, seed), 1.0)}
         out = Path(arg["--output_dir"]) / f"eval_report_{arg['--perspective']}.json"
         out.write_text(json.dumps(report))
@@ -86,9 +90,10 @@ def test_gates_and_starts_are_the_callers_to_set(tmp_path):
         runner=recipe,
     )
     assert report["fidelity"]["stages"] == [{"all": 0.8, "seed": 1, "starts": [0.7, 0.8]}]
+    (tmp_path / "one").mkdir()
     with pytest.raises(StageGateError, match=r"in 1 start\(s\)"):
         run_plan(
-            tmp_path,
+            tmp_path / "one",
             tmp_path,
             tmp_path,
             PLAN[2:],
@@ -96,3 +101,38 @@ def test_gates_and_starts_are_the_callers_to_set(tmp_path):
             tries=1,
             runner=FakeRecipe({("all", 0): 0.7}),
         )
+
+
+def test_an_interrupted_build_goes_on_after_its_last_finished_stage(tmp_path):
+    accuracy = {("background", 0): 0.5, ("objects", 0): 0.8, ("all", 0): 0.95}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    whole = run_plan(tmp_path / "a", tmp_path, tmp_path / "data", PLAN, runner=FakeRecipe(accuracy))
+    first = FakeRecipe(accuracy, crash_at="objects")
+    with pytest.raises(subprocess.CalledProcessError):
+        run_plan(tmp_path / "b", tmp_path, tmp_path / "data", PLAN, runner=first)
+    assert [c[:2] for c in first.calls] == [("background", 0), ("background", 1), ("objects", 0)]
+    again = FakeRecipe(accuracy)
+    resumed = run_plan(tmp_path / "b", tmp_path, tmp_path / "data", PLAN, runner=again)
+    # stage 1 (and its second start) is not run again; stage 2, cut short, is
+    assert [c[:2] for c in again.calls] == [("objects", 0), ("all", 0)]
+    assert resumed == whole
+    # a finished build run again trains nothing and gives the same report
+    done = FakeRecipe(accuracy)
+    assert run_plan(tmp_path / "b", tmp_path, tmp_path / "data", PLAN, runner=done) == whole
+    assert done.calls == []
+
+
+def test_a_folder_built_with_another_plan_is_refused_and_left_as_it_was(tmp_path):
+    run_plan(tmp_path, tmp_path, tmp_path / "data", PLAN[:1], runner=FakeRecipe({}))
+    progress = (tmp_path / "build_progress.json").read_text()
+    other = FakeRecipe({})
+    for plan, data, skipca in (
+        (PLAN, tmp_path / "data", True),
+        (PLAN[:1], tmp_path / "other", True),
+        (PLAN[:1], tmp_path / "data", False),
+    ):
+        with pytest.raises(ValueError, match="another plan, data folder or SkipCA") as err:
+            run_plan(tmp_path, tmp_path, data, plan, skipca, runner=other)
+        assert "new folder" in str(err.value)
+    assert other.calls == [] and (tmp_path / "build_progress.json").read_text() == progress

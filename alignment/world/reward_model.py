@@ -64,6 +64,8 @@ PLAN = (
 #: than train five stages on a read-out that never learnt to compare.
 STAGE_GATES: dict[tuple[str, str], float] = {("alignment", "background"): 0.9}
 GATE_TRIES = 3
+#: The build's record of finished stages in the output folder (:func:`run_plan` resumes from it).
+PROGRESS_FILE = "build_progress.json"
 #: The tiny LLaVA backbone: CLIP-style vision tower (``vision_layers`` layers of width
 #: ``vision_hidden``, ``patch``-px patches of ``image_size``-px images), a Llama LM of ``layers``
 #: layers of width ``hidden``, word-level tokenizer.
@@ -307,10 +309,37 @@ def run_plan(
     ``gates`` (default :data:`STAGE_GATES`) is started again with seeds 1, 2, ... while its
     held-out accuracy is below the gate, ``tries`` starts in all; then :class:`StageGateError`.
     ``runner``: how a command is run (``subprocess.run``; tests pass a fake).
+
+    Resumable: after each stage ``out/build_progress.json`` (written atomically) records the
+    stages done and the report so far; run again on the same folder with the same plan, the
+    build goes on after the last finished stage (a stage cut short starts again: the folder
+    holds the previous stage's weights until a stage saves its own). A folder whose progress
+    file records another plan is refused (:class:`ValueError`).
     """
+    from reward.files import atomic_write_text
+
     gates = STAGE_GATES if gates is None else gates
+    progress_file = out / PROGRESS_FILE
+    signature = {
+        "plan": [[*stage[:4], list(stage[4])] for stage in plan],
+        "skipca": skipca,
+        "data": str(data),
+    }
     report: dict = {}
+    done = 0
+    if progress_file.is_file():
+        progress = json.loads(progress_file.read_text())
+        if progress.get("signature") != signature:
+            raise ValueError(
+                f"{out} holds a reward build of another plan, data folder or SkipCA setting "
+                f"({progress_file}); build into a new folder, or delete that file to start over."
+            )
+        report, done = progress["report"], progress["done"]
+        if done:
+            print(f"resuming the reward build in {out} after stage {done} of {len(plan)}")
     for number, (perspective, stage, kind, steps, extra) in enumerate(plan, 1):
+        if number <= done:
+            continue
         cmd = [
             sys.executable,
             str(ROOT / "recipes" / "train_reward.py"),
@@ -354,16 +383,20 @@ def run_plan(
                 "learnt to compare. Build again with more starts (`python -m "
                 "alignment.world.reward_model OUT --tries N`) or more steps for that stage."
             )
-        done = report.get(perspective, {})
+        before = report.get(perspective, {})
         entry: dict = {stage: metrics["accuracy"]}
         if gate is not None:
             entry.update(seed=len(starts) - 1, starts=starts)
         report[perspective] = {
             "kind": kind,
-            "steps": done.get("steps", 0) + steps,
+            "steps": before.get("steps", 0) + steps,
             "accuracy": metrics["accuracy"],
-            "stages": [*done.get("stages", []), entry],
+            "stages": [*before.get("stages", []), entry],
         }
+        atomic_write_text(
+            progress_file,
+            json.dumps({"signature": signature, "done": number, "report": report}, indent=2),
+        )
     return report
 
 
@@ -391,14 +424,21 @@ def train_world_reward(
     if split_by is not None and split_by not in CAPTION_SPLITS:
         raise ValueError(f"split_by={split_by!r}: use one of {sorted(CAPTION_SPLITS)}.")
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     data = Path(data_dir) if data_dir is not None else out.parent / f"{out.name}_data"
     write_world_data(data, pairs, unpaired, split_by, names={stage for _, stage, *_ in plan})
     local = out / "tiny_backbone"
     if not (local / "config.json").is_file():
+        # into a temporary folder first: an interrupted copy or pre-training never leaves a
+        # folder that a resumed build would take for a finished backbone
+        partial = out / ".tiny_backbone.partial"
+        shutil.rmtree(partial, ignore_errors=True)
         if backbone is not None:
-            shutil.copytree(backbone, local)
+            shutil.copytree(backbone, partial)
         else:
-            pretrain_world_backbone(local)
+            pretrain_world_backbone(partial)
+        shutil.rmtree(local, ignore_errors=True)
+        partial.rename(local)
     report = run_plan(out, local, data, plan, skipca, tries=tries)
     # make the folder self-contained: the backbone reference is relative to it
     config = json.loads((out / "config.json").read_text())
