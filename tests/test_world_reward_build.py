@@ -24,20 +24,38 @@ class FakeRecipe:
     """Stands in for ``subprocess.run`` of recipes/train_reward.py: writes the eval report a run
     would, with the held-out accuracy ``accuracy[(data set, seed)]`` (default 1.0)."""
 
-    def __init__(self, accuracy: dict[tuple[str, int], float], crash_at: str | None = None):
+    def __init__(
+        self,
+        accuracy: dict[tuple[str, int], float],
+        crash_at: str | None = None,
+        crash_after_save: bool = False,
+        report: bool = True,
+    ):
         self.accuracy, self.calls, self.crash_at = accuracy, [], crash_at
+        self.crash_after_save, self.report = crash_after_save, report
 
     def __call__(self, cmd: list[str], check: bool) -> None:
         assert check
         arg = {k: v for k, v in zip(cmd, cmd[1:]) if k.startswith("--")}
         stage = Path(arg["--train_file"]).parent.name.removeprefix("train_")
         seed = int(arg.get("--seed", 0))
-        self.calls.append((stage, seed, "--overwrite_perspective" in cmd))
-        if stage == self.crash_at:  # the recipe dies before it writes its report
+        fresh = "--overwrite_perspective" in cmd
+        self.calls.append((stage, seed, fresh))
+        out, perspective = Path(arg["--output_dir"]), arg["--perspective"]
+        if stage == self.crash_at and not self.crash_after_save:  # dies while training
             raise subprocess.CalledProcessError(-9, cmd)
-        report = {"accuracy": self.accuracy.get((stage, seed), 1.0)}
-        out = Path(arg["--output_dir"]) / f"eval_report_{arg['--perspective']}.json"
-        out.write_text(json.dumps(report))
+        # the perspective's "weights": how many stages trained them (a continued stage adds one)
+        head = out / "heads" / f"{perspective}.safetensors"
+        trained = 1 if fresh else int(head.read_text()) + 1
+        head.parent.mkdir(exist_ok=True)
+        head.write_text(str(trained))
+        (out / "adapters" / perspective).mkdir(parents=True, exist_ok=True)
+        (out / "adapters" / perspective / "adapter.txt").write_text(f"{stage} {seed} {trained}")
+        if stage == self.crash_at:  # dies after its save, before its evaluation
+            raise subprocess.CalledProcessError(-9, cmd)
+        if self.report:
+            report = {"accuracy": self.accuracy.get((stage, seed), 1.0)}
+            (out / f"eval_report_{perspective}.json").write_text(json.dumps(report))
 
 
 def test_a_gated_stage_below_its_gate_starts_again_with_the_next_seed(tmp_path):
@@ -132,7 +150,85 @@ def test_a_folder_built_with_another_plan_is_refused_and_left_as_it_was(tmp_path
         (PLAN[:1], tmp_path / "other", True),
         (PLAN[:1], tmp_path / "data", False),
     ):
-        with pytest.raises(ValueError, match="another plan, data folder or SkipCA") as err:
+        with pytest.raises(ValueError, match="another") as err:
             run_plan(tmp_path, tmp_path, data, plan, skipca, runner=other)
         assert "new folder" in str(err.value)
+        named = [k for k in ("plan", "data", "skipca") if f"another {k}" in str(err.value)]
+        assert len(named) == 1
     assert other.calls == [] and (tmp_path / "build_progress.json").read_text() == progress
+
+
+def test_a_continued_stage_cut_short_after_its_save_is_not_trained_twice(tmp_path):
+    whole = run_plan(tmp_path / "a", tmp_path, tmp_path / "data", PLAN, runner=FakeRecipe({}))
+    (tmp_path / "b").mkdir()
+    with pytest.raises(subprocess.CalledProcessError):
+        run_plan(
+            tmp_path / "b",
+            tmp_path,
+            tmp_path / "data",
+            PLAN,
+            runner=FakeRecipe({}, crash_at="objects", crash_after_save=True),
+        )
+    # the folder holds stage 2's save; the resumed build trains stage 2 again from stage 1's
+    assert (tmp_path / "b" / "heads" / "alignment.safetensors").read_text() == "2"
+    again = FakeRecipe({})
+    assert run_plan(tmp_path / "b", tmp_path, tmp_path / "data", PLAN, runner=again) == whole
+    assert [c[0] for c in again.calls] == ["objects", "all"]
+    for name in ("a", "b"):  # two stages trained the alignment perspective, not three
+        assert (tmp_path / name / "heads" / "alignment.safetensors").read_text() == "2"
+    assert not (tmp_path / "b" / ".stage_start").exists()
+
+
+def test_a_stage_that_writes_no_report_is_not_given_the_previous_stages_verdict(tmp_path):
+    with pytest.raises(subprocess.CalledProcessError):
+        run_plan(tmp_path, tmp_path, tmp_path / "data", PLAN, runner=FakeRecipe({}, "objects"))
+    # a verdict left in the folder from before (an earlier stage's, another run's)
+    (tmp_path / "eval_report_alignment.json").write_text(json.dumps({"accuracy": 0.95}))
+    with pytest.raises(FileNotFoundError, match="stage 2 wrote no .*eval_report_alignment"):
+        run_plan(tmp_path, tmp_path, tmp_path / "data", PLAN, runner=FakeRecipe({}, report=False))
+
+
+def test_more_starts_go_on_with_the_next_seed_after_the_gate_stopped_a_build(tmp_path):
+    accuracy = {("background", 0): 0.5, ("background", 1): 0.6, ("background", 2): 0.95}
+    with pytest.raises(StageGateError, match="--tries 5.*goes on\\s+with seed 2"):
+        run_plan(tmp_path, tmp_path, tmp_path / "data", PLAN, tries=2, runner=FakeRecipe(accuracy))
+    recipe = FakeRecipe(accuracy)
+    report = run_plan(tmp_path, tmp_path, tmp_path / "data", PLAN, tries=3, runner=recipe)
+    assert [c[:2] for c in recipe.calls] == [("background", 2), ("objects", 0), ("all", 0)]
+    assert report["alignment"]["stages"][0] == {
+        "background": 0.95,
+        "seed": 2,
+        "starts": [0.5, 0.6, 0.95],
+    }
+    with pytest.raises(ValueError, match="tries=0"):
+        run_plan(tmp_path / "x", tmp_path, tmp_path, PLAN, tries=0, runner=recipe)
+
+
+def test_a_backbone_pre_training_cut_short_is_never_taken_for_a_finished_one(tmp_path, monkeypatch):
+    import alignment.world.reward_model as build
+
+    def pretrain(path, crash):
+        path.mkdir(parents=True)
+        (path / "config.json").write_text(
+            "{}"
+        )  # written before the weights, as save_pretrained does
+        if crash:
+            raise KeyboardInterrupt
+        (path / "model.safetensors").write_text("weights")
+
+    def plan(out, backbone, data, plan, skipca, tries):
+        assert (backbone / "model.safetensors").is_file()
+        (out / "config.json").write_text(json.dumps({"backbone": str(backbone)}))
+        return {}
+
+    monkeypatch.setattr(build, "write_world_data", lambda *a, **k: None)
+    monkeypatch.setattr(build, "run_plan", plan)
+    monkeypatch.setattr(build, "pretrain_world_backbone", lambda path: pretrain(path, True))
+    with pytest.raises(KeyboardInterrupt):
+        build.train_world_reward(tmp_path / "out")
+    assert not (tmp_path / "out" / "tiny_backbone").exists()
+    monkeypatch.setattr(build, "pretrain_world_backbone", lambda path: pretrain(path, False))
+    build.train_world_reward(tmp_path / "out")
+    assert (tmp_path / "out" / "tiny_backbone" / "model.safetensors").read_text() == "weights"
+    assert not (tmp_path / "out" / ".tiny_backbone.partial").exists()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["backbone"] == "tiny_backbone"

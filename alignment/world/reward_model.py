@@ -66,6 +66,7 @@ STAGE_GATES: dict[tuple[str, str], float] = {("alignment", "background"): 0.9}
 GATE_TRIES = 3
 #: The build's record of finished stages in the output folder (:func:`run_plan` resumes from it).
 PROGRESS_FILE = "build_progress.json"
+_STAGE_START = ".stage_start"
 #: The tiny LLaVA backbone: CLIP-style vision tower (``vision_layers`` layers of width
 #: ``vision_hidden``, ``patch``-px patches of ``image_size``-px images), a Llama LM of ``layers``
 #: layers of width ``hidden``, word-level tokenizer.
@@ -290,6 +291,75 @@ class StageGateError(RuntimeError):
     """A gated stage of the reward build (:data:`STAGE_GATES`) stayed below its held-out accuracy."""
 
 
+def _stage_command(out: Path, backbone: Path, data: Path, stage: tuple, skipca: bool) -> list[str]:
+    """The recipe's command line for one stage ``(perspective, data set, kind, steps, extra)``."""
+    perspective, name, kind, steps, extra = stage
+    return [
+        sys.executable,
+        str(ROOT / "recipes" / "train_reward.py"),
+        "--config",
+        str(ROOT / "recipes" / "configs" / "reward_tiny_world.yaml"),
+        "--output_dir",
+        str(out),
+        "--backbone",
+        str(backbone),
+        "--perspective",
+        perspective,
+        "--max_steps",
+        str(steps),
+        "--train_file",
+        str(data / f"train_{name}" / f"{perspective}_{kind}.jsonl"),
+        "--eval_file",
+        str(data / f"held_{name}" / f"{perspective}_{kind}.jsonl"),
+        *(() if skipca else ("--skipca", "false")),
+        *extra,
+    ]
+
+
+def _perspective_files(out: Path, perspective: str) -> list[Path]:
+    """A perspective's weights in a reward folder: its adapter folder and its head."""
+    from reward.modeling import ADAPTERS_DIR, HEADS_DIR
+
+    return [out / ADAPTERS_DIR / perspective, out / HEADS_DIR / f"{perspective}.safetensors"]
+
+
+def _keep_stage_start(out: Path, perspective: str, restore: bool) -> None:
+    """Copy ``perspective``'s weights to ``out/.stage_start/`` (``restore=False``), or put that
+    copy back (``restore=True``), so that a continued stage cut short after its save is trained
+    again from where it started, not twice."""
+    import shutil
+
+    from reward.modeling import finish_interrupted_save
+
+    keep = out / _STAGE_START
+    if not restore:
+        shutil.rmtree(keep, ignore_errors=True)
+        keep.mkdir(parents=True)
+        for path in _perspective_files(out, perspective):
+            if path.is_dir():
+                shutil.copytree(path, keep / path.name)
+            elif path.is_file():
+                shutil.copy2(path, keep / path.name)
+        return
+    if not keep.is_dir():
+        raise FileNotFoundError(
+            f"{keep} is missing: the copy of {perspective!r} taken before the stage that was cut "
+            f"short is gone, so it cannot be trained again from its start. Build into a new "
+            "folder."
+        )
+    finish_interrupted_save(out)  # a save committed before the cut completes first, then is undone
+    for path in _perspective_files(out, perspective):
+        saved = keep / path.name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.is_file():
+            path.unlink()
+        if saved.is_dir():
+            shutil.copytree(saved, path)
+        elif saved.is_file():
+            shutil.copy2(saved, path)
+
+
 def run_plan(
     out: Path,
     backbone: Path,
@@ -310,93 +380,114 @@ def run_plan(
     held-out accuracy is below the gate, ``tries`` starts in all; then :class:`StageGateError`.
     ``runner``: how a command is run (``subprocess.run``; tests pass a fake).
 
-    Resumable: after each stage ``out/build_progress.json`` (written atomically) records the
-    stages done and the report so far; run again on the same folder with the same plan, the
-    build goes on after the last finished stage (a stage cut short starts again: the folder
-    holds the previous stage's weights until a stage saves its own). A folder whose progress
-    file records another plan is refused (:class:`ValueError`).
+    Resumable: ``out/build_progress.json`` (written atomically) records the stages done, the
+    report so far and the starts of the stage under way. Run again on the same folder with the
+    same plan, data folder and SkipCA setting, the build goes on where it stopped: a finished
+    stage is not run again; a continued stage cut short is trained again from the copy of its
+    perspective taken when it began (``out/.stage_start``), never twice; a gated stage goes on
+    with the next seed (so a larger ``tries`` resumes a build stopped by its gate). A folder
+    whose progress records another build is refused (:class:`ValueError`).
     """
     from reward.files import atomic_write_text
 
+    if tries < 1:
+        raise ValueError(f"tries={tries}: a stage needs 1 or more starts.")
     gates = STAGE_GATES if gates is None else gates
     progress_file = out / PROGRESS_FILE
     signature = {
         "plan": [[*stage[:4], list(stage[4])] for stage in plan],
         "skipca": skipca,
-        "data": str(data),
+        "data": str(Path(data).resolve()),
     }
-    report: dict = {}
-    done = 0
+    progress: dict = {"signature": signature, "done": 0, "report": {}, "running": None}
     if progress_file.is_file():
-        progress = json.loads(progress_file.read_text())
-        if progress.get("signature") != signature:
-            raise ValueError(
-                f"{out} holds a reward build of another plan, data folder or SkipCA setting "
-                f"({progress_file}); build into a new folder, or delete that file to start over."
-            )
-        report, done = progress["report"], progress["done"]
-        if done:
-            print(f"resuming the reward build in {out} after stage {done} of {len(plan)}")
-    for number, (perspective, stage, kind, steps, extra) in enumerate(plan, 1):
-        if number <= done:
-            continue
-        cmd = [
-            sys.executable,
-            str(ROOT / "recipes" / "train_reward.py"),
-            "--config",
-            str(ROOT / "recipes" / "configs" / "reward_tiny_world.yaml"),
-            "--output_dir",
-            str(out),
-            "--backbone",
-            str(backbone),
-            "--perspective",
-            perspective,
-            "--max_steps",
-            str(steps),
-            "--train_file",
-            str(data / f"train_{stage}" / f"{perspective}_{kind}.jsonl"),
-            "--eval_file",
-            str(data / f"held_{stage}" / f"{perspective}_{kind}.jsonl"),
-            *(() if skipca else ("--skipca", "false")),
-            *extra,
+        recorded = json.loads(progress_file.read_text())
+        differ = [
+            key for key in signature if recorded.get("signature", {}).get(key) != signature[key]
         ]
+        if differ:
+            shown = [
+                f"{key} {recorded.get('signature', {}).get(key)!r} there, {signature[key]!r} here"
+                for key in differ
+                if key != "plan"
+            ]
+            raise ValueError(
+                f"{out} holds a reward build with another {' and '.join(differ)} than this one "
+                f"({progress_file}{': ' + '; '.join(shown) if shown else ''}). Build into a new "
+                "folder, or delete that file to start over."
+            )
+        progress = {**progress, **recorded}
+        if progress["done"]:
+            print(
+                f"resuming the reward build in {out} after stage {progress['done']} of {len(plan)}"
+            )
+
+    def save_progress() -> None:
+        atomic_write_text(progress_file, json.dumps(progress, indent=2))
+
+    report = progress["report"]
+    for number, spec in enumerate(plan, 1):
+        if number <= progress["done"]:
+            continue
+        perspective, stage, kind, steps, extra = spec
+        cmd = _stage_command(out, backbone, data, spec, skipca)
         fresh = "--overwrite_perspective" in extra
         gate = gates.get((perspective, stage)) if fresh else None
-        starts: list[float] = []
-        for seed in range(tries if gate is not None else 1):
+        running = progress.get("running") or {}
+        starts: list[float] = (
+            list(running.get("starts", [])) if running.get("stage") == number else []
+        )
+        finished = bool(starts) and (gate is None or starts[-1] >= gate)
+        if not fresh and not finished:
+            # a continued stage trains the folder's perspective further: keep where it began
+            _keep_stage_start(out, perspective, restore=running.get("stage") == number)
+        progress["running"] = {"stage": number, "starts": starts}
+        save_progress()
+        seeds = range(len(starts), tries) if gate is not None else range(1)
+        report_file = out / f"eval_report_{perspective}.json"
+        for seed in [] if finished else seeds:
+            report_file.unlink(missing_ok=True)  # never read an earlier stage's verdict
             runner(cmd + (["--seed", str(seed)] if seed else []), check=True)
-            metrics = json.loads((out / f"eval_report_{perspective}.json").read_text())
-            starts.append(metrics["accuracy"])
-            if gate is None or metrics["accuracy"] >= gate:
+            if not report_file.is_file():
+                raise FileNotFoundError(
+                    f"stage {number} wrote no {report_file}: the recipe ran without a held-out "
+                    f"evaluation ({' '.join(cmd[1:])}); check its --eval_file."
+                )
+            starts.append(json.loads(report_file.read_text())["accuracy"])
+            save_progress()  # a start that failed its gate is not run again on resume
+            if gate is None or starts[-1] >= gate:
                 break
             if seed + 1 < tries:
                 print(
                     f"stage {number} ({perspective} on {stage!r}): held-out accuracy "
-                    f"{metrics['accuracy']:.3f} < {gate} with seed {seed}; starting it again",
+                    f"{starts[-1]:.3f} < {gate} with seed {seed}; starting it again",
                     flush=True,
                 )
-        else:
+        if gate is not None and (not starts or starts[-1] < gate):
             raise StageGateError(
                 f"stage {number} of the reward build ({perspective} on the {stage!r} pairs) "
-                f"stayed below its held-out accuracy gate {gate} in {tries} start(s) (seeds "
-                f"0-{tries - 1}: {', '.join(f'{a:.3f}' for a in starts)}): the read-out never "
-                "learnt to compare. Build again with more starts (`python -m "
-                "alignment.world.reward_model OUT --tries N`) or more steps for that stage."
+                f"stayed below its held-out accuracy gate {gate} in {len(starts)} start(s) "
+                f"(seeds 0-{len(starts) - 1}: {', '.join(f'{a:.3f}' for a in starts)}): the "
+                f"read-out never learnt to compare. Run the same build on {out} with more "
+                f"starts (`--tries {len(starts) + GATE_TRIES}` of `python -m "
+                "alignment.world.reward_model`, `tries=` of train_world_reward): it goes on "
+                f"with seed {len(starts)}. Or give that stage more steps, in a new folder."
             )
         before = report.get(perspective, {})
-        entry: dict = {stage: metrics["accuracy"]}
+        entry: dict = {stage: starts[-1]}
         if gate is not None:
             entry.update(seed=len(starts) - 1, starts=starts)
         report[perspective] = {
             "kind": kind,
             "steps": before.get("steps", 0) + steps,
-            "accuracy": metrics["accuracy"],
+            "accuracy": starts[-1],
             "stages": [*before.get("stages", []), entry],
         }
-        atomic_write_text(
-            progress_file,
-            json.dumps({"signature": signature, "done": number, "report": report}, indent=2),
-        )
+        progress.update(done=number, report=report, running=None)
+        save_progress()
+    import shutil
+
+    shutil.rmtree(out / _STAGE_START, ignore_errors=True)
     return report
 
 
