@@ -155,6 +155,14 @@ def test_a_folder_built_with_another_plan_is_refused_and_left_as_it_was(tmp_path
         assert "new folder" in str(err.value)
         named = [k for k in ("plan", "data", "skipca") if f"another {k}" in str(err.value)]
         assert len(named) == 1
+    # the build's other settings (train_world_reward: data sizes, caption split) likewise
+    (tmp_path / "sized").mkdir()
+    sized = FakeRecipe({})
+    run_plan(tmp_path / "sized", tmp_path, tmp_path, PLAN[:1], runner=sized, options={"pairs": 64})
+    with pytest.raises(ValueError, match="another pairs .*pairs 64 there, 128 here"):
+        run_plan(
+            tmp_path / "sized", tmp_path, tmp_path, PLAN[:1], runner=other, options={"pairs": 128}
+        )
     assert other.calls == [] and (tmp_path / "build_progress.json").read_text() == progress
 
 
@@ -216,7 +224,8 @@ def test_a_backbone_pre_training_cut_short_is_never_taken_for_a_finished_one(tmp
             raise KeyboardInterrupt
         (path / "model.safetensors").write_text("weights")
 
-    def plan(out, backbone, data, plan, skipca, tries):
+    def plan(out, backbone, data, plan, skipca, tries, options):
+        assert options == {"pairs": 2048, "unpaired": 512, "split_by": None}
         assert (backbone / "model.safetensors").is_file()
         (out / "config.json").write_text(json.dumps({"backbone": str(backbone)}))
         return {}

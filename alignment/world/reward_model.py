@@ -369,6 +369,7 @@ def run_plan(
     gates: dict[tuple[str, str], float] | None = None,
     tries: int = GATE_TRIES,
     runner=subprocess.run,
+    options: dict | None = None,
 ) -> dict:
     """Run the recipe once per stage of ``plan`` into ``out`` (the backbone ``backbone``, the data
     sets under ``data``); returns the report ``{perspective: {"kind", "steps", "accuracy",
@@ -378,7 +379,9 @@ def run_plan(
     A stage that starts a fresh adapter (``--overwrite_perspective true``) and has a gate in
     ``gates`` (default :data:`STAGE_GATES`) is started again with seeds 1, 2, ... while its
     held-out accuracy is below the gate, ``tries`` starts in all; then :class:`StageGateError`.
-    ``runner``: how a command is run (``subprocess.run``; tests pass a fake).
+    ``runner``: how a command is run (``subprocess.run``; tests pass a fake). ``options``: the
+    build's other settings that a resume must share (``train_world_reward``: the data sizes and
+    caption split), JSON values.
 
     Resumable: ``out/build_progress.json`` (written atomically) records the stages done, the
     report so far and the starts of the stage under way. Run again on the same folder with the
@@ -398,6 +401,7 @@ def run_plan(
         "plan": [[*stage[:4], list(stage[4])] for stage in plan],
         "skipca": skipca,
         "data": str(Path(data).resolve()),
+        **{key: options[key] for key in sorted(options or {})},
     }
     progress: dict = {"signature": signature, "done": 0, "report": {}, "running": None}
     if progress_file.is_file():
@@ -530,7 +534,15 @@ def train_world_reward(
             pretrain_world_backbone(partial)
         shutil.rmtree(local, ignore_errors=True)
         partial.rename(local)
-    report = run_plan(out, local, data, plan, skipca, tries=tries)
+    report = run_plan(
+        out,
+        local,
+        data,
+        plan,
+        skipca,
+        tries=tries,
+        options={"pairs": pairs, "unpaired": unpaired, "split_by": split_by},
+    )
     # make the folder self-contained: the backbone reference is relative to it
     config = json.loads((out / "config.json").read_text())
     config["backbone"] = "tiny_backbone"
