@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -323,12 +324,22 @@ def _perspective_files(out: Path, perspective: str) -> list[Path]:
     return [out / ADAPTERS_DIR / perspective, out / HEADS_DIR / f"{perspective}.safetensors"]
 
 
+def _copy(src: Path, dst: Path) -> None:
+    """Copy ``src`` (a file or a folder; nothing if it is absent) to ``dst``, replacing ``dst``."""
+    if dst.is_dir():
+        shutil.rmtree(dst)
+    elif dst.exists():
+        dst.unlink()
+    if src.is_dir():
+        shutil.copytree(src, dst)
+    elif src.is_file():
+        shutil.copy2(src, dst)
+
+
 def _keep_stage_start(out: Path, perspective: str, restore: bool) -> None:
     """Copy ``perspective``'s weights to ``out/.stage_start/`` (``restore=False``), or put that
     copy back (``restore=True``), so that a continued stage cut short after its save is trained
     again from where it started, not twice."""
-    import shutil
-
     from reward.modeling import finish_interrupted_save
 
     keep = out / _STAGE_START
@@ -336,10 +347,7 @@ def _keep_stage_start(out: Path, perspective: str, restore: bool) -> None:
         shutil.rmtree(keep, ignore_errors=True)
         keep.mkdir(parents=True)
         for path in _perspective_files(out, perspective):
-            if path.is_dir():
-                shutil.copytree(path, keep / path.name)
-            elif path.is_file():
-                shutil.copy2(path, keep / path.name)
+            _copy(path, keep / path.name)
         return
     if not keep.is_dir():
         raise FileNotFoundError(
@@ -349,15 +357,7 @@ def _keep_stage_start(out: Path, perspective: str, restore: bool) -> None:
         )
     finish_interrupted_save(out)  # a save committed before the cut completes first, then is undone
     for path in _perspective_files(out, perspective):
-        saved = keep / path.name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.is_file():
-            path.unlink()
-        if saved.is_dir():
-            shutil.copytree(saved, path)
-        elif saved.is_file():
-            shutil.copy2(saved, path)
+        _copy(keep / path.name, path)
 
 
 def run_plan(
@@ -487,10 +487,8 @@ def run_plan(
             "accuracy": starts[-1],
             "stages": [*before.get("stages", []), entry],
         }
-        progress.update(done=number, report=report, running=None)
+        progress.update(done=number, running=None)  # ``report`` is ``progress["report"]``
         save_progress()
-    import shutil
-
     shutil.rmtree(out / _STAGE_START, ignore_errors=True)
     return report
 
@@ -514,8 +512,6 @@ def train_world_reward(
     ``split_by``: one caption split for every data set (:data:`CAPTION_SPLITS`; default: each
     set's own); ``tries``: starts of a gated stage (:func:`run_plan`).
     """
-    import shutil
-
     if split_by is not None and split_by not in CAPTION_SPLITS:
         raise ValueError(f"split_by={split_by!r}: use one of {sorted(CAPTION_SPLITS)}.")
     out = Path(out)
