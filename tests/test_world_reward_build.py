@@ -241,3 +241,33 @@ def test_a_backbone_pre_training_cut_short_is_never_taken_for_a_finished_one(tmp
     assert (tmp_path / "out" / "tiny_backbone" / "model.safetensors").read_text() == "weights"
     assert not (tmp_path / "out" / ".tiny_backbone.partial").exists()
     assert json.loads((tmp_path / "out" / "config.json").read_text())["backbone"] == "tiny_backbone"
+
+
+def test_data_folder_is_reused_only_with_the_options_it_was_written_with(tmp_path):
+    """A build pointed at an old data folder must not silently train on data sets of other
+    sizes: the same options reuse the set untouched, other ones are refused by name, and a set
+    written before manifests existed is judged by its pair counts."""
+    from alignment.world.reward_model import DATA_MANIFEST, write_world_data
+
+    data = tmp_path / "data"
+    write_world_data(data, pairs=8, unpaired=4, names={"background"})
+    train = data / "train_background" / "alignment_pairs.jsonl"
+    manifest = data / "held_background" / DATA_MANIFEST
+    spec = json.loads(manifest.read_text())
+    assert (spec["train_pairs"], spec["held_pairs"], spec["split"]) == (4, 128, "pairs")
+    assert len(train.read_text().splitlines()) == 4
+    before = train.stat().st_mtime_ns
+
+    write_world_data(data, pairs=8, unpaired=4, names={"background"})  # same options: reused
+    assert train.stat().st_mtime_ns == before
+
+    with pytest.raises(ValueError, match=r"'background'.*train_pairs 4 \(this build: 8\)"):
+        write_world_data(data, pairs=16, unpaired=4, names={"background"})
+    with pytest.raises(ValueError, match=r"split 'pairs' \(this build: 'renders'\)"):
+        write_world_data(data, pairs=8, unpaired=4, split_by="renders", names={"background"})
+
+    manifest.unlink()  # a folder from before manifests: its counts still tell the sizes apart
+    write_world_data(data, pairs=8, unpaired=4, names={"background"})
+    with pytest.raises(ValueError, match="delete .*train_background"):
+        write_world_data(data, pairs=16, unpaired=4, names={"background"})
+    assert train.stat().st_mtime_ns == before

@@ -259,33 +259,86 @@ def mismatch_accuracy(
     return out
 
 
+#: Written beside each held-out data set once both halves are on disk: the sizes, caption split
+#: and seeds it was written with, so that a build pointed at an old data folder reuses a set only
+#: when it is the one it would write.
+DATA_MANIFEST = "world_data.json"
+
+
+def _data_spec(name: str, pairs: int, unpaired: int, split_by: str | None) -> dict:
+    """What :func:`write_world_data` writes for the data set ``name`` with these options."""
+    mismatch, frac, n_held, train_seed, held_seed, own = DATA[name]
+    every = mismatch is None
+    return {
+        "train_pairs": int(pairs * frac),
+        "held_pairs": n_held,
+        "train_unpaired": unpaired if every else 0,
+        "held_unpaired": unpaired // 2 if every else 0,
+        "split": split_by or own,
+        "seeds": [train_seed, held_seed],
+    }
+
+
+def _lines(path: Path) -> int:
+    with open(path) as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _check_data_set(data: Path, name: str, spec: dict) -> None:
+    """Refuse a data set already under ``data`` that was written with other options than
+    ``spec`` (its manifest, or for a set written before manifests its pair counts)."""
+    manifest = data / f"held_{name}" / DATA_MANIFEST
+    if manifest.is_file():
+        found = json.loads(manifest.read_text())
+    else:
+        found = {
+            **spec,
+            "train_pairs": _lines(data / f"train_{name}" / "alignment_pairs.jsonl"),
+            "held_pairs": _lines(data / f"held_{name}" / "alignment_pairs.jsonl"),
+        }
+    differ = {k: (found.get(k), v) for k, v in spec.items() if found.get(k) != v}
+    if differ:
+        what = ", ".join(f"{k} {old!r} (this build: {new!r})" for k, (old, new) in differ.items())
+        raise ValueError(
+            f"the data set {name!r} in {data} was written with other options: {what}. Use "
+            f"another data folder, or delete {data / f'train_{name}'} and "
+            f"{data / f'held_{name}'} to have them written again."
+        )
+
+
 def write_world_data(
     data: Path, pairs: int, unpaired: int, split_by: str | None = None, names=None
 ) -> None:
     """Write the data sets ``names`` of :data:`DATA` (default: all) under ``data/train_<name>``
-    and ``data/held_<name>`` (skipped when already there), captions split as each set says or,
-    with ``split_by``, all of them as :data:`CAPTION_SPLITS` ``[split_by]``."""
+    and ``data/held_<name>``, captions split as each set says or, with ``split_by``, all of them
+    as :data:`CAPTION_SPLITS` ``[split_by]``. A set already there is reused when it was written
+    with the same options (:data:`DATA_MANIFEST`) and refused with a ``ValueError`` otherwise."""
     from alignment.world.pairs import write_world_dataset
 
-    for name, (mismatch, frac, n_held, train_seed, held_seed, own) in DATA.items():
+    for name, (mismatch, _, n_held, train_seed, held_seed, own) in DATA.items():
         if names is not None and name not in names:
             continue
+        spec = _data_spec(name, pairs, unpaired, split_by)
         if (data / f"held_{name}" / "alignment_pairs.jsonl").is_file():
+            _check_data_set(data, name, spec)
             continue
         every = mismatch is None
         train_split, held_split = CAPTION_SPLITS[split_by or own]
         for split, folder, n, m, seed in (
-            (train_split, "train", int(pairs * frac), unpaired, train_seed),
-            (held_split, "held", n_held, unpaired // 2, held_seed),
+            (train_split, "train", spec["train_pairs"], spec["train_unpaired"], train_seed),
+            (held_split, "held", n_held, spec["held_unpaired"], held_seed),
         ):
             write_world_dataset(
                 data / f"{folder}_{name}",
                 n,
-                m if every else 0,
+                m,
                 split=split,
                 seed=seed,
                 **({} if every else {"perspectives": ("alignment",), "mismatch": mismatch}),
             )
+        manifest = data / f"held_{name}" / DATA_MANIFEST
+        manifest.with_suffix(".tmp").write_text(json.dumps(spec, indent=2) + "\n")
+        manifest.with_suffix(".tmp").replace(manifest)
 
 
 class StageGateError(RuntimeError):
