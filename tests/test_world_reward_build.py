@@ -271,3 +271,27 @@ def test_data_folder_is_reused_only_with_the_options_it_was_written_with(tmp_pat
     with pytest.raises(ValueError, match="delete .*train_background"):
         write_world_data(data, pairs=16, unpaired=4, names={"background"})
     assert train.stat().st_mtime_ns == before
+
+
+def test_command_line_builds_every_perspective_or_the_ablation(tmp_path, monkeypatch, capsys):
+    """`python -m alignment.world.reward_model`: the full plan with SkipCA, or with --no_skipca
+    the alignment stages only without it; --tries and the data options reach the build."""
+    import alignment.world.reward_model as rm
+
+    calls = []
+
+    def fake_build(out, pairs, unpaired, plan, skipca, split_by, tries):
+        calls.append((plan, skipca, pairs, unpaired, split_by, tries))
+        (Path(out) / "world_report.json").write_text("{}")
+        return Path(out)
+
+    monkeypatch.setattr(rm, "train_world_reward", fake_build)
+    rm.main([str(tmp_path), "--tries", "5", "--pairs", "64"])
+    rm.main([str(tmp_path), "--no_skipca", "--split_by", "renders"])
+    (full, skip, *opts), (ablation, no_skip, *ab_opts) = calls
+    assert full == rm.PLAN and skip and opts == [64, 512, None, 5]
+    assert ablation == tuple(s for s in rm.PLAN if s[0] == "alignment") and len(ablation) == 6
+    assert not no_skip and ab_opts == [2048, 512, "renders", rm.GATE_TRIES]
+    assert capsys.readouterr().out.count("{}") == 2
+    with pytest.raises(SystemExit):
+        rm.main([str(tmp_path), "--tries", "0"])

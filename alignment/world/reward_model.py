@@ -314,19 +314,21 @@ def write_world_data(
     as :data:`CAPTION_SPLITS` ``[split_by]``. A set already there is reused when it was written
     with the same options (:data:`DATA_MANIFEST`) and refused with a ``ValueError`` otherwise."""
     from alignment.world.pairs import write_world_dataset
+    from reward.files import atomic_write_text
 
-    for name, (mismatch, _, n_held, train_seed, held_seed, own) in DATA.items():
+    for name, (mismatch, *_) in DATA.items():
         if names is not None and name not in names:
             continue
         spec = _data_spec(name, pairs, unpaired, split_by)
         if (data / f"held_{name}" / "alignment_pairs.jsonl").is_file():
             _check_data_set(data, name, spec)
             continue
-        every = mismatch is None
-        train_split, held_split = CAPTION_SPLITS[split_by or own]
-        for split, folder, n, m, seed in (
-            (train_split, "train", spec["train_pairs"], spec["train_unpaired"], train_seed),
-            (held_split, "held", n_held, spec["held_unpaired"], held_seed),
+        for split, folder, n, m, seed in zip(
+            CAPTION_SPLITS[spec["split"]],
+            ("train", "held"),
+            (spec["train_pairs"], spec["held_pairs"]),
+            (spec["train_unpaired"], spec["held_unpaired"]),
+            spec["seeds"],
         ):
             write_world_dataset(
                 data / f"{folder}_{name}",
@@ -334,11 +336,13 @@ def write_world_data(
                 m,
                 split=split,
                 seed=seed,
-                **({} if every else {"perspectives": ("alignment",), "mismatch": mismatch}),
+                **(
+                    {}
+                    if mismatch is None
+                    else {"perspectives": ("alignment",), "mismatch": mismatch}
+                ),
             )
-        manifest = data / f"held_{name}" / DATA_MANIFEST
-        manifest.with_suffix(".tmp").write_text(json.dumps(spec, indent=2) + "\n")
-        manifest.with_suffix(".tmp").replace(manifest)
+        atomic_write_text(data / f"held_{name}" / DATA_MANIFEST, json.dumps(spec, indent=2) + "\n")
 
 
 class StageGateError(RuntimeError):
@@ -643,21 +647,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.tries < 1:
         parser.error(f"--tries {args.tries}: use 1 or more starts.")
-    if args.no_skipca:
-        plan = tuple(stage for stage in PLAN if stage[0] == "alignment")
-        out = train_world_reward(
-            args.out,
-            args.pairs,
-            args.unpaired,
-            plan,
-            skipca=False,
-            split_by=args.split_by,
-            tries=args.tries,
-        )
-    else:
-        out = train_world_reward(
-            args.out, args.pairs, args.unpaired, split_by=args.split_by, tries=args.tries
-        )
+    # the ablation trains the alignment perspective only, without SkipCA
+    plan = tuple(stage for stage in PLAN if stage[0] == "alignment") if args.no_skipca else PLAN
+    out = train_world_reward(
+        args.out,
+        args.pairs,
+        args.unpaired,
+        plan,
+        skipca=not args.no_skipca,
+        split_by=args.split_by,
+        tries=args.tries,
+    )
     print((out / "world_report.json").read_text())
 
 
