@@ -158,6 +158,19 @@ QWEN2_VL_REAL_CHAT_TEMPLATE = (
 #: Qwen3-VL's ChatML template (no default system turn; a system turn only when given).
 QWEN3_VL_CHAT_TEMPLATE = "{% for message in messages %}" + _CHATML_TURNS
 
+#: FastVLM's template (Qwen2's ChatML with the default system turn; the image written as
+#: ``<image>\n`` before the text, as the released checkpoints' template does).
+FAST_VLM_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 #: extra words the chat templates write (role names), so they have pieces of their own.
 _TEMPLATE_WORDS = ("USER", "ASSISTANT", "user", "assistant", "system", "You", "helpful")
 
@@ -638,11 +651,82 @@ def tiny_idefics3(
     return model, tokenizer, image_processor
 
 
+FAST_VLM_SPECIAL = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+
+
+def tiny_resnet_tower_config(hidden: int, stem: int = 16, depth: int = 1):
+    """A one-stage ``ResNetConfig`` (stride 4: ``s x s`` px -> ``(s/4)^2`` visual tokens) whose
+    feature map has ``hidden`` channels (``hidden_size``, what FastVLM's projector reads)."""
+    from transformers import ResNetConfig
+
+    return ResNetConfig(
+        num_channels=3,
+        embedding_size=stem,
+        hidden_sizes=[hidden],
+        depths=[depth],
+        layer_type="basic",
+        hidden_act="relu",
+        downsample_in_first_stage=False,
+        hidden_size=hidden,
+    )
+
+
+def tiny_fast_vlm(
+    hidden: int = 32,
+    layers: int = 2,
+    image_size: int = 28,
+    seed: int = 0,
+    tokenizer: str = "bytelevel",
+):
+    """A tiny FastVLM (``FastVlmForConditionalGeneration``): a one-stage ResNet tower (stride 4:
+    ``image_size``-px images -> ``(image_size / 4)^2`` visual tokens), Qwen2 LM, CLIP's PIL image
+    processor. ``tokenizer="bytelevel"``: a Qwen2 byte-level BPE with FastVLM's ChatML template
+    (:data:`FAST_VLM_CHAT_TEMPLATE`); ``"word"``: word-level with the same template."""
+    from transformers import FastVlmConfig, FastVlmForConditionalGeneration, Qwen2Config
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tok = _tokenizer(
+        tokenizer,
+        FAST_VLM_SPECIAL,
+        words=(*WORDS, *_TEMPLATE_WORDS),
+        unk_token="<unk>",
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        image_token="<image>",
+    )
+    tok.chat_template = FAST_VLM_CHAT_TEMPLATE
+    text = Qwen2Config(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=512,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    config = FastVlmConfig(
+        vision_config=tiny_resnet_tower_config(hidden).to_dict(),
+        text_config=text.to_dict(),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_seq_length=(image_size // 4) ** 2,
+    )
+    torch.manual_seed(seed)
+    model = FastVlmForConditionalGeneration(config).eval()
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return model, tok, image_processor
+
+
 TINY_BUILDERS = {
     "llava": tiny_llava,
     "qwen2_vl": tiny_qwen2_vl,
     "qwen3_vl": tiny_qwen3_vl,
     "idefics3": tiny_idefics3,
+    "fast_vlm": tiny_fast_vlm,
 }
 
 

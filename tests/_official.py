@@ -9,6 +9,7 @@ own transformers processor on it:
 - Qwen2-VL / Qwen2.5-VL: the chat template with the generation prompt, the default system turn
   and the final ``"\\n<|im_start|>assistant\\n"`` cut away, stripped (it ends in ``<|im_end|>``);
 - Qwen3-VL (not in the official code; the same rule on its template, which has no system turn);
+- FastVLM (not in the official code; Qwen2's rule with its default system turn kept);
 - Idefics3 / SmolVLM (not in the official code): the user turn without generation prompt,
   stripped; it ends in ``<end_of_utterance>``, the tokenizer's EOS.
 
@@ -45,6 +46,10 @@ def official_text(model_type: str, tokenizer: Any, chat_template: str, caption: 
         text = _render(tokenizer, chat_template, caption, generation=True)
         assert text.endswith(" ASSISTANT:"), text
         return text[: -len(" ASSISTANT:")] + tokenizer.eos_token
+    if model_type == "fast_vlm":  # not in the official code: its rule for ChatML, system turn kept
+        text = _render(tokenizer, chat_template, caption, generation=True)
+        assert text.endswith(QWEN_GENERATION_PROMPT), text
+        return text[: -len(QWEN_GENERATION_PROMPT)].strip()
     if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         text = _render(tokenizer, chat_template, caption, generation=True)
         if model_type != "qwen3_vl":
@@ -87,6 +92,18 @@ def official_processor(tokenizer: Any, image_processor: Any, model_config: Any) 
             patch_size=model_config.vision_config.patch_size,
             vision_feature_select_strategy=model_config.vision_feature_select_strategy,
             num_additional_image_tokens=1,  # CLIP's class token
+        )
+    if model_type == "fast_vlm":  # patch_size: the tower's stride; no class token
+        from transformers import LlavaProcessor
+
+        from reward.families.fast_vlm import vision_stride
+
+        return LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=vision_stride(model_config.vision_config),
+            vision_feature_select_strategy=model_config.vision_feature_select_strategy,
+            num_additional_image_tokens=0,
         )
     if model_type in ("idefics3", "smolvlm"):
         from transformers import Idefics3Processor

@@ -19,8 +19,9 @@ A family knows three things about its backbone:
 
 Families are looked up by the backbone's ``config.model_type`` in :data:`FAMILIES`: ``llava``,
 ``qwen2_vl`` / ``qwen2_5_vl``, ``qwen3_vl``, ``idefics3`` / ``smolvlm`` (with and without image
-splitting), ``llava_next`` (LLaVA-1.6, anyres) and ``phi3_v`` (Phi-3.5-vision, native port). One
-module per family (``llava``, ``llava_next``, ``qwen2_vl``, ``qwen3_vl``, ``idefics3``,
+splitting), ``llava_next`` (LLaVA-1.6, anyres), ``fast_vlm`` (FastVLM: a convolutional tower) and ``phi3_v``
+(Phi-3.5-vision, native port). One
+module per family (``llava``, ``llava_next``, ``fast_vlm``, ``qwen2_vl``, ``qwen3_vl``, ``idefics3``,
 ``phi3_v``); each registers its class on import.
 A new family is a :class:`BackboneFamily` subclass in a module of its own, imported here.
 """
@@ -33,6 +34,7 @@ from .base import (
     family_for,
     register_family,
 )
+from .fast_vlm import FastVlmFamily
 from .idefics3 import Idefics3Family
 from .image_ops import (
     center_crop,
@@ -53,6 +55,7 @@ __all__ = [
     "FAMILIES",
     "BackboneFamily",
     "EncodedTurn",
+    "FastVlmFamily",
     "Idefics3Family",
     "LlavaFamily",
     "LlavaNextFamily",
