@@ -11,6 +11,12 @@ writes ``OUT/world_report.json``: each perspective's held-out accuracy against t
 per stage; a stage with a gate in :data:`STAGE_GATES` that stays below it is started again, see
 :func:`run_plan`) (the world's pairs are ordered by the oracle, so the pairwise
 accuracy on held-out captions is the agreement with it).
+
+``--tower resnet`` builds the backbone as a FastVLM with transformers' ResNet as its tower (the
+same LM, 64 visual tokens from an 8 x 8 feature map); ``--captioner_policy_frac 0.5`` pre-trains
+the captioner on the world policy's own samples for half of each batch, captioned by the oracle
+(:mod:`alignment.world.policy_samples`). alignment/world/weights/README.md ("Eleventh round")
+measures both.
 """
 
 from __future__ import annotations
@@ -82,8 +88,19 @@ BACKBONE = {
     "seed": 0,
 }
 #: How the backbone is pre-trained as a captioner (``blur``: the renders are blurred with a
-#: Gaussian of sigma uniform in [0, blur] px, as the reward's pairs and a policy's samples are).
-CAPTIONER = {"steps": 3000, "batch_size": 32, "lr": 3e-3, "blur": 0.0, "seed": 0}
+#: Gaussian of sigma uniform in [0, blur] px, as the reward's pairs and a policy's samples are;
+#: ``policy_frac``: the expected share of each batch that is the world policy's own samples
+#: instead of renders, ``policy_per_caption`` of them per caption, captioned by the oracle,
+#: :mod:`alignment.world.policy_samples`).
+CAPTIONER = {
+    "steps": 3000,
+    "batch_size": 32,
+    "lr": 3e-3,
+    "blur": 0.0,
+    "seed": 0,
+    "policy_frac": 0.0,
+    "policy_per_caption": 48,
+}
 
 
 def world_backbone(
@@ -95,19 +112,43 @@ def world_backbone(
     vision_layers: int = 2,
     vision_heads: int = 2,
     seed: int = 0,
+    tower: str = "clip",
 ):
     """A randomly initialised tiny LLaVA for the world: ``(model, tokenizer, image_processor)``.
 
-    :func:`reward.testing.tiny_llava` (word-level tokenizer, CLIP vision tower, Llama LM) with the
-    vision tower's width, depth and heads set apart from the language model's; with the defaults
-    it is that model exactly.
+    ``tower="clip"``: :func:`reward.testing.tiny_llava` (word-level tokenizer, CLIP vision tower,
+    Llama LM) with the vision tower's width, depth and heads set apart from the language model's;
+    with the defaults it is that model exactly. ``tower="resnet"``: the same LM and tokenizer in a
+    FastVLM (``FastVlmForConditionalGeneration``) whose tower is transformers' ``ResNetModel``
+    (stem of 32 channels, one stage of 3 basic blocks of ``vision_hidden`` channels, stride 4: a
+    32-px image is 8 x 8 = 64 visual tokens, as the CLIP tower's 4-px patches); ``patch``,
+    ``vision_layers`` and ``vision_heads`` are then unused.
     """
     import torch
     from transformers import LlavaForConditionalGeneration
 
     from reward.testing import tiny_llava
 
+    if tower not in ("clip", "resnet"):
+        raise ValueError(f"tower={tower!r}: use 'clip' (LLaVA) or 'resnet' (FastVLM).")
     model, tokenizer, image_processor = tiny_llava(hidden, layers, image_size, patch, seed)
+    if tower == "resnet":
+        from transformers import FastVlmConfig, FastVlmForConditionalGeneration
+
+        from reward.testing import tiny_resnet_tower_config
+
+        config = FastVlmConfig(
+            vision_config=tiny_resnet_tower_config(vision_hidden, stem=32, depth=3).to_dict(),
+            text_config=model.config.text_config.to_dict(),
+            image_token_index=model.config.image_token_id,
+            image_seq_length=(image_size // 4) ** 2,
+        )
+        torch.manual_seed(seed)
+        fast = FastVlmForConditionalGeneration(config).eval()
+        # the LM as tiny_llava draws it, so that only the vision differs between the towers
+        fast.model.language_model.load_state_dict(model.model.language_model.state_dict())
+        fast.lm_head.load_state_dict(model.lm_head.state_dict())
+        return fast, tokenizer, image_processor
     vision = model.config.vision_config
     if (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads) != (
         vision_hidden,
@@ -122,10 +163,37 @@ def world_backbone(
     return model, tokenizer, image_processor
 
 
+def _policy_captioner_data(policy: str | Path, per_caption: int, seed: int):
+    """``(images [N, 3, H, W], p [N, C], captions [C])``: the world policy's samples of every
+    caption but the demo's evaluation captions, with the oracle's caption distribution over all
+    ``C`` captions of the world (:mod:`alignment.world.policy_samples`); samples the oracle can
+    name nothing in are dropped."""
+    from alignment.flow_policy import FlowPolicy, pipeline_kind
+    from alignment.policy import DiffusionPolicy
+    from alignment.world.grammar import all_scenes, scene_pool
+    from alignment.world.policy_samples import draw_policy_samples, oracle_caption_distribution
+
+    kind = FlowPolicy if pipeline_kind(str(policy)) is not None else DiffusionPolicy
+    model = kind.from_pretrained(str(policy), use_lora=False)
+    evaluated = {s.caption for s in scene_pool("held_out_layout_held")}
+    captions = [s.caption for s in all_scenes()]
+    asked = [c for c in captions if c not in evaluated]
+    images, _ = draw_policy_samples(model, asked, per_caption, seed)
+    p = oracle_caption_distribution(images, captions)
+    keep = p.sum(1) > 0
+    print(
+        f"captioner data: {len(images)} policy samples of {len(asked)} captions, "
+        f"{int(keep.sum())} the oracle can caption",
+        flush=True,
+    )
+    return images[keep], p[keep], captions
+
+
 def pretrain_world_backbone(
     path: str | Path,
     backbone: dict | None = None,
     captioner: dict | None = None,
+    policy: str | Path | None = None,
 ) -> Path:
     """Pre-train the tiny LLaVA backbone as a captioner of the world, then save it to ``path``.
 
@@ -133,7 +201,11 @@ def pretrain_world_backbone(
     square from a circle. This gives the tiny backbone what a real MLLM brings: next-token loss on
     ``USER: <image> caption </s>`` for renders of every world caption (the reward model is then
     trained on preference pairs of the train captions only and evaluated on held-out ones).
-    ``backbone`` / ``captioner`` override :data:`BACKBONE` / :data:`CAPTIONER`. Seeded.
+    ``backbone`` / ``captioner`` override :data:`BACKBONE` / :data:`CAPTIONER`. With
+    ``captioner["policy_frac"] > 0``, each batch item is, with that probability, one of the world
+    ``policy``'s own samples (a diffusers folder; every caption but the demo's evaluation ones)
+    with a caption drawn from the oracle's distribution over the world's captions
+    (:mod:`alignment.world.policy_samples`). Seeded.
     """
     import random
 
@@ -148,22 +220,49 @@ def pretrain_world_backbone(
     arch = {**BACKBONE, **(backbone or {})}
     train = {**CAPTIONER, **(captioner or {})}
     steps, batch_size, lr = train["steps"], train["batch_size"], train["lr"]
+    frac = float(train["policy_frac"])
+    if not 0.0 <= frac <= 1.0:
+        raise ValueError(f"captioner policy_frac={frac}: use a share in [0, 1].")
+    samples = None
+    if frac > 0:
+        if policy is None:
+            raise ValueError(
+                f"captioner policy_frac={frac} needs the world policy whose samples it captions: "
+                "pass policy=<diffusers folder> (the demo's: alignment/world/weights/tiny-world-sd3)."
+            )
+        samples = _policy_captioner_data(policy, train["policy_per_caption"], train["seed"])
     torch.manual_seed(train["seed"])
     model, tokenizer, image_processor = world_backbone(**arch)
     proc = RewardProcessor(tokenizer, image_processor, model.config, tokenizer.chat_template)
     scenes, rng = all_scenes(), random.Random(train["seed"])
+    labels_gen = torch.Generator().manual_seed(train["seed"])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
     model.train()
+
+    def render(scene):
+        image = render_scene(scene, arch["image_size"], rng=rng.randrange(1 << 30))
+        if train["blur"] > 0:
+            image = gaussian_blur(image, rng.uniform(0.0, train["blur"]))
+        return to_pil(image)
+
     for step in range(steps):
-        chosen = [rng.choice(scenes) for _ in range(batch_size)]
-        images = []
-        for s in chosen:
-            image = render_scene(s, arch["image_size"], rng=rng.randrange(1 << 30))
-            if train["blur"] > 0:
-                image = gaussian_blur(image, rng.uniform(0.0, train["blur"]))
-            images.append(to_pil(image))
-        inputs = proc([s.caption for s in chosen], images)
+        if samples is None:  # renders only
+            chosen = [rng.choice(scenes) for _ in range(batch_size)]
+            texts, images = [s.caption for s in chosen], [render(s) for s in chosen]
+        else:
+            texts, images = [], []
+            x, p, captions = samples
+            for _ in range(batch_size):
+                if rng.random() < frac:
+                    j = rng.randrange(len(x))
+                    texts.append(captions[int(torch.multinomial(p[j], 1, generator=labels_gen))])
+                    images.append(to_pil(x[j]))
+                else:
+                    scene = rng.choice(scenes)
+                    texts.append(scene.caption)
+                    images.append(render(scene))
+        inputs = proc(texts, images)
         labels = inputs["input_ids"].clone()
         labels[(labels == model.config.image_token_id) | (inputs["attention_mask"] == 0)] = -100
         loss = model(**inputs, labels=labels).loss
@@ -560,11 +659,13 @@ def train_world_reward(
     data_dir: str | Path | None = None,
     split_by: str | None = None,
     tries: int = GATE_TRIES,
+    pretrain: dict | None = None,
 ) -> Path:
     """Build the tiny-world reward folder ``out`` (see the module docstring); returns ``out``.
 
     ``plan``: the stages (default :data:`PLAN`); ``backbone``: a pre-trained backbone folder to
-    copy instead of pre-training one; ``skipca=False`` trains every stage without SkipCA (the
+    copy instead of pre-training one; ``pretrain``: keyword arguments of
+    :func:`pretrain_world_backbone` (``backbone``, ``captioner``, ``policy``) when it pre-trains one; ``skipca=False`` trains every stage without SkipCA (the
     ablation); ``data_dir``: where the data sets go (default: ``<out>_data`` beside ``out``);
     ``split_by``: one caption split for every data set (:data:`CAPTION_SPLITS`; default: each
     set's own); ``tries``: starts of a gated stage (:func:`run_plan`).
@@ -584,7 +685,7 @@ def train_world_reward(
         if backbone is not None:
             shutil.copytree(backbone, partial)
         else:
-            pretrain_world_backbone(partial)
+            pretrain_world_backbone(partial, **(pretrain or {}))
         shutil.rmtree(local, ignore_errors=True)
         partial.rename(local)
     report = run_plan(
@@ -644,9 +745,37 @@ def main(argv: list[str] | None = None) -> None:
         default=GATE_TRIES,
         help="starts of a stage below its held-out accuracy gate (STAGE_GATES) before the build stops",
     )
+    parser.add_argument(
+        "--tower",
+        default="clip",
+        choices=("clip", "resnet"),
+        help="the backbone's vision tower: CLIP (LLaVA) or transformers' ResNet (FastVLM)",
+    )
+    parser.add_argument(
+        "--captioner_policy_frac",
+        type=float,
+        default=0.0,
+        help="share of each captioner batch that is the world policy's own samples, captioned "
+        "by the oracle (0: renders only)",
+    )
+    parser.add_argument(
+        "--policy",
+        default=str(ROOT / "alignment" / "world" / "weights" / "tiny-world-sd3"),
+        help="the world policy whose samples the captioner sees (with --captioner_policy_frac)",
+    )
     args = parser.parse_args(argv)
     if args.tries < 1:
         parser.error(f"--tries {args.tries}: use 1 or more starts.")
+    if not 0.0 <= args.captioner_policy_frac <= 1.0:
+        parser.error(
+            f"--captioner_policy_frac {args.captioner_policy_frac}: use a share in [0, 1]."
+        )
+    pretrain = {}
+    if args.tower != "clip":
+        pretrain["backbone"] = {"tower": args.tower}
+    if args.captioner_policy_frac > 0:
+        pretrain["captioner"] = {"policy_frac": args.captioner_policy_frac}
+        pretrain["policy"] = args.policy
     # the ablation trains the alignment perspective only, without SkipCA
     plan = tuple(stage for stage in PLAN if stage[0] == "alignment") if args.no_skipca else PLAN
     out = train_world_reward(
@@ -657,6 +786,7 @@ def main(argv: list[str] | None = None) -> None:
         skipca=not args.no_skipca,
         split_by=args.split_by,
         tries=args.tries,
+        pretrain=pretrain,
     )
     print((out / "world_report.json").read_text())
 
