@@ -288,12 +288,17 @@ def test_command_line_builds_every_perspective_or_the_ablation(tmp_path, monkeyp
     monkeypatch.setattr(rm, "train_world_reward", fake_build)
     rm.main([str(tmp_path), "--tries", "5", "--pairs", "64"])
     rm.main([str(tmp_path), "--no_skipca", "--split_by", "renders"])
-    rm.main([str(tmp_path), "--tower", "resnet", "--captioner_policy_frac", "0.5"])
+    rm.main(
+        [str(tmp_path), "--tower", "resnet", "--captioner_policy_frac", "0.5", "--tower_steps", "9"]
+    )
     (full, skip, *opts), (ablation, no_skip, *ab_opts), (*_, fast) = calls
     assert full == rm.PLAN and skip and opts == [64, 512, None, 5, {}]
     assert ablation == tuple(s for s in rm.PLAN if s[0] == "alignment") and len(ablation) == 6
     assert not no_skip and ab_opts == [2048, 512, "renders", rm.GATE_TRIES, {}]
-    assert fast["backbone"] == {"tower": "resnet"} and fast["captioner"] == {"policy_frac": 0.5}
+    assert fast["backbone"] == {"tower": "resnet"} and fast["captioner"] == {
+        "policy_frac": 0.5,
+        "tower_steps": 9,
+    }
     assert Path(fast["policy"]).name == "tiny-world-sd3"
     assert capsys.readouterr().out.count("{}") == 3
     with pytest.raises(SystemExit):

@@ -90,7 +90,9 @@ BACKBONE = {
 #: How the backbone is pre-trained as a captioner (``blur``: the renders are blurred with a
 #: Gaussian of sigma uniform in [0, blur] px, as the reward's pairs and a policy's samples are;
 #: ``policy_frac``: the expected share of each batch that is the world policy's own samples
-#: instead of renders, ``policy_per_caption`` of them per caption, captioned by the oracle,
+#: instead of renders, ``policy_per_caption`` of them per caption, captioned by the oracle;
+#: ``tower_steps``: first teach the vision tower the shapes of those samples
+#: (:func:`~alignment.world.policy_samples.train_tower_on_shapes`), then keep it frozen;
 #: :mod:`alignment.world.policy_samples`).
 CAPTIONER = {
     "steps": 3000,
@@ -100,6 +102,9 @@ CAPTIONER = {
     "seed": 0,
     "policy_frac": 0.0,
     "policy_per_caption": 48,
+    "tower_steps": 0,
+    "tower_batch_size": 64,
+    "tower_lr": 1e-3,
 }
 
 
@@ -121,8 +126,8 @@ def world_backbone(
     with the defaults it is that model exactly. ``tower="resnet"``: the same LM and tokenizer in a
     FastVLM (``FastVlmForConditionalGeneration``) whose tower is transformers' ``ResNetModel``
     (stem of 32 channels, one stage of 3 basic blocks of ``vision_hidden`` channels, stride 4: a
-    32-px image is 8 x 8 = 64 visual tokens, as the CLIP tower's 4-px patches); ``patch``,
-    ``vision_layers`` and ``vision_heads`` are then unused.
+    32-px image is 8 x 8 = 64 visual tokens, as the CLIP tower's 4-px patches; pixels normalised
+    to [-1, 1]); ``patch``, ``vision_layers`` and ``vision_heads`` are then unused.
     """
     import torch
     from transformers import LlavaForConditionalGeneration
@@ -148,6 +153,8 @@ def world_backbone(
         # the LM as tiny_llava draws it, so that only the vision differs between the towers
         fast.model.language_model.load_state_dict(model.model.language_model.state_dict())
         fast.lm_head.load_state_dict(model.lm_head.state_dict())
+        # pixels to [-1, 1], as a convolutional tower trained from scratch expects
+        image_processor.image_mean, image_processor.image_std = [0.5] * 3, [0.5] * 3
         return fast, tokenizer, image_processor
     vision = model.config.vision_config
     if (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads) != (
@@ -164,10 +171,11 @@ def world_backbone(
 
 
 def _policy_captioner_data(policy: str | Path, per_caption: int, seed: int):
-    """``(images [N, 3, H, W], p [N, C], captions [C])``: the world policy's samples of every
-    caption but the demo's evaluation captions, with the oracle's caption distribution over all
-    ``C`` captions of the world (:mod:`alignment.world.policy_samples`); samples the oracle can
-    name nothing in are dropped."""
+    """``(images [N, 3, H, W], p [N, C], captions [C], asked [N])``: the world policy's samples
+    of every caption but the demo's evaluation captions (``asked``: each one's), with the
+    oracle's caption distribution over all ``C`` captions of the world
+    (:mod:`alignment.world.policy_samples`); samples the oracle can name nothing in are
+    dropped."""
     from alignment.flow_policy import FlowPolicy, pipeline_kind
     from alignment.policy import DiffusionPolicy
     from alignment.world.grammar import all_scenes, scene_pool
@@ -178,7 +186,7 @@ def _policy_captioner_data(policy: str | Path, per_caption: int, seed: int):
     evaluated = {s.caption for s in scene_pool("held_out_layout_held")}
     captions = [s.caption for s in all_scenes()]
     asked = [c for c in captions if c not in evaluated]
-    images, _ = draw_policy_samples(model, asked, per_caption, seed)
+    images, asked = draw_policy_samples(model, asked, per_caption, seed)
     p = oracle_caption_distribution(images, captions)
     keep = p.sum(1) > 0
     print(
@@ -186,7 +194,7 @@ def _policy_captioner_data(policy: str | Path, per_caption: int, seed: int):
         f"{int(keep.sum())} the oracle can caption",
         flush=True,
     )
-    return images[keep], p[keep], captions
+    return images[keep], p[keep], captions, [a for a, k in zip(asked, keep.tolist()) if k]
 
 
 def pretrain_world_backbone(
@@ -224,21 +232,44 @@ def pretrain_world_backbone(
     if not 0.0 <= frac <= 1.0:
         raise ValueError(f"captioner policy_frac={frac}: use a share in [0, 1].")
     samples = None
-    if frac > 0:
+    if frac > 0 or train["tower_steps"] > 0:
         if policy is None:
             raise ValueError(
-                f"captioner policy_frac={frac} needs the world policy whose samples it captions: "
-                "pass policy=<diffusers folder> (the demo's: alignment/world/weights/tiny-world-sd3)."
+                f"captioner policy_frac={frac}, tower_steps={train['tower_steps']} needs the "
+                "world policy whose samples it learns from: pass policy=<diffusers folder> "
+                "(the demo's: alignment/world/weights/tiny-world-sd3)."
             )
         samples = _policy_captioner_data(policy, train["policy_per_caption"], train["seed"])
     torch.manual_seed(train["seed"])
     model, tokenizer, image_processor = world_backbone(**arch)
+    tower = model.model.vision_tower
+    if train["tower_steps"] > 0:
+        from alignment.world.policy_samples import train_tower_on_shapes
+
+        _, losses = train_tower_on_shapes(
+            tower,
+            samples[0],
+            samples[3],
+            image_processor.image_mean,
+            image_processor.image_std,
+            train["tower_steps"],
+            train["tower_batch_size"],
+            train["tower_lr"],
+            train["seed"],
+        )
+        print(f"tower: shape loss {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
+        tower.requires_grad_(False)
+        torch.manual_seed(train["seed"])
     proc = RewardProcessor(tokenizer, image_processor, model.config, tokenizer.chat_template)
     scenes, rng = all_scenes(), random.Random(train["seed"])
     labels_gen = torch.Generator().manual_seed(train["seed"])
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0
+    )
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
     model.train()
+    if train["tower_steps"] > 0:
+        tower.eval()  # frozen, batch norm statistics included
 
     def render(scene):
         image = render_scene(scene, arch["image_size"], rng=rng.randrange(1 << 30))
@@ -252,7 +283,7 @@ def pretrain_world_backbone(
             texts, images = [s.caption for s in chosen], [render(s) for s in chosen]
         else:
             texts, images = [], []
-            x, p, captions = samples
+            x, p, captions, _ = samples
             for _ in range(batch_size):
                 if rng.random() < frac:
                     j = rng.randrange(len(x))
@@ -759,6 +790,13 @@ def main(argv: list[str] | None = None) -> None:
         "by the oracle (0: renders only)",
     )
     parser.add_argument(
+        "--tower_steps",
+        type=int,
+        default=0,
+        help="first teach the vision tower the shapes of the policy's samples for this many "
+        "steps (the oracle's shape probabilities as targets), then freeze it",
+    )
+    parser.add_argument(
         "--policy",
         default=str(ROOT / "alignment" / "world" / "weights" / "tiny-world-sd3"),
         help="the world policy whose samples the captioner sees (with --captioner_policy_frac)",
@@ -773,8 +811,10 @@ def main(argv: list[str] | None = None) -> None:
     pretrain = {}
     if args.tower != "clip":
         pretrain["backbone"] = {"tower": args.tower}
-    if args.captioner_policy_frac > 0:
-        pretrain["captioner"] = {"policy_frac": args.captioner_policy_frac}
+    captioner = {"policy_frac": args.captioner_policy_frac, "tower_steps": args.tower_steps}
+    captioner = {k: v for k, v in captioner.items() if v}
+    if captioner:
+        pretrain["captioner"] = captioner
         pretrain["policy"] = args.policy
     # the ablation trains the alignment perspective only, without SkipCA
     plan = tuple(stage for stage in PLAN if stage[0] == "alignment") if args.no_skipca else PLAN
