@@ -14,9 +14,10 @@ accuracy on held-out captions is the agreement with it).
 
 ``--tower resnet`` builds the backbone as a FastVLM with transformers' ResNet as its tower (the
 same LM, 64 visual tokens from an 8 x 8 feature map); ``--captioner_policy_frac 0.5`` pre-trains
-the captioner on the world policy's own samples for half of each batch, captioned by the oracle
+the captioner on the world policy's own samples for half of each batch, captioned by the oracle;
+``--tower_steps 3000`` first teaches the tower those samples' shapes and then freezes it
 (:mod:`alignment.world.policy_samples`). alignment/world/weights/README.md ("Eleventh round")
-measures both.
+measures them.
 """
 
 from __future__ import annotations
@@ -190,7 +191,7 @@ def _policy_captioner_data(policy: str | Path, per_caption: int, seed: int):
     p = oracle_caption_distribution(images, captions)
     keep = p.sum(1) > 0
     print(
-        f"captioner data: {len(images)} policy samples of {len(asked)} captions, "
+        f"captioner data: {len(images)} policy samples of {len(set(asked))} captions, "
         f"{int(keep.sum())} the oracle can caption",
         flush=True,
     )
@@ -212,8 +213,10 @@ def pretrain_world_backbone(
     ``backbone`` / ``captioner`` override :data:`BACKBONE` / :data:`CAPTIONER`. With
     ``captioner["policy_frac"] > 0``, each batch item is, with that probability, one of the world
     ``policy``'s own samples (a diffusers folder; every caption but the demo's evaluation ones)
-    with a caption drawn from the oracle's distribution over the world's captions
-    (:mod:`alignment.world.policy_samples`). Seeded.
+    with a caption drawn from the oracle's distribution over the world's captions; with
+    ``captioner["tower_steps"] > 0`` the vision tower first learns those samples' shapes
+    (:func:`~alignment.world.policy_samples.train_tower_on_shapes`) and then stays frozen
+    (weights and batch-norm statistics) while the captioner trains. Seeded.
     """
     import random
 
@@ -696,8 +699,8 @@ def train_world_reward(
 
     ``plan``: the stages (default :data:`PLAN`); ``backbone``: a pre-trained backbone folder to
     copy instead of pre-training one; ``pretrain``: keyword arguments of
-    :func:`pretrain_world_backbone` (``backbone``, ``captioner``, ``policy``) when it pre-trains one; ``skipca=False`` trains every stage without SkipCA (the
-    ablation); ``data_dir``: where the data sets go (default: ``<out>_data`` beside ``out``);
+    :func:`pretrain_world_backbone` (``backbone``, ``captioner``, ``policy``) when it pre-trains
+    one; ``skipca=False`` trains every stage without SkipCA (the ablation); ``data_dir``: where the data sets go (default: ``<out>_data`` beside ``out``);
     ``split_by``: one caption split for every data set (:data:`CAPTION_SPLITS`; default: each
     set's own); ``tries``: starts of a gated stage (:func:`run_plan`).
     """
