@@ -231,17 +231,6 @@ def _load_reward(cfg: DemoConfig, out: Path):
     return RewardScorer.from_pretrained(path), path
 
 
-def _load_base(path: str):
-    """The frozen base policy of a diffusers folder: a ``FlowPolicy`` for SD 3 / FLUX pipelines,
-    a ``DiffusionPolicy`` for SD 1.x."""
-    from alignment.flow_policy import FlowPolicy, pipeline_kind
-    from alignment.policy import DiffusionPolicy
-
-    if pipeline_kind(path) is not None:
-        return FlowPolicy.from_pretrained(path, use_lora=False)
-    return DiffusionPolicy.from_pretrained(path, use_lora=False)
-
-
 def _reward_label(scorer, cfg: DemoConfig) -> str:
     """What the training reward is, for the figure's axis."""
     if scorer is None:
@@ -760,7 +749,9 @@ def run(cfg: DemoConfig) -> dict:
         ``noise_seed_sets`` disjoint seed sets (``sets[0]`` on the evaluation seeds)."""
         kind = "flow" if method in FLOW_METHODS else "sd"
         if kind not in bases:
-            policy = _load_base(cfg.flow_policy if kind == "flow" else cfg.policy)
+            from alignment.flow_policy import load_frozen_policy
+
+            policy = load_frozen_policy(cfg.flow_policy if kind == "flow" else cfg.policy)
             sets = [_evaluate(policy, held, seeds, cfg, reward_fn)] + [
                 _evaluate(policy, held, [100 * k + s for s in seeds], cfg, reward_fn)
                 for k in range(1, cfg.noise_seed_sets)

@@ -149,6 +149,18 @@ def pipeline_kind(name_or_path: str) -> str | None:
         return None
 
 
+def load_frozen_policy(name_or_path: str | Path, device: str | torch.device | None = None) -> Any:
+    """The frozen policy of a diffusers pipeline (no LoRA): a :class:`FlowPolicy` for SD 3.x /
+    FLUX (:func:`pipeline_kind`), else a :class:`~alignment.policy.DiffusionPolicy` (SD 1.x)."""
+    name_or_path = str(name_or_path)
+    kwargs = {"use_lora": False} if device is None else {"use_lora": False, "device": device}
+    if pipeline_kind(name_or_path) is not None:
+        return FlowPolicy.from_pretrained(name_or_path, **kwargs)
+    from alignment.policy import DiffusionPolicy
+
+    return DiffusionPolicy.from_pretrained(name_or_path, **kwargs)
+
+
 def load_flow_pipeline(
     name_or_path: str,
     revision: str | None = None,

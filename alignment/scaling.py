@@ -418,8 +418,7 @@ def run_scaling(cfg: ScalingConfig) -> dict[str, Any]:
     (``pNNNN.png`` best images, ``pNNNN_kK.png`` with ``save_all``, ``scores.json``)."""
     import json
 
-    from alignment.flow_policy import FlowPolicy, pipeline_kind
-    from alignment.policy import DiffusionPolicy
+    from alignment.flow_policy import load_frozen_policy
     from alignment.prompts import load_prompts
     from alignment.rewards import get_reward_fn
     from alignment.trainer_utils import parse_json_kwargs
@@ -431,14 +430,9 @@ def run_scaling(cfg: ScalingConfig) -> dict[str, Any]:
     kwargs = parse_json_kwargs(cfg.reward_kwargs, "reward_kwargs")
     reward_fn = get_reward_fn(cfg.reward, device=device, **kwargs)
     prompts = load_prompts(cfg.prompts, cfg.prompt_category)[: cfg.max_prompts]
-    if pipeline_kind(cfg.pretrained_model) is not None:
-        policy = FlowPolicy.from_pretrained(cfg.pretrained_model, use_lora=False, device=device)
-        policy.transformer.requires_grad_(False).eval()
-    else:
-        policy = DiffusionPolicy.from_pretrained(
-            cfg.pretrained_model, use_lora=False, device=device
-        )
-        policy.unet.requires_grad_(False).eval()
+    policy = load_frozen_policy(cfg.pretrained_model, device)
+    net = policy.transformer if is_flow_policy(policy) else policy.unet
+    net.requires_grad_(False).eval()
     print(
         f"{cfg.method}: {len(prompts)} prompts x {cfg.n} {'images' if cfg.method == 'best_of_n' else 'particles'}, "
         f"{cfg.num_steps} steps, reward {cfg.reward!r}, on {device}."

@@ -4,6 +4,7 @@ ResNet-tower (FastVLM) world backbone that learns from them."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from alignment.world.policy_samples import draw_policy_samples, oracle_caption_d
 from alignment.world.render import render_scene
 from alignment.world.reward_model import BACKBONE, pretrain_world_backbone, world_backbone
 
-WEIGHTS = __import__("pathlib").Path(__file__).resolve().parents[1] / "alignment/world/weights"
+WEIGHTS = Path(__file__).resolve().parents[1] / "alignment/world/weights"
 
 
 def test_the_oracle_captions_a_render_with_its_own_caption_most_often():
@@ -32,9 +33,9 @@ def test_the_oracle_captions_a_render_with_its_own_caption_most_often():
 
 
 def test_policy_samples_are_8_bit_and_do_not_depend_on_the_chunk():
-    from alignment.flow_policy import FlowPolicy
+    from alignment.flow_policy import load_frozen_policy
 
-    policy = FlowPolicy.from_pretrained(str(WEIGHTS / "tiny-world-sd3"), use_lora=False)
+    policy = load_frozen_policy(WEIGHTS / "tiny-world-sd3")
     captions = [s.caption for s in all_scenes()[:3]]
     a, asked = draw_policy_samples(policy, captions, per_caption=2, seed=1, num_steps=2, chunk=2)
     b, _ = draw_policy_samples(policy, captions, per_caption=2, seed=1, num_steps=2, chunk=64)

@@ -177,13 +177,11 @@ def _policy_captioner_data(policy: str | Path, per_caption: int, seed: int):
     oracle's caption distribution over all ``C`` captions of the world
     (:mod:`alignment.world.policy_samples`); samples the oracle can name nothing in are
     dropped."""
-    from alignment.flow_policy import FlowPolicy, pipeline_kind
-    from alignment.policy import DiffusionPolicy
+    from alignment.flow_policy import load_frozen_policy
     from alignment.world.grammar import all_scenes, scene_pool
     from alignment.world.policy_samples import draw_policy_samples, oracle_caption_distribution
 
-    kind = FlowPolicy if pipeline_kind(str(policy)) is not None else DiffusionPolicy
-    model = kind.from_pretrained(str(policy), use_lora=False)
+    model = load_frozen_policy(policy)
     evaluated = {s.caption for s in scene_pool("held_out_layout_held")}
     captions = [s.caption for s in all_scenes()]
     asked = [c for c in captions if c not in evaluated]
