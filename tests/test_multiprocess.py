@@ -219,6 +219,10 @@ def test_the_backends_train_the_same_weights(runs, scenario):
         assert got == pytest.approx(ref, rel=2e-5), zero
 
 
+def _pairs(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 @pytest.mark.parametrize("scenario", ["dpo_build", "draft"])
 def test_one_process_and_two_draw_the_same_samples(runs, scenario):
     """The data position and the noise are keyed by the global sample: one process with two
@@ -229,8 +233,18 @@ def test_one_process_and_two_draw_the_same_samples(runs, scenario):
         assert _calls(one, "ids") == [[0], [1]]
         assert _calls(one, "lat") == _calls(two[0], "lat") + _calls(two[1], "lat")
         out = runs["out"]
-        manifest = (out / "ddp_dpo_build/pairs/pairs.jsonl").read_text()
-        assert (out / "one_dpo_build/pairs/pairs.jsonl").read_text() == manifest
+        manifest = _pairs(out / "ddp_dpo_build/pairs/pairs.jsonl")
+        got = _pairs(out / "one_dpo_build/pairs/pairs.jsonl")
+        # ids, prompts and image files exactly; the scores to float32 rounding: one process and
+        # two ranks run the reward with other thread counts, and CPU kernels may then sum in
+        # another order (CI saw the last bit of a score differ)
+        strip = [{k: v for k, v in r.items() if not k.startswith("reward")} for r in got]
+        assert strip == [
+            {k: v for k, v in r.items() if not k.startswith("reward")} for r in manifest
+        ]
+        for g, w in zip(got, manifest):
+            for k in ("reward_chosen", "reward_rejected"):
+                assert g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-7)
     else:
         assert _calls(one, "noise_seeds") == _calls(two[0], "noise_seeds") + _calls(
             two[1], "noise_seeds"
